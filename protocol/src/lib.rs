@@ -1,0 +1,35 @@
+//! Fulcrum's agent ⇄ director wire protocol.
+//!
+//! Messages ([`AgentMessage`], [`DirectorMessage`]) travel in length-prefixed frames ([`frame`]) encoded with
+//! bincode 2. The crate does no I/O (the optional `tokio` feature adds a thin stream adapter), never panics on
+//! any input, and never allocates more than [`MAX_BODY_LEN`] for a frame, whatever the peer claims.
+//!
+//! One QUIC connection per agent and director, one bidirectional stream on it, opened by the agent:
+//!
+//! ```text
+//! agent                                director
+//!   | Hello (v1 frame: name, versions,    |
+//!   |        real server, ports)  ------> |  checks cert name, version, server
+//!   | <------ Welcome(version, instr.)    |  or Reject(reason) and close
+//!   | Report(seq, cpu, probe, …) -------> |
+//!   | <------ Ack(seq, instructions)      |
+//!   |   … every report interval …         |
+//!   | Goodbye(Shutdown) ----------------> |
+//! ```
+
+pub mod frame;
+pub mod messages;
+#[cfg(feature = "tokio")]
+pub mod stream;
+pub mod version;
+
+pub use frame::{
+    decode_body, decode_frame, encode_frame, Frame, FrameError, FrameHeader, HEADER_LEN, MAX_BODY_LEN, MAX_FRAME_LEN,
+};
+pub use messages::*;
+pub use version::{negotiate, NoCommonVersion, VersionRange, HELLO_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+/// ALPN protocol id for the agent ⇄ director QUIC connection.
+pub const ALPN: &[u8] = b"fulcrum-agent";
+/// Default UDP port of the director's agent listener.
+pub const DEFAULT_AGENT_PORT: u16 = 7946;
