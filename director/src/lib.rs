@@ -1,1 +1,9 @@
+//! The Fulcrum director: receives agent reports over QUIC and (in later parts) schedules and forwards
+//! client packets to real servers.
 
+pub mod agents;
+pub mod certs;
+pub mod config;
+pub mod control;
+pub mod metrics_endpoint;
+pub mod tls;

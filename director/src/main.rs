@@ -1,1 +1,214 @@
-fn main() {}
+//! `fulcrum-director`: the director daemon, its config checker and its certificate tool.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fulcrum_director::agents::{AgentListener, AgentRegistry};
+use fulcrum_director::certs::{self, Role};
+use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
+use fulcrum_director::control::ControlServer;
+use fulcrum_director::metrics_endpoint;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+/// Exit code for a configuration that was refused (as sysexits' EX_CONFIG).
+const EXIT_BAD_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(name = "fulcrum-director", version, about = "Fulcrum layer-4 load-balancing director")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the director daemon.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit (0 when valid).
+    CheckConfig {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Create the cluster CA and issue director and agent certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA: `ca.pem` and `ca.key` (mode 0600) in DIR.
+    Ca {
+        #[arg(long, default_value = "/etc/fulcrum/pki")]
+        dir: PathBuf,
+        /// Common name of the CA certificate.
+        #[arg(long, default_value = "Fulcrum cluster CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing CA (every certificate it issued becomes invalid).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue `NAME.pem` and `NAME.key` (mode 0600) in DIR, signed by the CA there.
+    Issue {
+        #[arg(long, default_value = "/etc/fulcrum/pki")]
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The holder's name (a DNS name): the agent's `name`, or the director's `name` as agents address it.
+        #[arg(long)]
+        name: String,
+        /// An IP address to add as a subject-alternative name (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Run { config } => run_daemon(&config),
+        Command::CheckConfig { config } => match DirectorConfig::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Certs(command) => match run_certs(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run_certs(command: CertsCommand) -> Result<()> {
+    let issued = match command {
+        CertsCommand::Ca { dir, name, days, force } => certs::create_ca(&dir, &name, days, force)?,
+        CertsCommand::Issue { dir, role, name, ips, days, force } => {
+            certs::issue(&dir, role, &name, &ips, days, force)?
+        }
+    };
+    println!("wrote {} and {}", issued.cert.display(), issued.key.display());
+    Ok(())
+}
+
+fn run_daemon(path: &Path) -> ExitCode {
+    let config = match DirectorConfig::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon(path, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
+    let metrics = metrics_endpoint::install_recorder()?;
+    metrics::gauge!("fulcrum_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let registry = AgentRegistry::default();
+    let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config.clone()));
+
+    let listener = AgentListener::bind(config_rx.clone(), registry.clone())?;
+    let control = ControlServer::bind(&config.control.socket, registry.clone())?;
+    info!(name = %config.name, socket = %config.control.socket.display(), "director running");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+
+    let endpoint = listener.local_addr()?;
+    let listener = Arc::new(listener);
+    let accept = tokio::spawn({
+        let listener = Arc::clone(&listener);
+        async move { listener.run().await }
+    });
+    let control_task = tokio::spawn(control.run());
+    let metrics_task = config.metrics.listen.map(|listen| {
+        let registry = registry.clone();
+        let collect: metrics_endpoint::Collector = Arc::new(move || registry.publish_metrics(Instant::now()));
+        tokio::spawn(metrics_endpoint::serve(listen, metrics, collect))
+    });
+    info!(%endpoint, "accepting agents");
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => reload(path, &config_tx),
+        }
+    }
+    info!("shutting down");
+    listener.close();
+    accept.abort();
+    control_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    // Dropping the control task removes the socket file.
+    let _ = control_task.await;
+    Ok(())
+}
+
+/// Re-reads the config. A bad file is refused and the running config stays.
+fn reload(path: &Path, config_tx: &tokio::sync::watch::Sender<Arc<DirectorConfig>>) {
+    match DirectorConfig::load(path) {
+        Ok(new) => {
+            let old = config_tx.borrow().clone();
+            if new.agents != old.agents
+                || new.control != old.control
+                || new.metrics != old.metrics
+                || new.name != old.name
+            {
+                warn!("listener, control, metrics and name settings change only on restart; services were reloaded");
+            }
+            config_tx.send_replace(Arc::new(new));
+            info!(config = %path.display(), "configuration reloaded");
+        }
+        Err(e) => error!("reload refused, the running configuration stays: {e}"),
+    }
+}

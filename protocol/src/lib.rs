@@ -17,6 +17,8 @@
 //!   | Goodbye(Shutdown) ----------------> |
 //! ```
 
+#[cfg(feature = "config")]
+pub mod config_file;
 pub mod frame;
 pub mod messages;
 #[cfg(feature = "tokio")]

@@ -1,0 +1,118 @@
+//! The control socket: a Unix stream socket (mode 0600, so root only) speaking one JSON request and one JSON
+//! response per line. `fulcrumctl` is its client; scripts may speak it directly.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::agents::{AgentRegistry, AgentView};
+
+/// Longest request line accepted.
+const MAX_REQUEST_LEN: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Every agent the director has heard from, with its latest report.
+    Agents,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Agents { agents: Vec<AgentView> },
+    Error { message: String },
+}
+
+/// Serves the control socket until the task is dropped.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    registry: AgentRegistry,
+}
+
+impl ControlServer {
+    pub fn bind(path: &Path, registry: AgentRegistry) -> Result<ControlServer> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // A socket file left by a previous run that died: remove it, but refuse if a director still answers.
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("{} is in use by another running director", path.display());
+            }
+            std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {} to root", path.display()))?;
+        Ok(ControlServer { listener, path: path.to_path_buf(), registry })
+    }
+
+    pub async fn run(self) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let registry = self.registry.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(stream, registry).await {
+                            debug!(error = %e, "control client");
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "control socket accept"),
+            }
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve(stream: UnixStream, registry: AgentRegistry) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_REQUEST_LEN as u64 + 1)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(request, &registry),
+            Err(e) => Response::Error { message: format!("bad request: {e}") },
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+fn handle(request: Request, registry: &AgentRegistry) -> Response {
+    match request {
+        Request::Agents => {
+            Response::Agents { agents: registry.snapshot(Instant::now()).into_iter().map(|(_, view)| view).collect() }
+        }
+    }
+}
+
+/// Sends one request and returns the response (the client side, used by `fulcrumctl` and tests).
+pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to the director's control socket {}", socket.display()))?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    write.shutdown().await?;
+    let mut lines = BufReader::new(read).lines();
+    let reply = lines.next_line().await?.context("the director closed the control socket without answering")?;
+    serde_json::from_str(&reply).with_context(|| format!("unreadable answer from the director: {reply}"))
+}
