@@ -124,7 +124,7 @@ impl AgentRegistry {
                 record.last_report = Some((report, now));
             }
         });
-        metrics::counter!("fulcrum_agent_reports_total", "server" => server.to_string()).increment(1);
+        metrics::counter!("fulcrum_agent_reports_received_total", "server" => server.to_string()).increment(1);
     }
 
     /// Marks the agent's connection as ended, unless a newer connection for the same server has replaced it.
@@ -173,27 +173,28 @@ impl AgentRegistry {
     pub fn publish_metrics(&self, now: Instant) {
         for (server, view) in self.snapshot(now) {
             let label = server.to_string();
-            metrics::gauge!("fulcrum_agent_connected", "server" => label.clone())
+            metrics::gauge!("fulcrum_server_agent_connected", "server" => label.clone())
                 .set(f64::from(u8::from(view.connected)));
             if let Some(age) = view.report_age_ms {
-                metrics::gauge!("fulcrum_agent_report_age_seconds", "server" => label.clone()).set(age as f64 / 1000.0);
+                metrics::gauge!("fulcrum_server_report_age_seconds", "server" => label.clone())
+                    .set(age as f64 / 1000.0);
             }
             let Some(report) = view.last_report else { continue };
             if let Some(cpu) = report.cpu {
-                metrics::gauge!("fulcrum_agent_cpu_ratio", "server" => label.clone())
+                metrics::gauge!("fulcrum_server_cpu_ratio", "server" => label.clone())
                     .set(f64::from(cpu.busy_bp) / f64::from(fulcrum_protocol::FULL_SCALE_BP));
             }
             if let Some(us) = report.probe.smoothed_us {
-                metrics::gauge!("fulcrum_agent_response_time_seconds", "server" => label.clone())
+                metrics::gauge!("fulcrum_server_response_time_seconds", "server" => label.clone())
                     .set(f64::from(us) / 1e6);
             }
             if let Some(psi) = report.cpu_pressure {
-                metrics::gauge!("fulcrum_agent_cpu_pressure_ratio", "server" => label.clone())
+                metrics::gauge!("fulcrum_server_cpu_pressure_ratio", "server" => label.clone())
                     .set(f64::from(psi.some_avg10_bp) / f64::from(fulcrum_protocol::FULL_SCALE_BP));
             }
-            metrics::gauge!("fulcrum_agent_probe_consecutive_failures", "server" => label.clone())
+            metrics::gauge!("fulcrum_server_probe_consecutive_failures", "server" => label.clone())
                 .set(f64::from(report.probe.consecutive_failures));
-            metrics::gauge!("fulcrum_agent_established_connections", "server" => label)
+            metrics::gauge!("fulcrum_server_established_connections", "server" => label)
                 .set(f64::from(report.established_connections));
         }
     }
@@ -367,9 +368,9 @@ async fn serve_agent(
             AgentMessage::Hello(_) => break SessionEnd::Protocol("a second Hello on the same connection".into()),
         }
     };
-    finish(&connection, &mut send, &mut out, Some(version), remote, end).await;
-    registry.disconnected(server, remote, match_reason(&connection));
-    info!(agent = %hello.agent_name, %server, %remote, reason = %match_reason(&connection), "agent disconnected");
+    let reason = finish(&connection, &mut send, &mut out, Some(version), remote, end).await;
+    registry.disconnected(server, remote, reason.clone());
+    info!(agent = %hello.agent_name, %server, %remote, %reason, "agent disconnected");
 }
 
 fn stream_error(e: StreamError) -> SessionEnd {
@@ -380,11 +381,8 @@ fn stream_error(e: StreamError) -> SessionEnd {
     }
 }
 
-fn match_reason(connection: &quinn::Connection) -> String {
-    connection.close_reason().map_or_else(|| "open".to_string(), |r| r.to_string())
-}
-
-/// Ends a session: sends a Reject where one is due, closes the connection with the matching code, and logs.
+/// Ends a session: sends a Reject where one is due, closes the connection with the matching code, logs, and
+/// returns the reason in a few words.
 async fn finish(
     connection: &quinn::Connection,
     send: &mut quinn::SendStream,
@@ -392,11 +390,17 @@ async fn finish(
     version: Option<u16>,
     remote: SocketAddr,
     end: SessionEnd,
-) {
+) -> String {
     match end {
-        SessionEnd::Goodbye | SessionEnd::StreamClosed => {
+        SessionEnd::Goodbye => {
             let _ = send.finish();
             connection.close(close_code::NORMAL.into(), b"goodbye");
+            "goodbye".to_string()
+        }
+        SessionEnd::StreamClosed => {
+            let _ = send.finish();
+            connection.close(close_code::NORMAL.into(), b"stream closed");
+            "the agent closed its stream".to_string()
         }
         SessionEnd::Refused(reason, detail) => {
             count_rejection(match reason {
@@ -414,13 +418,18 @@ async fn finish(
                 let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
             }
             connection.close(close_code::REJECTED.into(), b"rejected");
+            format!("refused: {detail}")
         }
         SessionEnd::Protocol(detail) => {
             count_rejection("malformed_frame");
             warn!(%remote, %detail, "agent broke the protocol; closing its connection");
             connection.close(close_code::PROTOCOL_ERROR.into(), truncate(&detail).as_bytes());
+            format!("protocol error: {detail}")
         }
-        SessionEnd::Transport(detail) => debug!(%remote, %detail, "agent connection lost"),
+        SessionEnd::Transport(detail) => {
+            debug!(%remote, %detail, "agent connection lost");
+            format!("connection lost: {detail}")
+        }
     }
 }
 

@@ -92,18 +92,9 @@ pub fn issue(dir: &Path, role: Role, holder: &str, ips: &[IpAddr], days: u32, fo
     Ok(issued)
 }
 
-/// Names go into DNS SANs, so they must be valid DNS names (letters, digits, '-', '.').
+/// Names go into DNS SANs and are matched against an agent's Hello, so they must be DNS names.
 fn validate_name(holder: &str) -> Result<()> {
-    let valid = !holder.is_empty()
-        && holder.len() <= fulcrum_protocol::MAX_NAME_LEN
-        && holder.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if !valid {
+    if !fulcrum_protocol::is_dns_name(holder) {
         bail!(
             "name {holder:?} is not a valid DNS name (letters, digits, '-' and '.', at most {} bytes)",
             fulcrum_protocol::MAX_NAME_LEN

@@ -222,8 +222,24 @@ pub enum InvalidMessage {
     Empty { field: &'static str },
     #[error("{field} is {value}; the largest valid value is {max}")]
     OutOfRange { field: &'static str, value: u64, max: u64 },
+    #[error("{field} is not a DNS name")]
+    NotADnsName { field: &'static str },
     #[error("version range {min}..={max} is empty")]
     EmptyVersionRange { min: u16, max: u16 },
+}
+
+/// Whether `name` is a DNS name (letters, digits and '-' in dot-separated labels): agent and director names
+/// must be, because they are matched against certificate subject-alternative names.
+pub fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Messages check their semantic limits after decoding, so that no caller sees an impossible value.
@@ -253,6 +269,9 @@ impl Validate for AgentMessage {
         match self {
             AgentMessage::Hello(hello) => {
                 check_text("hello.agent_name", &hello.agent_name, MAX_NAME_LEN, false)?;
+                if !is_dns_name(&hello.agent_name) {
+                    return Err(InvalidMessage::NotADnsName { field: "hello.agent_name" });
+                }
                 check_text("hello.software", &hello.software, MAX_TEXT_LEN, true)?;
                 if hello.versions.min > hello.versions.max {
                     return Err(InvalidMessage::EmptyVersionRange { min: hello.versions.min, max: hello.versions.max });

@@ -9,6 +9,11 @@ fn text(max: usize) -> impl Strategy<Value = String> {
     proptest::string::string_regex(&format!("[a-z0-9.-]{{1,{max}}}")).unwrap()
 }
 
+fn dns_name() -> impl Strategy<Value = String> {
+    proptest::string::string_regex("[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?){0,3}")
+        .unwrap()
+}
+
 fn ip() -> impl Strategy<Value = IpAddr> {
     prop_oneof![
         any::<[u8; 4]>().prop_map(|b| IpAddr::V4(Ipv4Addr::from(b))),
@@ -21,13 +26,7 @@ fn bp() -> impl Strategy<Value = u16> {
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
-    (
-        text(MAX_NAME_LEN),
-        1u16..=PROTOCOL_VERSION,
-        ip(),
-        proptest::collection::vec(any::<u16>(), 1..=MAX_PORTS),
-        text(40),
-    )
+    (dns_name(), 1u16..=PROTOCOL_VERSION, ip(), proptest::collection::vec(any::<u16>(), 1..=MAX_PORTS), text(40))
         .prop_map(|(agent_name, max, real_server, ports, software)| Hello {
             agent_name,
             versions: VersionRange { min: 1, max },

@@ -1,0 +1,190 @@
+//! The agent's run loop: sample, probe, publish, report, and say goodbye on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use fulcrum_protocol::{Hello, LoadReport, ProbeOutcome, ProbeReport, VersionRange, FULL_SCALE_BP};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{AgentConfig, CpuSetting, MAX_INTERVAL_MS, MIN_INTERVAL_MS};
+use crate::sample::cgroup::CgroupCpu;
+use crate::sample::probe::{probe_once, ProbeConfig, ProbeTracker};
+use crate::sample::{CpuSourceConfig, Sampler};
+use crate::transport::{client_config, Link, LinkStatus};
+
+/// Runs until SIGTERM or SIGINT, then says goodbye to every director.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    if let Some(listen) = config.metrics_listen {
+        install_metrics(listen)?;
+    }
+    metrics::gauge!("fulcrum_agent_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let cpu_source = match &config.cpu {
+        CpuSetting::Proc => CpuSourceConfig::Proc,
+        CpuSetting::Cgroup(name) => CpuSourceConfig::Cgroup(
+            CgroupCpu::locate(name).with_context(|| format!("locating the cgroup {name:?} (cpu.cgroup)"))?,
+        ),
+    };
+    let mut sampler = Sampler::new(cpu_source, config.ports.clone());
+    let client = client_config(&config.ca, &config.cert, &config.key)?;
+
+    let (reports_tx, reports_rx) = watch::channel::<Option<LoadReport>>(None);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let hello = Hello {
+        agent_name: config.name.clone(),
+        versions: VersionRange::SUPPORTED,
+        real_server: config.real_server,
+        ports: config.ports.clone(),
+        software: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut statuses = Vec::new();
+    let mut links = Vec::new();
+    for target in &config.directors {
+        let status = Arc::new(LinkStatus::default());
+        statuses.push(Arc::clone(&status));
+        let link = Link {
+            target: target.clone(),
+            hello: hello.clone(),
+            client: client.clone(),
+            reports: reports_rx.clone(),
+            status,
+            shutdown: shutdown_rx.clone(),
+        };
+        links.push(tokio::spawn(link.run()));
+    }
+
+    let probe_config = ProbeConfig {
+        kind: config.probe.kind,
+        target: config.probe.target,
+        http_host: config.probe.host.clone(),
+        http_path: config.probe.path.clone(),
+        expect_status: config.probe.expect_status.clone(),
+        timeout: config.probe.timeout,
+    };
+    let (probe_tx, probe_rx) = watch::channel(ProbeTracker::new(config.probe.kind, config.probe.smoothing).report());
+    let probe_task = tokio::spawn(probe_loop(probe_config, config.probe.smoothing, config.interval, probe_tx));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    info!(
+        name = %config.name, real_server = %config.real_server, directors = config.directors.len(),
+        interval = ?config.interval, "agent running"
+    );
+
+    let mut interval = config.interval;
+    let mut ticker = new_ticker(interval);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = ticker.tick() => {
+                seq += 1;
+                match sampler.sample(Instant::now()) {
+                    Ok(system) => {
+                        let probe = probe_rx.borrow().clone();
+                        let report = LoadReport {
+                            seq,
+                            interval_ms: interval.as_millis() as u32,
+                            cpu: system.cpu,
+                            load_avg_milli: system.load_avg_milli,
+                            memory: system.memory,
+                            cpu_pressure: system.cpu_pressure,
+                            established_connections: system.established_connections,
+                            probe,
+                        };
+                        record_metrics(&report);
+                        reports_tx.send_replace(Some(report));
+                    }
+                    Err(e) => {
+                        metrics::counter!("fulcrum_agent_sample_errors_total").increment(1);
+                        warn!(error = %e, "sampling failed; no report this interval");
+                    }
+                }
+                let wanted = effective_interval(config.interval, &statuses);
+                if wanted != interval {
+                    info!(from = ?interval, to = ?wanted, "report interval changed at a director's request");
+                    interval = wanted;
+                    ticker = new_ticker(interval);
+                }
+            }
+        }
+    }
+
+    info!("shutting down: saying goodbye to the directors");
+    shutdown_tx.send_replace(true);
+    probe_task.abort();
+    for link in links {
+        let _ = link.await;
+    }
+    Ok(())
+}
+
+fn new_ticker(interval: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(interval);
+    // After a stall, report once and carry on rather than bursting the missed reports.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// The shortest interval any connected director asks for, within bounds; else the configured one.
+fn effective_interval(configured: Duration, statuses: &[Arc<LinkStatus>]) -> Duration {
+    statuses
+        .iter()
+        .filter(|s| s.connected.load(Ordering::Relaxed))
+        .map(|s| s.requested_interval_ms.load(Ordering::Relaxed))
+        .filter(|ms| *ms > 0)
+        .min()
+        .map_or(configured, |ms| Duration::from_millis(ms.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS).into()))
+}
+
+/// Probes the service once per interval, independently of reporting, so a slow or dead service never delays
+/// a report: the report carries the newest probe result.
+async fn probe_loop(config: ProbeConfig, smoothing: f64, interval: Duration, out: watch::Sender<ProbeReport>) {
+    let mut tracker = ProbeTracker::new(config.kind, smoothing);
+    let mut ticker = new_ticker(interval);
+    loop {
+        ticker.tick().await;
+        let outcome = probe_once(&config).await;
+        tracker.record(outcome);
+        let report = tracker.report();
+        match report.last {
+            ProbeOutcome::Ok(sample) => {
+                let primary = sample.first_byte_us.unwrap_or(sample.connect_us);
+                metrics::gauge!("fulcrum_agent_probe_last_seconds").set(f64::from(primary) / 1e6);
+            }
+            ProbeOutcome::Failed(failure) => {
+                metrics::counter!("fulcrum_agent_probe_failures_total").increment(1);
+                if report.consecutive_failures == 1 {
+                    warn!(target = %config.target, ?failure, "service probe failed");
+                }
+            }
+            ProbeOutcome::Pending => {}
+        }
+        out.send_replace(report);
+    }
+}
+
+fn record_metrics(report: &LoadReport) {
+    if let Some(cpu) = report.cpu {
+        metrics::gauge!("fulcrum_agent_cpu_ratio").set(f64::from(cpu.busy_bp) / f64::from(FULL_SCALE_BP));
+    }
+    if let Some(us) = report.probe.smoothed_us {
+        metrics::gauge!("fulcrum_agent_response_time_seconds").set(f64::from(us) / 1e6);
+    }
+    metrics::gauge!("fulcrum_agent_established_connections").set(f64::from(report.established_connections));
+    metrics::counter!("fulcrum_agent_reports_made_total").increment(1);
+}
+
+fn install_metrics(listen: SocketAddr) -> Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .install()
+        .with_context(|| format!("starting the metrics endpoint on {listen}"))?;
+    info!(%listen, "metrics endpoint at http://{listen}/metrics");
+    Ok(())
+}

@@ -1,0 +1,624 @@
+//! A cgroup's CPU use relative to what it may use, for cgroup v1 (cpuacct + cpu controllers) and v2.
+
+use std::io::ErrorKind;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use fulcrum_protocol::CpuSource;
+
+use super::SampleError;
+
+pub const PROC_SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
+pub const SYS_CPU_ONLINE: &str = "/sys/devices/system/cpu/online";
+
+/// The period the kernel uses when a v2 cgroup has no `cpu.max` (only meaningful alongside an unlimited quota).
+const DEFAULT_PERIOD_US: u64 = 100_000;
+
+/// Where a cgroup's CPU accounting lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupCpu {
+    /// Usage in `<cpuacct_dir>/cpuacct.usage`, limit in `<cpu_dir>/cpu.cfs_{quota,period}_us`. The two are the
+    /// same directory when the controllers are co-mounted (`cpu,cpuacct`).
+    V1 { cpuacct_dir: PathBuf, cpu_dir: PathBuf },
+    /// Usage in `<dir>/cpu.stat` (`usage_usec`), limit in `<dir>/cpu.max`.
+    V2 { dir: PathBuf },
+}
+
+/// A CFS bandwidth limit: `quota_us` of CPU time per `period_us` of wall time, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuLimit {
+    pub quota_us: Option<u64>,
+    pub period_us: u64,
+}
+
+impl CpuLimit {
+    pub const UNLIMITED: CpuLimit = CpuLimit { quota_us: None, period_us: DEFAULT_PERIOD_US };
+}
+
+/// One reading of a cgroup's cumulative CPU use and its current limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupReading {
+    /// CPU time used by the cgroup's tasks since it was created, in nanoseconds.
+    pub usage_ns: u64,
+    pub limit: CpuLimit,
+}
+
+impl CgroupCpu {
+    /// Finds a cgroup from either a directory inside a mounted cgroup hierarchy (e.g.
+    /// `/sys/fs/cgroup/cpu,cpuacct/fulcrum/web1`) or a cgroup name as in /proc/<pid>/cgroup (`/fulcrum/web1`),
+    /// using this process's /proc/self/mountinfo, and checks that its files can be read.
+    pub fn locate(path_or_name: &str) -> Result<CgroupCpu, SampleError> {
+        let mountinfo_path = Path::new(PROC_SELF_MOUNTINFO);
+        let mountinfo = super::read_text(mountinfo_path)?;
+        // Resolve symlinks such as /sys/fs/cgroup/cpu -> cpu,cpuacct so that the path matches a mount point.
+        let resolved = match std::fs::canonicalize(path_or_name) {
+            Ok(real) if Path::new(path_or_name).is_absolute() => real.to_string_lossy().into_owned(),
+            _ => path_or_name.to_owned(),
+        };
+        let cgroup = CgroupCpu::locate_in(&mountinfo, &resolved)?;
+        cgroup.read()?;
+        Ok(cgroup)
+    }
+
+    /// The pure part of [`CgroupCpu::locate`]: resolves `path_or_name` against the text of a mountinfo file.
+    ///
+    /// A path that lies under a cgroup mount point is turned into the cgroup's name first, so that for v1 both
+    /// the cpuacct and the cpu directory can be found even if only one of them was given. The version is v2 if
+    /// the path is inside the cgroup2 mount; otherwise v1 when both the cpu and the cpuacct controllers are
+    /// mounted as v1 hierarchies (on a "hybrid" host the cgroup2 mount at /sys/fs/cgroup/unified has no CPU
+    /// controller), else v2 when a cgroup2 hierarchy is mounted.
+    pub fn locate_in(mountinfo: &str, path_or_name: &str) -> Result<CgroupCpu, SampleError> {
+        let mounts = parse_mountinfo(mountinfo)?;
+        let not_found = |what: String| SampleError::Cgroup { name: path_or_name.to_owned(), what };
+        let given = normalise(path_or_name).ok_or_else(|| not_found("the name contains \"..\"".into()))?;
+        let v1_cpu = mounts.iter().find(|m| m.is_v1_with("cpu"));
+        let v1_acct = mounts.iter().find(|m| m.is_v1_with("cpuacct"));
+        let v2 = mounts.iter().find(|m| m.fstype == "cgroup2");
+
+        let name_under = |mount: Option<&Mount>| mount.and_then(|m| m.name_of(&given));
+        if let Some(name) = name_under(v2) {
+            return v2
+                .and_then(|m| m.dir_of(&name))
+                .map(|dir| CgroupCpu::V2 { dir })
+                .ok_or_else(|| not_found("not inside the cgroup2 mount".into()));
+        }
+        let name = name_under(v1_acct).or_else(|| name_under(v1_cpu)).unwrap_or(given);
+        match (v1_acct, v1_cpu, v2) {
+            (Some(acct), Some(cpu), _) => {
+                let cpuacct_dir = acct.dir_of(&name).ok_or_else(|| {
+                    not_found(format!("outside the part of the cpuacct hierarchy mounted at {}", acct.point.display()))
+                })?;
+                let cpu_dir = cpu.dir_of(&name).ok_or_else(|| {
+                    not_found(format!("outside the part of the cpu hierarchy mounted at {}", cpu.point.display()))
+                })?;
+                Ok(CgroupCpu::V1 { cpuacct_dir, cpu_dir })
+            }
+            (_, _, Some(v2)) => v2.dir_of(&name).map(|dir| CgroupCpu::V2 { dir }).ok_or_else(|| {
+                not_found(format!("outside the part of the cgroup2 hierarchy mounted at {}", v2.point.display()))
+            }),
+            _ => Err(not_found(
+                "neither cgroup v1 cpu and cpuacct hierarchies nor a cgroup2 hierarchy is mounted".into(),
+            )),
+        }
+    }
+
+    /// What a [`fulcrum_protocol::CpuUsage`] from this cgroup reports as its source.
+    pub fn source(&self) -> CpuSource {
+        match self {
+            CgroupCpu::V1 { .. } => CpuSource::CgroupV1,
+            CgroupCpu::V2 { .. } => CpuSource::CgroupV2,
+        }
+    }
+
+    /// Reads the cumulative usage and the current limit.
+    pub fn read(&self) -> Result<CgroupReading, SampleError> {
+        match self {
+            CgroupCpu::V1 { cpuacct_dir, cpu_dir } => {
+                let usage = cpuacct_dir.join("cpuacct.usage");
+                let quota = cpu_dir.join("cpu.cfs_quota_us");
+                let period = cpu_dir.join("cpu.cfs_period_us");
+                Ok(CgroupReading {
+                    usage_ns: parse_cpuacct_usage(&super::read_text(&usage)?, &usage)?,
+                    limit: CpuLimit {
+                        quota_us: parse_cfs_quota_us(&super::read_text(&quota)?, &quota)?,
+                        period_us: parse_cfs_period_us(&super::read_text(&period)?, &period)?,
+                    },
+                })
+            }
+            CgroupCpu::V2 { dir } => {
+                let stat = dir.join("cpu.stat");
+                let usage_us = parse_cpu_stat_usage_usec(&super::read_text(&stat)?, &stat)?;
+                let max = dir.join("cpu.max");
+                // The root cgroup has no cpu.max, and neither has a cgroup whose parent does not enable the cpu
+                // controller for it; in both cases nothing limits it.
+                let limit = match std::fs::read_to_string(&max) {
+                    Ok(text) => parse_cpu_max(&text, &max)?,
+                    Err(e) if e.kind() == ErrorKind::NotFound => CpuLimit::UNLIMITED,
+                    Err(source) => return Err(SampleError::Io { path: max, source }),
+                };
+                Ok(CgroupReading { usage_ns: usage_us.saturating_mul(1_000), limit })
+            }
+        }
+    }
+}
+
+/// The cgroup's busy share of what it may use, in basis points (0 ..= 10 000), rounded to the nearest:
+/// Δusage / (Δwall × limit), where the limit in CPUs is quota / period, capped at the host's online CPUs (a quota
+/// larger than the machine cannot be used), or the host's online CPUs when there is no quota.
+///
+/// The result is clamped to 10 000 because the kernel enforces the quota per CFS period, and those periods are
+/// not aligned with our sampling window: a window that starts just after a refill can see up to one extra
+/// period's quota, briefly more than the limit allows on average.
+///
+/// `None` when no wall time passed, when there are no CPUs, or when usage went backwards (the cgroup was
+/// removed and re-created between the readings).
+pub fn utilisation_bp(
+    prev_usage_ns: u64,
+    cur_usage_ns: u64,
+    wall: Duration,
+    limit: CpuLimit,
+    host_cpus: u32,
+) -> Option<u16> {
+    let used = u128::from(cur_usage_ns.checked_sub(prev_usage_ns)?);
+    let wall_ns = wall.as_nanos();
+    if wall_ns == 0 || host_cpus == 0 {
+        return None;
+    }
+    let host = u128::from(host_cpus);
+    let period = u128::from(limit.period_us);
+    let (num, den) = match limit.quota_us.map(u128::from) {
+        // used / (wall × quota / period) = used × period / (wall × quota)
+        Some(quota) if quota < host.saturating_mul(period) => {
+            (used.saturating_mul(period), wall_ns.saturating_mul(quota))
+        }
+        _ => (used, wall_ns.saturating_mul(host)),
+    };
+    super::ratio_bp(num, den)
+}
+
+/// `cpuacct.usage`: cumulative nanoseconds.
+pub fn parse_cpuacct_usage(text: &str, path: &Path) -> Result<u64, SampleError> {
+    let text = text.trim();
+    text.parse().map_err(|_| SampleError::parse(path, format!("{text:?} is not a count of nanoseconds")))
+}
+
+/// `cpu.cfs_quota_us`: microseconds per period, or -1 for no limit.
+pub fn parse_cfs_quota_us(text: &str, path: &Path) -> Result<Option<u64>, SampleError> {
+    let text = text.trim();
+    match text.parse::<i64>() {
+        Ok(-1) => Ok(None),
+        Ok(quota) if quota > 0 => Ok(Some(quota.unsigned_abs())),
+        _ => Err(SampleError::parse(path, format!("{text:?} is neither -1 nor a positive number of microseconds"))),
+    }
+}
+
+/// `cpu.cfs_period_us`: a positive number of microseconds.
+pub fn parse_cfs_period_us(text: &str, path: &Path) -> Result<u64, SampleError> {
+    let text = text.trim();
+    match text.parse::<u64>() {
+        Ok(period) if period > 0 => Ok(period),
+        _ => Err(SampleError::parse(path, format!("{text:?} is not a positive number of microseconds"))),
+    }
+}
+
+/// The `usage_usec` line of a v2 `cpu.stat`.
+pub fn parse_cpu_stat_usage_usec(text: &str, path: &Path) -> Result<u64, SampleError> {
+    for (index, line) in text.lines().enumerate() {
+        let mut fields = line.split_whitespace();
+        if fields.next() != Some("usage_usec") {
+            continue;
+        }
+        let value = fields.next().unwrap_or("");
+        return match (value.parse::<u64>(), fields.next()) {
+            (Ok(usage), None) => Ok(usage),
+            _ => Err(SampleError::line(path, index + 1, format!("usage_usec value {value:?} is not a number"))),
+        };
+    }
+    Err(SampleError::parse(path, "no usage_usec line"))
+}
+
+/// A v2 `cpu.max`: `max 100000` or `50000 100000` (quota and period in microseconds).
+pub fn parse_cpu_max(text: &str, path: &Path) -> Result<CpuLimit, SampleError> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let bad = || SampleError::parse(path, format!("{:?} is not \"max PERIOD\" or \"QUOTA PERIOD\"", text.trim()));
+    let [quota, period] = fields.as_slice() else { return Err(bad()) };
+    let period_us = period.parse::<u64>().ok().filter(|&p| p > 0).ok_or_else(bad)?;
+    let quota_us = match *quota {
+        "max" => None,
+        quota => Some(quota.parse::<u64>().ok().filter(|&q| q > 0).ok_or_else(bad)?),
+    };
+    Ok(CpuLimit { quota_us, period_us })
+}
+
+/// Counts the CPUs in a kernel CPU list such as /sys/devices/system/cpu/online (`0-3,6,8-9`).
+pub fn parse_cpu_list(text: &str, path: &Path) -> Result<u32, SampleError> {
+    let text = text.trim();
+    let bad = || SampleError::parse(path, format!("{text:?} is not a CPU list"));
+    let mut count: u32 = 0;
+    for range in text.split(',') {
+        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+        let lo: u32 = lo.parse().map_err(|_| bad())?;
+        let hi: u32 = hi.parse().map_err(|_| bad())?;
+        let span = hi.checked_sub(lo).and_then(|d| d.checked_add(1)).ok_or_else(bad)?;
+        count = count.checked_add(span).ok_or_else(bad)?;
+    }
+    Ok(count)
+}
+
+/// The number of online CPUs on the host.
+///
+/// Read from sysfs rather than `std::thread::available_parallelism`, which already divides by a cgroup quota
+/// and would cap the limit by itself.
+pub fn read_online_cpus(path: &Path) -> Result<u32, SampleError> {
+    parse_cpu_list(&super::read_text(path)?, path)
+}
+
+/// One cgroup mount from mountinfo.
+#[derive(Debug)]
+struct Mount {
+    /// The part of the hierarchy this mount shows (`/` unless it is a bind mount or inside a container without a
+    /// cgroup namespace), as components.
+    root: Vec<String>,
+    point: PathBuf,
+    fstype: String,
+    super_options: String,
+}
+
+impl Mount {
+    fn is_v1_with(&self, controller: &str) -> bool {
+        // Exact option match: "cpu" must not match "cpuset".
+        self.fstype == "cgroup" && self.super_options.split(',').any(|o| o == controller)
+    }
+
+    /// The cgroup name of a directory below this mount point, if it is one.
+    fn name_of(&self, path: &[String]) -> Option<Vec<String>> {
+        let point = normalise(&self.point.to_string_lossy())?;
+        let rest = path.strip_prefix(point.as_slice())?;
+        Some(self.root.iter().chain(rest).cloned().collect())
+    }
+
+    /// The directory of cgroup `name` within this mount, if the mount shows that part of the hierarchy.
+    fn dir_of(&self, name: &[String]) -> Option<PathBuf> {
+        let rest = name.strip_prefix(self.root.as_slice())?;
+        Some(rest.iter().fold(self.point.clone(), |dir, part| dir.join(part)))
+    }
+}
+
+/// Splits an absolute or relative path into normal components; `None` if it climbs with "..".
+fn normalise(path: &str) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    for component in Path::new(path).components() {
+        match component {
+            Component::Normal(part) => parts.push(part.to_string_lossy().into_owned()),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => return None,
+        }
+    }
+    Some(parts)
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011` tab, `\012` newline, `\134` backslash).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match escape.and_then(|d| u8::try_from(d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'))).ok()) {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup and cgroup2 mounts in mountinfo text (proc(5)): `id parent major:minor root mount-point options
+/// [optional fields…] - fstype source super-options`.
+fn parse_mountinfo(text: &str) -> Result<Vec<Mount>, SampleError> {
+    let mut mounts = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(' ').collect();
+        let separator = fields.iter().skip(6).position(|f| *f == "-").map(|p| p + 6);
+        let (Some(sep), Some(root), Some(point)) = (separator, fields.get(3), fields.get(4)) else {
+            return Err(SampleError::line(Path::new(PROC_SELF_MOUNTINFO), index + 1, "not a mountinfo line"));
+        };
+        let (Some(fstype), Some(super_options)) = (fields.get(sep + 1), fields.get(sep + 3)) else {
+            return Err(SampleError::line(Path::new(PROC_SELF_MOUNTINFO), index + 1, "no fstype/source/options"));
+        };
+        if *fstype != "cgroup" && *fstype != "cgroup2" {
+            continue;
+        }
+        let root = normalise(&unescape(root)).ok_or_else(|| {
+            SampleError::line(Path::new(PROC_SELF_MOUNTINFO), index + 1, "mount root contains \"..\"")
+        })?;
+        mounts.push(Mount {
+            root,
+            point: PathBuf::from(unescape(point)),
+            fstype: (*fstype).to_owned(),
+            super_options: (*super_options).to_owned(),
+        });
+    }
+    Ok(mounts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::testdata;
+    use std::fs;
+    use std::time::Instant;
+
+    fn v1(acct: &str, cpu: &str) -> CgroupCpu {
+        CgroupCpu::V1 { cpuacct_dir: acct.into(), cpu_dir: cpu.into() }
+    }
+
+    #[test]
+    fn locate_v1_co_mounted() {
+        let (_, text) = testdata("mountinfo_v1.txt");
+        let both = "/sys/fs/cgroup/cpu,cpuacct/fulcrum/web1";
+        // Hybrid host: the cgroup2 mount at /sys/fs/cgroup/unified is ignored for a name, and cpuset is not cpu.
+        assert_eq!(CgroupCpu::locate_in(&text, "/fulcrum/web1").unwrap(), v1(both, both));
+        assert_eq!(CgroupCpu::locate_in(&text, "fulcrum/web1/").unwrap(), v1(both, both));
+        assert_eq!(CgroupCpu::locate_in(&text, both).unwrap(), v1(both, both));
+        let root = "/sys/fs/cgroup/cpu,cpuacct";
+        assert_eq!(CgroupCpu::locate_in(&text, "/").unwrap(), v1(root, root));
+        assert!(CgroupCpu::locate_in(&text, "/fulcrum/../etc").is_err());
+        // A directory inside the cgroup2 mount is a v2 cgroup even on a hybrid host.
+        assert_eq!(
+            CgroupCpu::locate_in(&text, "/sys/fs/cgroup/unified/fulcrum").unwrap(),
+            CgroupCpu::V2 { dir: "/sys/fs/cgroup/unified/fulcrum".into() }
+        );
+    }
+
+    #[test]
+    fn locate_v1_separate_mounts_like_this_machine() {
+        let (_, text) = testdata("mountinfo_split_v1.txt");
+        let expected = v1("/sys/fs/cgroup/cpuacct/fulcrum/web1", "/sys/fs/cgroup/cpu/fulcrum/web1");
+        assert_eq!(CgroupCpu::locate_in(&text, "/fulcrum/web1").unwrap(), expected);
+        // Either directory finds both.
+        assert_eq!(CgroupCpu::locate_in(&text, "/sys/fs/cgroup/cpu/fulcrum/web1").unwrap(), expected);
+        assert_eq!(CgroupCpu::locate_in(&text, "/sys/fs/cgroup/cpuacct/fulcrum/web1").unwrap(), expected);
+    }
+
+    #[test]
+    fn locate_v2() {
+        let (_, text) = testdata("mountinfo_v2.txt");
+        let dir = CgroupCpu::V2 { dir: "/sys/fs/cgroup/system.slice/web.service".into() };
+        assert_eq!(CgroupCpu::locate_in(&text, "/system.slice/web.service").unwrap(), dir);
+        assert_eq!(CgroupCpu::locate_in(&text, "/sys/fs/cgroup/system.slice/web.service").unwrap(), dir);
+        assert_eq!(
+            CgroupCpu::locate_in(&text, "/sys/fs/cgroup/system.slice/web.service").unwrap().source(),
+            CpuSource::CgroupV2
+        );
+    }
+
+    #[test]
+    fn locate_in_a_container_without_cgroup_namespace() {
+        // The mount shows only /docker/4f1c2b9e of the host's hierarchy.
+        let (_, text) = testdata("mountinfo_container_v1.txt");
+        let own = "/sys/fs/cgroup/cpu,cpuacct";
+        assert_eq!(CgroupCpu::locate_in(&text, "/docker/4f1c2b9e").unwrap(), v1(own, own));
+        let child = "/sys/fs/cgroup/cpu,cpuacct/web";
+        assert_eq!(CgroupCpu::locate_in(&text, "/docker/4f1c2b9e/web").unwrap(), v1(child, child));
+        assert_eq!(CgroupCpu::locate_in(&text, child).unwrap(), v1(child, child));
+        let err = CgroupCpu::locate_in(&text, "/other").unwrap_err().to_string();
+        assert!(err.contains("/other") && err.contains("outside"), "{err}");
+    }
+
+    #[test]
+    fn locate_without_cgroups_or_with_bad_mountinfo() {
+        let err = CgroupCpu::locate_in("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n", "/x").unwrap_err().to_string();
+        assert!(err.contains("mounted"), "{err}");
+        let err = CgroupCpu::locate_in("22 1 8:1 / / rw\n", "/x").unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("mountinfo"), "{err}");
+        let err = CgroupCpu::locate_in("22 1 8:1 / / rw - cgroup2\n", "/x").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn mount_points_with_escapes() {
+        let text = "40 31 0:37 / /mnt/my\\040cgroups rw,relatime shared:5 master:1 - cgroup2 cgroup2 rw\n";
+        assert_eq!(CgroupCpu::locate_in(text, "/web").unwrap(), CgroupCpu::V2 { dir: "/mnt/my cgroups/web".into() });
+        assert_eq!(unescape("a\\134b\\011c\\9"), "a\\b\tc\\9");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn v1_files_from_testdata() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/cgroup_v1");
+        let cgroup = CgroupCpu::V1 { cpuacct_dir: base.join("cpuacct"), cpu_dir: base.join("cpu") };
+        assert_eq!(cgroup.source(), CpuSource::CgroupV1);
+        assert_eq!(
+            cgroup.read().unwrap(),
+            CgroupReading { usage_ns: 154_825_888_351, limit: CpuLimit { quota_us: Some(50_000), period_us: 100_000 } }
+        );
+    }
+
+    #[test]
+    fn v2_files_from_testdata() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        let limited = CgroupCpu::V2 { dir: base.join("cgroup_v2_limited") };
+        assert_eq!(
+            limited.read().unwrap(),
+            CgroupReading { usage_ns: 8_391_522_000, limit: CpuLimit { quota_us: Some(150_000), period_us: 100_000 } }
+        );
+        let unlimited = CgroupCpu::V2 { dir: base.join("cgroup_v2_unlimited") };
+        assert_eq!(unlimited.read().unwrap(), CgroupReading { usage_ns: 421_337_000, limit: CpuLimit::UNLIMITED });
+    }
+
+    #[test]
+    fn v2_without_cpu_max_is_unlimited_and_missing_stat_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cpu.stat"), "usage_usec 5\nuser_usec 3\nsystem_usec 2\n").unwrap();
+        let cgroup = CgroupCpu::V2 { dir: dir.path().to_owned() };
+        assert_eq!(cgroup.read().unwrap(), CgroupReading { usage_ns: 5_000, limit: CpuLimit::UNLIMITED });
+        let empty = tempfile::tempdir().unwrap();
+        let err = CgroupCpu::V2 { dir: empty.path().to_owned() }.read().unwrap_err().to_string();
+        assert!(err.contains("cpu.stat"), "{err}");
+    }
+
+    #[test]
+    fn file_parsers() {
+        let p = Path::new("f");
+        assert_eq!(parse_cpuacct_usage("123\n", p).unwrap(), 123);
+        assert!(parse_cpuacct_usage("-1\n", p).is_err());
+        assert_eq!(parse_cfs_quota_us("-1\n", p).unwrap(), None);
+        assert_eq!(parse_cfs_quota_us("50000\n", p).unwrap(), Some(50_000));
+        for bad in ["0", "-2", "", "max"] {
+            assert!(parse_cfs_quota_us(bad, p).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_cfs_period_us("100000\n", p).unwrap(), 100_000);
+        assert!(parse_cfs_period_us("0\n", p).is_err());
+        assert_eq!(parse_cpu_max("max 100000\n", p).unwrap(), CpuLimit::UNLIMITED);
+        assert_eq!(
+            parse_cpu_max("50000 200000\n", p).unwrap(),
+            CpuLimit { quota_us: Some(50_000), period_us: 200_000 }
+        );
+        for bad in ["max", "max 0", "0 100000", "50000", "50000 100000 1", "x 100000", ""] {
+            let err = parse_cpu_max(bad, Path::new("/cg/cpu.max")).unwrap_err().to_string();
+            assert!(err.contains("/cg/cpu.max"), "{bad:?}: {err}");
+        }
+        let err = parse_cpu_stat_usage_usec("user_usec 1\nusage_usec x\n", p).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(parse_cpu_stat_usage_usec("usage_usec 1 2\n", p).is_err());
+        assert!(parse_cpu_stat_usage_usec("user_usec 1\n", p).is_err());
+    }
+
+    #[test]
+    fn cpu_lists() {
+        let p = Path::new("online");
+        let (path, text) = testdata("cpu_online.txt");
+        assert_eq!(parse_cpu_list(&text, &path).unwrap(), 2);
+        assert_eq!(parse_cpu_list("0\n", p).unwrap(), 1);
+        assert_eq!(parse_cpu_list("0-3,6,8-9\n", p).unwrap(), 7);
+        for bad in ["", "3-1", "0-", "a", "0,,1", "0-4294967295"] {
+            assert!(parse_cpu_list(bad, p).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn utilisation_against_quota_and_host() {
+        let second = Duration::from_secs(1);
+        let half = CpuLimit { quota_us: Some(50_000), period_us: 100_000 };
+        // 0.25 CPU-seconds in 1 s against a 0.5 CPU quota: 50 %.
+        assert_eq!(utilisation_bp(1_000, 1_000 + 250_000_000, second, half, 4), Some(5_000));
+        // The same use without a quota, on 4 CPUs: 0.25 / 4 = 6.25 %.
+        assert_eq!(utilisation_bp(0, 250_000_000, second, CpuLimit::UNLIMITED, 4), Some(625));
+        // A quota of 8 CPUs on a 2-CPU host is capped at 2: 1.5 CPU-seconds / 2 = 75 %.
+        let eight = CpuLimit { quota_us: Some(800_000), period_us: 100_000 };
+        assert_eq!(utilisation_bp(0, 1_500_000_000, second, eight, 2), Some(7_500));
+        // Exactly the host size is the same either way.
+        let two = CpuLimit { quota_us: Some(200_000), period_us: 100_000 };
+        assert_eq!(utilisation_bp(0, 1_500_000_000, second, two, 2), Some(7_500));
+        // 1.5 CPU quota over 2 s, 1 CPU-second used: 1 / 3 → 3333 bp.
+        let one_half = CpuLimit { quota_us: Some(150_000), period_us: 100_000 };
+        assert_eq!(utilisation_bp(0, 1_000_000_000, 2 * second, one_half, 2), Some(3_333));
+        // Window misaligned with the CFS periods: briefly above the quota, clamped.
+        assert_eq!(utilisation_bp(0, 600_000_000, second, half, 2), Some(10_000));
+        assert_eq!(utilisation_bp(5, 4, second, half, 2), None, "usage went backwards");
+        assert_eq!(utilisation_bp(0, 4, Duration::ZERO, half, 2), None, "no wall time");
+        assert_eq!(utilisation_bp(0, 4, second, half, 0), None, "no CPUs");
+        assert_eq!(
+            utilisation_bp(0, u64::MAX, Duration::MAX, CpuLimit { quota_us: Some(u64::MAX), period_us: 1 }, 1),
+            Some(0)
+        );
+    }
+
+    /// Removes the test cgroups however the test ends; a v1 cgroup can only be removed once it has no tasks, so
+    /// the thread is first moved back to the hierarchy roots.
+    struct TestCgroups {
+        dirs: Vec<PathBuf>,
+        roots: Vec<PathBuf>,
+        tid: Option<String>,
+    }
+
+    impl Drop for TestCgroups {
+        fn drop(&mut self) {
+            if let Some(tid) = &self.tid {
+                for root in &self.roots {
+                    let _ = fs::write(root.join("tasks"), tid);
+                }
+            }
+            for dir in self.dirs.iter().rev() {
+                if let Err(e) = fs::remove_dir(dir) {
+                    eprintln!("cannot remove test cgroup {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+
+    /// Creates a real v1 cgroup with a 50 % quota, moves this test's thread into it, burns CPU and checks what the
+    /// sampler's reading and maths make of the live counters. Needs root and v1 cpu/cpuacct hierarchies, and fails
+    /// rather than skips without them, so that a run that did not exercise the real files cannot pass.
+    #[test]
+    fn real_v1_cgroup_on_this_machine() {
+        let mountinfo = fs::read_to_string(PROC_SELF_MOUNTINFO).unwrap();
+        let mounts = parse_mountinfo(&mountinfo).unwrap();
+        let cpu_root = mounts.iter().find(|m| m.is_v1_with("cpu")).expect("no cgroup v1 cpu hierarchy is mounted");
+        let acct_root =
+            mounts.iter().find(|m| m.is_v1_with("cpuacct")).expect("no cgroup v1 cpuacct hierarchy is mounted");
+        let name = format!("fulcrum-test-{}", std::process::id());
+        let cpu_dir = cpu_root.point.join(&name);
+        let acct_dir = acct_root.point.join(&name);
+        let mut guard = TestCgroups { dirs: Vec::new(), roots: vec![cpu_root.point.clone()], tid: None };
+        if acct_root.point != cpu_root.point {
+            guard.roots.push(acct_root.point.clone());
+        }
+        for dir in [&cpu_dir, &acct_dir] {
+            if guard.dirs.contains(dir) {
+                continue;
+            }
+            if let Err(e) = fs::create_dir(dir) {
+                panic!("cannot create {}: {e} (this test must run as root)", dir.display());
+            }
+            guard.dirs.push(dir.clone());
+        }
+        fs::write(cpu_dir.join("cpu.cfs_quota_us"), "50000").unwrap();
+        let period =
+            parse_cfs_period_us(&fs::read_to_string(cpu_dir.join("cpu.cfs_period_us")).unwrap(), &cpu_dir).unwrap();
+
+        let cgroup = CgroupCpu::locate(&format!("/{name}")).unwrap();
+        assert_eq!(cgroup, CgroupCpu::V1 { cpuacct_dir: acct_dir.clone(), cpu_dir: cpu_dir.clone() });
+        assert_eq!(CgroupCpu::locate(&cpu_dir.to_string_lossy()).unwrap(), cgroup);
+        let first = cgroup.read().unwrap();
+        let started = Instant::now();
+        assert_eq!(first.limit, CpuLimit { quota_us: Some(50_000), period_us: period });
+        assert_eq!(first.usage_ns, 0, "a fresh cgroup has used no CPU");
+
+        // /proc/thread-self links to "<pid>/task/<tid>"; v1 "tasks" takes a thread id.
+        let link = fs::read_link("/proc/thread-self").unwrap();
+        let tid = link.file_name().unwrap().to_string_lossy().into_owned();
+        guard.tid = Some(tid.clone());
+        for root in [&cpu_dir, &acct_dir] {
+            fs::write(root.join("tasks"), &tid).unwrap();
+        }
+        // Burn CPU until the cgroup has been charged 20 ms; the loop ends on the counter, not on a timer.
+        let mut spin: u64 = 0;
+        let second = loop {
+            for i in 0..100_000u64 {
+                spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(i));
+            }
+            let reading = cgroup.read().unwrap();
+            if reading.usage_ns >= 20_000_000 {
+                break reading;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the cgroup was charged no CPU: {reading:?}");
+        };
+        let wall = started.elapsed();
+        let host = read_online_cpus(Path::new(SYS_CPU_ONLINE)).unwrap();
+        let bp = utilisation_bp(first.usage_ns, second.usage_ns, wall, second.limit, host).unwrap();
+        assert!(bp > 0 && bp <= 10_000, "{bp}");
+        drop(guard);
+        assert!(!cpu_dir.exists() && !acct_dir.exists(), "test cgroups left behind");
+    }
+}

@@ -1,0 +1,376 @@
+//! What the agent measures on its real server: CPU (host-wide or one cgroup's), load average, memory, CPU
+//! pressure, established connections on the service ports, and the service's response time.
+//!
+//! Each measurement is a pure parser or calculation over explicit inputs (file text, readings, instants), with
+//! a thin function that reads the real file and calls it, so the maths is tested on recorded samples in
+//! `agent/testdata/` without root, sleeps or a live /proc. [`Sampler`] ties the file-based measurements
+//! together; the response-time probe ([`probe_once`], [`ProbeTracker`]) is separate because it is async and
+//! runs on its own schedule.
+
+pub mod cgroup;
+pub mod cpu;
+pub mod probe;
+pub mod system;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fulcrum_protocol::{CpuPressure, CpuSource, CpuUsage, MemoryUsage, FULL_SCALE_BP};
+
+pub use cgroup::{utilisation_bp, CgroupCpu, CgroupReading, CpuLimit};
+pub use cpu::{busy_bp, CpuTimes};
+pub use probe::{probe_once, InvalidAlpha, InvalidProbeConfig, ProbeConfig, ProbeTracker};
+pub use system::count_established;
+
+/// A measurement that could not be taken; every variant names the file (or cgroup) concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {what}", path.display())]
+    Parse { path: PathBuf, what: String },
+    #[error("{} line {line}: {what}", path.display())]
+    Line { path: PathBuf, line: usize, what: String },
+    #[error("cgroup {name:?}: {what}")]
+    Cgroup { name: String, what: String },
+}
+
+impl SampleError {
+    fn parse(path: &Path, what: impl Into<String>) -> SampleError {
+        SampleError::Parse { path: path.to_owned(), what: what.into() }
+    }
+
+    fn line(path: &Path, line: usize, what: impl Into<String>) -> SampleError {
+        SampleError::Line { path: path.to_owned(), line, what: what.into() }
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, SampleError> {
+    std::fs::read_to_string(path).map_err(|source| SampleError::Io { path: path.to_owned(), source })
+}
+
+/// `num / den` in basis points, rounded to the nearest and clamped to 100 %; `None` if `den` is 0.
+fn ratio_bp(num: u128, den: u128) -> Option<u16> {
+    if den == 0 {
+        return None;
+    }
+    let bp = num.saturating_mul(u128::from(FULL_SCALE_BP)).saturating_add(den / 2) / den;
+    Some(u16::try_from(bp.min(u128::from(FULL_SCALE_BP))).unwrap_or(FULL_SCALE_BP))
+}
+
+/// Where CPU utilisation comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuSourceConfig {
+    /// The whole host, from /proc/stat.
+    Proc,
+    /// One cgroup, relative to its CPU limit.
+    Cgroup(CgroupCpu),
+}
+
+/// The files a [`Sampler`] reads; [`Default`] is the real system's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemPaths {
+    pub proc_stat: PathBuf,
+    pub loadavg: PathBuf,
+    pub meminfo: PathBuf,
+    pub pressure_cpu: PathBuf,
+    pub net_tcp: PathBuf,
+    pub net_tcp6: PathBuf,
+    pub cpu_online: PathBuf,
+}
+
+impl Default for SystemPaths {
+    fn default() -> SystemPaths {
+        SystemPaths {
+            proc_stat: cpu::PROC_STAT.into(),
+            loadavg: system::PROC_LOADAVG.into(),
+            meminfo: system::PROC_MEMINFO.into(),
+            pressure_cpu: system::PROC_PRESSURE_CPU.into(),
+            net_tcp: system::PROC_NET_TCP.into(),
+            net_tcp6: system::PROC_NET_TCP6.into(),
+            cpu_online: cgroup::SYS_CPU_ONLINE.into(),
+        }
+    }
+}
+
+/// One reading of cumulative CPU counters, before any delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuReading {
+    Proc(CpuTimes),
+    Cgroup {
+        /// [`CpuSource::CgroupV1`] or [`CpuSource::CgroupV2`].
+        source: CpuSource,
+        reading: CgroupReading,
+        /// Online CPUs on the host, which cap (or, without a quota, are) the cgroup's limit.
+        host_cpus: u32,
+    },
+}
+
+/// Turns successive [`CpuReading`]s into utilisation over the interval between them.
+#[derive(Debug, Clone, Default)]
+pub struct CpuTracker {
+    prev: Option<(Instant, CpuReading)>,
+}
+
+impl CpuTracker {
+    /// Utilisation since the previous reading, `None` for the first. Also `None` when the readings do not
+    /// form a valid interval (a counter went backwards, no time passed, or the source changed); the new reading
+    /// then becomes the base for the next interval.
+    pub fn update(&mut self, now: Instant, reading: CpuReading) -> Option<CpuUsage> {
+        let prev = self.prev.replace((now, reading));
+        let (then, prev) = prev?;
+        match (prev, reading) {
+            (CpuReading::Proc(prev), CpuReading::Proc(cur)) => {
+                busy_bp(prev, cur).map(|busy_bp| CpuUsage { source: CpuSource::ProcStat, busy_bp })
+            }
+            (
+                CpuReading::Cgroup { source: prev_source, reading: prev, .. },
+                CpuReading::Cgroup { source, reading: cur, host_cpus },
+            ) if prev_source == source => {
+                let wall = now.saturating_duration_since(then);
+                utilisation_bp(prev.usage_ns, cur.usage_ns, wall, cur.limit, host_cpus)
+                    .map(|busy_bp| CpuUsage { source, busy_bp })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The file-based part of a load report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemSample {
+    /// `None` on the first sample, and whenever the interval was not measurable (see [`CpuTracker::update`]).
+    pub cpu: Option<CpuUsage>,
+    pub load_avg_milli: [u32; 3],
+    pub memory: MemoryUsage,
+    /// `None` when the kernel has no PSI.
+    pub cpu_pressure: Option<CpuPressure>,
+    /// ESTABLISHED TCP connections (IPv4 and IPv6) whose local port is a service port.
+    pub established_connections: u32,
+}
+
+/// Everything one sample reads from files, before the CPU delta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawSample {
+    cpu: CpuReading,
+    load_avg_milli: [u32; 3],
+    memory: MemoryUsage,
+    cpu_pressure: Option<CpuPressure>,
+    established_connections: u32,
+}
+
+/// Produces the non-probe part of successive load reports; owns the previous CPU reading.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    source: CpuSourceConfig,
+    ports: Vec<u16>,
+    paths: SystemPaths,
+    cpu: CpuTracker,
+}
+
+impl Sampler {
+    pub fn new(source: CpuSourceConfig, ports: Vec<u16>) -> Sampler {
+        Sampler::with_paths(source, ports, SystemPaths::default())
+    }
+
+    /// A sampler reading other files than the system's (for tests, or a /proc mounted elsewhere).
+    pub fn with_paths(source: CpuSourceConfig, ports: Vec<u16>, paths: SystemPaths) -> Sampler {
+        Sampler { source, ports, paths, cpu: CpuTracker::default() }
+    }
+
+    /// Reads every source and returns the sample for the interval since the previous call, `now` being the
+    /// time of this reading. Any read or parse failure fails the whole sample, and leaves the previous CPU
+    /// reading in place so that the next successful sample covers the whole interval.
+    pub fn sample(&mut self, now: Instant) -> Result<SystemSample, SampleError> {
+        let raw = self.read_raw()?;
+        Ok(self.ingest(now, raw))
+    }
+
+    fn read_raw(&self) -> Result<RawSample, SampleError> {
+        let p = &self.paths;
+        let cpu = match &self.source {
+            CpuSourceConfig::Proc => CpuReading::Proc(cpu::read_proc_stat(&p.proc_stat)?),
+            CpuSourceConfig::Cgroup(cgroup) => CpuReading::Cgroup {
+                source: cgroup.source(),
+                reading: cgroup.read()?,
+                host_cpus: cgroup::read_online_cpus(&p.cpu_online)?,
+            },
+        };
+        let established = system::read_established(&p.net_tcp, &self.ports)?
+            .saturating_add(system::read_established(&p.net_tcp6, &self.ports)?);
+        Ok(RawSample {
+            cpu,
+            load_avg_milli: system::read_loadavg(&p.loadavg)?,
+            memory: system::read_meminfo(&p.meminfo)?,
+            cpu_pressure: system::read_cpu_pressure(&p.pressure_cpu)?,
+            established_connections: established,
+        })
+    }
+
+    fn ingest(&mut self, now: Instant, raw: RawSample) -> SystemSample {
+        SystemSample {
+            cpu: self.cpu.update(now, raw.cpu),
+            load_avg_milli: raw.load_avg_milli,
+            memory: raw.memory,
+            cpu_pressure: raw.cpu_pressure,
+            established_connections: raw.established_connections,
+        }
+    }
+}
+
+/// A recorded sample file and its text.
+#[cfg(test)]
+pub(crate) fn testdata(name: &str) -> (PathBuf, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn data(name: &str) -> PathBuf {
+        testdata(name).0
+    }
+
+    fn recorded_paths() -> SystemPaths {
+        SystemPaths {
+            proc_stat: data("proc_stat_1.txt"),
+            loadavg: data("loadavg.txt"),
+            meminfo: data("meminfo.txt"),
+            pressure_cpu: data("pressure_cpu.txt"),
+            net_tcp: data("proc_net_tcp.txt"),
+            net_tcp6: data("proc_net_tcp6.txt"),
+            cpu_online: data("cpu_online.txt"),
+        }
+    }
+
+    #[test]
+    fn proc_tracker_reports_from_the_second_reading() {
+        let mut tracker = CpuTracker::default();
+        let t0 = Instant::now();
+        let a = CpuTimes { busy: 100, total: 1_000 };
+        assert_eq!(tracker.update(t0, CpuReading::Proc(a)), None);
+        let b = CpuTimes { busy: 150, total: 1_200 };
+        let usage = tracker.update(t0 + Duration::from_secs(1), CpuReading::Proc(b));
+        assert_eq!(usage, Some(CpuUsage { source: CpuSource::ProcStat, busy_bp: 2_500 }));
+        // Backwards: nothing, and the new reading becomes the base.
+        let c = CpuTimes { busy: 10, total: 100 };
+        assert_eq!(tracker.update(t0 + Duration::from_secs(2), CpuReading::Proc(c)), None);
+        let d = CpuTimes { busy: 20, total: 200 };
+        let usage = tracker.update(t0 + Duration::from_secs(3), CpuReading::Proc(d));
+        assert_eq!(usage, Some(CpuUsage { source: CpuSource::ProcStat, busy_bp: 1_000 }));
+    }
+
+    #[test]
+    fn cgroup_tracker_uses_wall_time_between_instants() {
+        let limit = CpuLimit { quota_us: Some(50_000), period_us: 100_000 };
+        let reading = |usage_ns| CpuReading::Cgroup {
+            source: CpuSource::CgroupV1,
+            reading: CgroupReading { usage_ns, limit },
+            host_cpus: 2,
+        };
+        let mut tracker = CpuTracker::default();
+        let t0 = Instant::now();
+        assert_eq!(tracker.update(t0, reading(1_000_000_000)), None);
+        // 0.1 CPU-seconds in 0.5 s against half a CPU: 40 %.
+        let usage = tracker.update(t0 + Duration::from_millis(500), reading(1_100_000_000));
+        assert_eq!(usage, Some(CpuUsage { source: CpuSource::CgroupV1, busy_bp: 4_000 }));
+        // The same instant again: no interval.
+        assert_eq!(tracker.update(t0 + Duration::from_millis(500), reading(1_200_000_000)), None);
+        // A different source does not mix with the previous reading.
+        let v2 = CpuReading::Cgroup {
+            source: CpuSource::CgroupV2,
+            reading: CgroupReading { usage_ns: 2_000_000_000, limit },
+            host_cpus: 2,
+        };
+        assert_eq!(tracker.update(t0 + Duration::from_secs(1), v2), None);
+        assert_eq!(tracker.update(t0 + Duration::from_secs(2), CpuReading::Proc(CpuTimes { busy: 1, total: 2 })), None);
+    }
+
+    #[test]
+    fn sampler_over_recorded_files() {
+        let mut sampler = Sampler::with_paths(CpuSourceConfig::Proc, vec![80, 443], recorded_paths());
+        let t0 = Instant::now();
+        let first = sampler.sample(t0).unwrap();
+        assert_eq!(
+            first,
+            SystemSample {
+                cpu: None,
+                load_avg_milli: [520, 280, 1_150],
+                memory: MemoryUsage { used_bytes: (24_730_032 - 24_369_436) * 1024, total_bytes: 24_730_032 * 1024 },
+                cpu_pressure: Some(CpuPressure { some_avg10_bp: 1_234, some_avg60_bp: 67, some_total_us: 9_043_242 }),
+                // 3 over IPv4 and 2 over IPv6
+                established_connections: 5,
+            }
+        );
+        // Point /proc/stat at the later recording: the interval between the two.
+        sampler.paths.proc_stat = data("proc_stat_2.txt");
+        let second = sampler.sample(t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(second.cpu, Some(CpuUsage { source: CpuSource::ProcStat, busy_bp: 6_212 }));
+    }
+
+    #[test]
+    fn sampler_over_a_recorded_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let stat = dir.path().join("cpu.stat");
+        std::fs::write(&stat, "usage_usec 1000000\n").unwrap();
+        std::fs::write(dir.path().join("cpu.max"), "100000 100000\n").unwrap();
+        let cgroup = CgroupCpu::V2 { dir: dir.path().to_owned() };
+        let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(cgroup), vec![8080], recorded_paths());
+        let t0 = Instant::now();
+        assert_eq!(sampler.sample(t0).unwrap().cpu, None);
+        std::fs::write(&stat, "usage_usec 1250000\n").unwrap();
+        let sample = sampler.sample(t0 + Duration::from_secs(1)).unwrap();
+        // 0.25 CPU-seconds in 1 s against a quota of 1 CPU.
+        assert_eq!(sample.cpu, Some(CpuUsage { source: CpuSource::CgroupV2, busy_bp: 2_500 }));
+        assert_eq!(sample.established_connections, 1, "::1 on 8080");
+    }
+
+    #[test]
+    fn missing_optional_files_and_failing_required_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = SystemPaths {
+            pressure_cpu: dir.path().join("no-psi"),
+            net_tcp6: dir.path().join("no-ipv6"),
+            ..recorded_paths()
+        };
+        let mut sampler = Sampler::with_paths(CpuSourceConfig::Proc, vec![80, 443], paths.clone());
+        let sample = sampler.sample(Instant::now()).unwrap();
+        assert_eq!((sample.cpu_pressure, sample.established_connections), (None, 3));
+
+        let missing = dir.path().join("no-loadavg");
+        let mut sampler =
+            Sampler::with_paths(CpuSourceConfig::Proc, vec![80], SystemPaths { loadavg: missing.clone(), ..paths });
+        let err = sampler.sample(Instant::now()).unwrap_err();
+        assert!(matches!(&err, SampleError::Io { path, .. } if *path == missing), "{err}");
+        assert!(err.to_string().contains("no-loadavg"), "{err}");
+    }
+
+    #[test]
+    fn ratio_rounding_and_clamping() {
+        assert_eq!(ratio_bp(1, 0), None);
+        assert_eq!(ratio_bp(0, 7), Some(0));
+        assert_eq!(ratio_bp(1, 20_000), Some(1), "half a basis point rounds up");
+        assert_eq!(ratio_bp(1, 20_001), Some(0));
+        assert_eq!(ratio_bp(3, 2), Some(10_000));
+        assert_eq!(ratio_bp(u128::MAX, 1), Some(10_000));
+    }
+
+    /// The real files of this machine parse; their values are not checked, only that nothing is missing.
+    #[test]
+    fn live_system_files_parse() {
+        let mut sampler = Sampler::new(CpuSourceConfig::Proc, vec![22]);
+        let t0 = Instant::now();
+        let first = sampler.sample(t0).unwrap();
+        assert!(first.memory.total_bytes > 0 && first.memory.used_bytes <= first.memory.total_bytes);
+        let second = sampler.sample(Instant::now()).unwrap();
+        assert!(second.cpu.is_none_or(|cpu| cpu.busy_bp <= FULL_SCALE_BP));
+    }
+}
