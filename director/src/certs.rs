@@ -165,17 +165,17 @@ mod tests {
 
         let agent_der = der(&agent.cert);
         let cert = webpki::EndEntityCert::try_from(&agent_der).unwrap();
-        cert.verify_for_usage(algs, &[anchor.clone()], &[], now, webpki::KeyUsage::client_auth(), None, None).unwrap();
+        let anchors = [anchor];
+        cert.verify_for_usage(algs, &anchors, &[], now, webpki::KeyUsage::client_auth(), None, None).unwrap();
         cert.verify_is_valid_for_subject_name(&ServerName::try_from("web1").unwrap()).unwrap();
         assert!(cert.verify_is_valid_for_subject_name(&ServerName::try_from("web2").unwrap()).is_err());
-        let anchors = [anchor.clone()];
         let agent_as_server =
             cert.verify_for_usage(algs, &anchors, &[], now, webpki::KeyUsage::server_auth(), None, None);
         assert!(agent_as_server.is_err(), "an agent certificate must not serve");
 
         let director_der = der(&director.cert);
         let cert = webpki::EndEntityCert::try_from(&director_der).unwrap();
-        cert.verify_for_usage(algs, &[anchor], &[], now, webpki::KeyUsage::server_auth(), None, None).unwrap();
+        cert.verify_for_usage(algs, &anchors, &[], now, webpki::KeyUsage::server_auth(), None, None).unwrap();
         cert.verify_is_valid_for_subject_name(&ServerName::try_from("d1").unwrap()).unwrap();
         cert.verify_is_valid_for_subject_name(&ServerName::try_from("10.0.0.2").unwrap()).unwrap();
     }
