@@ -13,6 +13,7 @@ bin=$PWD/target/release
 
 tag=fb$$
 work=$(mktemp -d /tmp/fulcrum-footprint.XXXXXX)
+chmod 755 "$work"   # nginx's workers run unprivileged and must read the document root
 cleanup() {
     for ns in ${tag}d ${tag}r; do
         for pid in $(ip netns pids $ns 2>/dev/null); do kill -9 $pid 2>/dev/null || true; done

@@ -19,6 +19,7 @@ nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --workspace --bins
 bin=target/release
 work=$(mktemp -d /tmp/fulcrum-demo.XXXXXX)
+chmod 755 "$work"   # nginx's workers run unprivileged and must read the document root
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done

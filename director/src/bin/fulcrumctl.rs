@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use fulcrum_director::agents::AgentView;
 use fulcrum_director::config::DEFAULT_CONTROL_SOCKET;
 use fulcrum_director::control::{call, Request, Response};
-use fulcrum_protocol::{ProbeOutcome, FULL_SCALE_BP};
+use fulcrum_protocol::{ProbeFailure, ProbeOutcome, FULL_SCALE_BP};
 
 #[derive(Debug, Parser)]
 #[command(name = "fulcrumctl", version, about = "Control a running Fulcrum director")]
@@ -69,7 +69,13 @@ fn agents_table(agents: &[AgentView]) -> String {
         let probe = report.map_or("-".to_string(), |r| match r.probe.last {
             ProbeOutcome::Pending => "pending".to_string(),
             ProbeOutcome::Ok(_) => "ok".to_string(),
-            ProbeOutcome::Failed(f) => format!("{f:?}").to_lowercase(),
+            ProbeOutcome::Failed(failure) => match failure {
+                ProbeFailure::ConnectRefused => "refused".to_string(),
+                ProbeFailure::Timeout => "timeout".to_string(),
+                ProbeFailure::Network => "net-error".to_string(),
+                ProbeFailure::BadResponse => "not-http".to_string(),
+                ProbeFailure::HttpStatus(status) => format!("http-{status}"),
+            },
         });
         let conns = report.map_or("-".to_string(), |r| r.established_connections.to_string());
         let age = agent.report_age_ms.map_or("-".to_string(), |a| a.to_string());
