@@ -5,5 +5,6 @@ pub mod agents;
 pub mod certs;
 pub mod config;
 pub mod control;
+pub mod flow;
 pub mod metrics_endpoint;
 pub mod tls;
