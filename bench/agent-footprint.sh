@@ -55,12 +55,12 @@ events { worker_connections 64; }
 http { access_log off; client_body_temp_path $work/tmp; proxy_temp_path $work/tmp; fastcgi_temp_path $work/tmp;
        uwsgi_temp_path $work/tmp; scgi_temp_path $work/tmp; server { listen 80; root $work/www; } }
 NGINX
-ip netns exec ${tag}r "$nginx_bin" -c "$work/nginx.conf" -e "$work/nginx.log" &
-RUST_LOG=warn ip netns exec ${tag}d $bin/fulcrum-director run --config "$work/director.toml" &
+ip netns exec ${tag}r "$nginx_bin" -c "$work/nginx.conf" -e "$work/nginx.log" & disown
+RUST_LOG=warn ip netns exec ${tag}d $bin/fulcrum-director run --config "$work/director.toml" & disown
 for _ in $(seq 100); do [ -S "$work/director.sock" ] && break; sleep 0.1; done
 RUST_LOG=warn ip netns exec ${tag}r $bin/fulcrum-agent --name web1 --real-server 10.77.0.11 --port 80 \
     --director d1@10.77.0.2:7946 --ca "$work/pki/ca.pem" --cert "$work/pki/web1.pem" --key "$work/pki/web1.key" \
-    --probe-kind http --interval-ms 500 &
+    --probe-kind http --interval-ms 500 & disown
 agent=$!
 # Wait until the director has the agent's reports, then measure a steady state.
 for _ in $(seq 100); do

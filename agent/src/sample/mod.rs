@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod cpu;
 pub mod probe;
+pub mod sock_diag;
 pub mod system;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub enum SampleError {
     Line { path: PathBuf, line: usize, what: String },
     #[error("cgroup {name:?}: {what}")]
     Cgroup { name: String, what: String },
+    #[error("sock_diag netlink: {what}")]
+    Netlink { what: String },
 }
 
 impl SampleError {
@@ -170,16 +173,29 @@ pub struct Sampler {
     ports: Vec<u16>,
     paths: SystemPaths,
     cpu: CpuTracker,
+    connections: ConnectionCounter,
+}
+
+/// How established connections are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectionCounter {
+    /// Netlink sock_diag: cheap (see [`sock_diag`]).
+    SockDiag,
+    /// /proc/net/tcp and tcp6 at the sampler's paths: the fallback, and what tests with recorded files use.
+    ProcFiles,
 }
 
 impl Sampler {
+    /// A sampler of the real system.
     pub fn new(source: CpuSourceConfig, ports: Vec<u16>) -> Sampler {
-        Sampler::with_paths(source, ports, SystemPaths::default())
+        let mut sampler = Sampler::with_paths(source, ports, SystemPaths::default());
+        sampler.connections = ConnectionCounter::SockDiag;
+        sampler
     }
 
     /// A sampler reading other files than the system's (for tests, or a /proc mounted elsewhere).
     pub fn with_paths(source: CpuSourceConfig, ports: Vec<u16>, paths: SystemPaths) -> Sampler {
-        Sampler { source, ports, paths, cpu: CpuTracker::default() }
+        Sampler { source, ports, paths, cpu: CpuTracker::default(), connections: ConnectionCounter::ProcFiles }
     }
 
     /// Reads every source and returns the sample for the interval since the previous call, `now` being the
@@ -190,7 +206,13 @@ impl Sampler {
         Ok(self.ingest(now, raw))
     }
 
-    fn read_raw(&self) -> Result<RawSample, SampleError> {
+    fn read_proc_established(&self) -> Result<u32, SampleError> {
+        let p = &self.paths;
+        Ok(system::read_established(&p.net_tcp, &self.ports)?
+            .saturating_add(system::read_established(&p.net_tcp6, &self.ports)?))
+    }
+
+    fn read_raw(&mut self) -> Result<RawSample, SampleError> {
         let p = &self.paths;
         let cpu = match &self.source {
             CpuSourceConfig::Proc => CpuReading::Proc(cpu::read_proc_stat(&p.proc_stat)?),
@@ -200,8 +222,17 @@ impl Sampler {
                 host_cpus: cgroup::read_online_cpus(&p.cpu_online)?,
             },
         };
-        let established = system::read_established(&p.net_tcp, &self.ports)?
-            .saturating_add(system::read_established(&p.net_tcp6, &self.ports)?);
+        let established = match self.connections {
+            ConnectionCounter::SockDiag => match sock_diag::count_established(&self.ports) {
+                Ok(count) => count,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sock_diag unavailable; counting connections from /proc/net/tcp from now on");
+                    self.connections = ConnectionCounter::ProcFiles;
+                    self.read_proc_established()?
+                }
+            },
+            ConnectionCounter::ProcFiles => self.read_proc_established()?,
+        };
         Ok(RawSample {
             cpu,
             load_avg_milli: system::read_loadavg(&p.loadavg)?,
