@@ -40,7 +40,8 @@ use anyhow::{bail, Context, Result};
 
 pub use cmd::{command_line, run_command, run_unchecked};
 pub use netns::{
-    destroy_netns, list_netns, netns_pids, parse_cidr, require_root, sweep_stale_namespaces, Host, Lan, Testbed,
+    destroy_netns, in_netns, list_netns, netns_pids, parse_cidr, require_root, sweep_stale_namespaces, Host, Lan,
+    Testbed,
 };
 pub use nginx::Nginx;
 pub use process::ChildGuard;

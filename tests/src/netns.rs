@@ -734,6 +734,22 @@ impl Host {
     }
 }
 
+/// Runs `f` on a new thread that has entered the network namespace `netns` (only that thread moves), and
+/// returns its result. Sockets `f` creates live in that namespace.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let path = std::path::Path::new("/run/netns").join(netns);
+    let handle = std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: setns on a namespace file descriptor we own; it affects only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            anyhow::bail!("setns into {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        f()
+    });
+    handle.join().map_err(|_| anyhow::anyhow!("the thread in namespace {netns} panicked"))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

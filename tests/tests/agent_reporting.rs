@@ -12,7 +12,7 @@ use fulcrum_protocol::stream::{read_frame, write_frame};
 use fulcrum_protocol::{
     AgentMessage, DirectorMessage, Hello, RejectReason, VersionRange, HELLO_VERSION, PROTOCOL_VERSION,
 };
-use fulcrum_tests::{require_root, wait_until, workspace_bin, ChildGuard, Host, Testbed};
+use fulcrum_tests::{in_netns, require_root, wait_until, workspace_bin, ChildGuard, Host, Testbed};
 use serde_json::Value;
 
 const INTERVAL_MS: u64 = 500;
@@ -384,19 +384,4 @@ async fn garbage_first(client: &quinn::ClientConfig, director: SocketAddr) -> Re
     let (mut send, _recv) = connection.open_bi().await?;
     send.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]).await?;
     Ok(close_description(connection.closed().await))
-}
-
-/// Runs `f` on a thread that has entered the network namespace `netns` (only that thread moves).
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let path = Path::new("/run/netns").join(netns);
-    let handle = std::thread::spawn(move || -> Result<T> {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: setns on a namespace file descriptor we own; it affects only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!("setns into {}: {}", path.display(), std::io::Error::last_os_error());
-        }
-        f()
-    });
-    handle.join().map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
 }

@@ -1,0 +1,4 @@
+//! The data plane: AF_PACKET I/O shell, worker steering, and (in the packet engine) forwarding decisions.
+
+pub mod afpacket;
+pub mod steer;
