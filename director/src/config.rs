@@ -25,9 +25,107 @@ pub struct DirectorConfig {
     pub control: ControlConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The packet forwarder; without it the director only gathers agent reports.
+    pub dataplane: Option<DataplaneConfig>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
+
+/// The AF_PACKET forwarder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// The interface clients reach the VIPs on (and, in this version, real servers too).
+    pub interface: String,
+    /// Forwarding worker threads, joined in one AF_PACKET fanout group.
+    #[serde(default = "default_workers")]
+    pub workers: u32,
+    /// Receive-ring slots per worker; each slot holds one frame of up to 64 KB (a GSO super-frame).
+    #[serde(default = "default_ring_frames")]
+    pub ring_frames: u32,
+    /// Connection-table capacity per worker; a full table drops new connections (counted).
+    #[serde(default = "default_connection_capacity")]
+    pub connection_capacity: u32,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Gratuitous ARPs sent for each VIP when the director starts serving it.
+    #[serde(default = "default_garp_count")]
+    pub garp_count: u32,
+    #[serde(default = "default_garp_interval_ms")]
+    pub garp_interval_ms: u32,
+    /// Largest packet real servers can take in `tun` mode, outer header included; TCP SYNs through a
+    /// tunnel get their MSS clamped to fit.
+    #[serde(default = "default_tunnel_mtu")]
+    pub tunnel_mtu: u32,
+}
+
+/// Connection timeouts in seconds, as LVS's (`ipvsadm --set` covers the first three).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    #[serde(default = "default_tcp_established_s")]
+    pub tcp_established_s: u32,
+    #[serde(default = "default_tcp_fin_wait_s")]
+    pub tcp_fin_wait_s: u32,
+    #[serde(default = "default_tcp_fin_wait_s")]
+    pub tcp_time_wait_s: u32,
+    #[serde(default = "default_tcp_close_s")]
+    pub tcp_close_s: u32,
+    #[serde(default = "default_tcp_syn_s")]
+    pub tcp_syn_s: u32,
+    #[serde(default = "default_udp_s")]
+    pub udp_s: u32,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            tcp_established_s: default_tcp_established_s(),
+            tcp_fin_wait_s: default_tcp_fin_wait_s(),
+            tcp_time_wait_s: default_tcp_fin_wait_s(),
+            tcp_close_s: default_tcp_close_s(),
+            tcp_syn_s: default_tcp_syn_s(),
+            udp_s: default_udp_s(),
+        }
+    }
+}
+
+fn default_workers() -> u32 {
+    1
+}
+fn default_ring_frames() -> u32 {
+    256
+}
+fn default_connection_capacity() -> u32 {
+    1 << 20
+}
+fn default_garp_count() -> u32 {
+    3
+}
+fn default_garp_interval_ms() -> u32 {
+    100
+}
+fn default_tunnel_mtu() -> u32 {
+    1500
+}
+fn default_tcp_established_s() -> u32 {
+    900
+}
+fn default_tcp_fin_wait_s() -> u32 {
+    120
+}
+fn default_tcp_close_s() -> u32 {
+    10
+}
+fn default_tcp_syn_s() -> u32 {
+    60
+}
+fn default_udp_s() -> u32 {
+    300
+}
+
+/// Most forwarding workers.
+pub const MAX_WORKERS: u32 = 64;
 
 /// The QUIC listener agents report to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +220,8 @@ pub enum Scheduler {
     Lblcr,
     /// Dynamic feedback.
     Df,
+    /// Power of two choices, least connection.
+    P2c,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,6 +253,29 @@ pub enum ForwardMethod {
     Tun,
 }
 
+/// A semantic error: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", render_key(path))]
+pub struct Invalid {
+    pub path: Vec<KeyStep<'static>>,
+    pub message: String,
+}
+
+fn invalid(path: &[KeyStep<'static>], message: impl Into<String>) -> Invalid {
+    Invalid { path: path.to_vec(), message: message.into() }
+}
+
+fn render_key(path: &[KeyStep<'static>]) -> String {
+    path.iter()
+        .map(|step| match step {
+            KeyStep::Key(k) => format!(".{k}"),
+            KeyStep::Index(i) => format!("[{i}]"),
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
 impl RealServerConfig {
     pub fn port_for(&self, service: &ServiceConfig) -> u16 {
         self.port.unwrap_or(service.port)
@@ -170,30 +293,68 @@ impl DirectorConfig {
     pub fn from_text(path: &Path, text: &str) -> Result<DirectorConfig, ConfigError> {
         let source = ConfigText::new(path, text);
         let config: DirectorConfig = source.parse()?;
-        config.validate(&source)?;
+        config.check().map_err(|e| source.error_at(&e.path, e.message))?;
         Ok(config)
     }
 
-    fn validate(&self, source: &ConfigText<'_>) -> Result<(), ConfigError> {
+    /// Every semantic check, shared by the file loader and the control socket's edits.
+    pub fn check(&self) -> Result<(), Invalid> {
         if self.name.is_empty() || self.name.len() > fulcrum_protocol::MAX_NAME_LEN {
-            return Err(source.error_at(
+            return Err(invalid(
                 &[KeyStep::Key("name")],
                 format!("must be 1 to {} bytes long", fulcrum_protocol::MAX_NAME_LEN),
             ));
         }
         for (key, path) in [("ca", &self.agents.ca), ("cert", &self.agents.cert), ("key", &self.agents.key)] {
             if !path.is_file() {
-                return Err(source.error_at(
+                return Err(invalid(
                     &[KeyStep::Key("agents"), KeyStep::Key(key)],
                     format!("{} does not exist or is not a file", path.display()),
                 ));
+            }
+        }
+        if let Some(dataplane) = &self.dataplane {
+            let at = |key: &'static str| [KeyStep::Key("dataplane"), KeyStep::Key(key)];
+            if dataplane.interface.is_empty() || dataplane.interface.len() > 15 || dataplane.interface.contains('/') {
+                return Err(invalid(&at("interface"), format!("{:?} is not an interface name", dataplane.interface)));
+            }
+            if !(1..=MAX_WORKERS).contains(&dataplane.workers) {
+                return Err(invalid(&at("workers"), format!("{} is outside 1..={MAX_WORKERS}", dataplane.workers)));
+            }
+            if !(8..=65_536).contains(&dataplane.ring_frames) {
+                return Err(invalid(&at("ring_frames"), format!("{} is outside 8..=65536", dataplane.ring_frames)));
+            }
+            if !(1..=(1 << 26)).contains(&dataplane.connection_capacity) {
+                return Err(invalid(
+                    &at("connection_capacity"),
+                    format!("{} is outside 1..={}", dataplane.connection_capacity, 1u32 << 26),
+                ));
+            }
+            if !(576..=9000).contains(&dataplane.tunnel_mtu) {
+                return Err(invalid(&at("tunnel_mtu"), format!("{} is outside 576..=9000", dataplane.tunnel_mtu)));
+            }
+            let t = &dataplane.timeouts;
+            for (key, value) in [
+                ("tcp_established_s", t.tcp_established_s),
+                ("tcp_fin_wait_s", t.tcp_fin_wait_s),
+                ("tcp_time_wait_s", t.tcp_time_wait_s),
+                ("tcp_close_s", t.tcp_close_s),
+                ("tcp_syn_s", t.tcp_syn_s),
+                ("udp_s", t.udp_s),
+            ] {
+                if !(1..=86_400 * 7).contains(&value) {
+                    return Err(invalid(
+                        &[KeyStep::Key("dataplane"), KeyStep::Key("timeouts"), KeyStep::Key(key)],
+                        format!("{value} s is outside 1..=604800"),
+                    ));
+                }
             }
         }
         let mut services = HashSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let at = |key: &'static str| [KeyStep::Key("service"), KeyStep::Index(i), KeyStep::Key(key)];
             if !services.insert((service.vip, service.port, service.protocol)) {
-                return Err(source.error_at(
+                return Err(invalid(
                     &at("vip"),
                     format!(
                         "duplicate service {}:{}/{:?}: each VIP, port and protocol may appear once",
@@ -202,10 +363,13 @@ impl DirectorConfig {
                 ));
             }
             if service.vip.is_unspecified() || service.vip.is_multicast() || service.vip.is_loopback() {
-                return Err(source.error_at(&at("vip"), format!("{} cannot be a virtual IP", service.vip)));
+                return Err(invalid(&at("vip"), format!("{} cannot be a virtual IP", service.vip)));
             }
             if service.port == 0 {
-                return Err(source.error_at(&at("port"), "port 0 cannot be served"));
+                return Err(invalid(&at("port"), "port 0 cannot be served"));
+            }
+            if self.dataplane.is_some() && service.vip.is_ipv6() {
+                return Err(invalid(&at("vip"), "IPv6 services are not forwarded yet; use an IPv4 VIP"));
             }
             let mut servers = HashSet::new();
             for (j, server) in service.servers.iter().enumerate() {
@@ -219,7 +383,7 @@ impl DirectorConfig {
                     ]
                 };
                 if !servers.insert((server.address, server.port_for(service))) {
-                    return Err(source.error_at(
+                    return Err(invalid(
                         &at("address"),
                         format!(
                             "duplicate real server {}:{} in this service",
@@ -229,16 +393,16 @@ impl DirectorConfig {
                     ));
                 }
                 if server.address.is_unspecified() || server.address.is_multicast() || server.address == service.vip {
-                    return Err(source.error_at(&at("address"), format!("{} cannot be a real server", server.address)));
+                    return Err(invalid(&at("address"), format!("{} cannot be a real server", server.address)));
                 }
                 if server.weight > MAX_WEIGHT {
-                    return Err(source.error_at(
+                    return Err(invalid(
                         &at("weight"),
                         format!("weight {} is out of range 0..={MAX_WEIGHT}", server.weight),
                     ));
                 }
                 if server.port == Some(0) {
-                    return Err(source.error_at(&at("port"), "port 0 cannot be served"));
+                    return Err(invalid(&at("port"), "port 0 cannot be served"));
                 }
             }
         }

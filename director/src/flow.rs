@@ -40,7 +40,9 @@ impl FlowV4 {
     }
 }
 
-/// Index of a real server within its service, as the control plane publishes it.
-pub type ServerIndex = u16;
+/// A real server's stable id: allocated by the control plane when the server first appears and never reused,
+/// so a connection entry keeps pointing at its server across configuration changes (and after the server is
+/// removed without `--purge`, as LVS keeps such connections until they end).
+pub type ServerIndex = u32;
 /// Index of a virtual service in the published service table.
 pub type ServiceIndex = u16;

@@ -2,3 +2,4 @@
 
 pub mod afpacket;
 pub mod steer;
+pub mod table;
