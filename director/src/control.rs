@@ -11,7 +11,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use std::sync::Arc;
+
 use crate::agents::{AgentRegistry, AgentView};
+use crate::control_plane::{ControlPlane, Edit, ServiceView};
 
 /// Longest request line accepted.
 const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -21,24 +24,37 @@ const MAX_REQUEST_LEN: usize = 64 * 1024;
 pub enum Request {
     /// Every agent the director has heard from, with its latest report.
     Agents,
+    /// Every service and real server with counters, weights and agent data.
+    List,
+    /// Change a service or real server.
+    Edit { edit: Edit },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Agents { agents: Vec<AgentView> },
+    Services { services: Vec<ServiceView> },
+    Done { message: String },
     Error { message: String },
+}
+
+/// What the control socket serves.
+#[derive(Clone)]
+pub struct Handles {
+    pub agents: AgentRegistry,
+    pub control: Arc<ControlPlane>,
 }
 
 /// Serves the control socket until the task is dropped.
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
-    registry: AgentRegistry,
+    handles: Handles,
 }
 
 impl ControlServer {
-    pub fn bind(path: &Path, registry: AgentRegistry) -> Result<ControlServer> {
+    pub fn bind(path: &Path, handles: Handles) -> Result<ControlServer> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
@@ -53,16 +69,16 @@ impl ControlServer {
             UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("restricting {} to root", path.display()))?;
-        Ok(ControlServer { listener, path: path.to_path_buf(), registry })
+        Ok(ControlServer { listener, path: path.to_path_buf(), handles })
     }
 
     pub async fn run(self) {
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
-                    let registry = self.registry.clone();
+                    let handles = self.handles.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, registry).await {
+                        if let Err(e) = serve(stream, handles).await {
                             debug!(error = %e, "control client");
                         }
                     });
@@ -79,12 +95,12 @@ impl Drop for ControlServer {
     }
 }
 
-async fn serve(stream: UnixStream, registry: AgentRegistry) -> Result<()> {
+async fn serve(stream: UnixStream, handles: Handles) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST_LEN as u64 + 1)).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(request, &registry),
+            Ok(request) => handle(request, &handles),
             Err(e) => Response::Error { message: format!("bad request: {e}") },
         };
         let mut out = serde_json::to_vec(&response)?;
@@ -94,11 +110,19 @@ async fn serve(stream: UnixStream, registry: AgentRegistry) -> Result<()> {
     Ok(())
 }
 
-fn handle(request: Request, registry: &AgentRegistry) -> Response {
+fn handle(request: Request, handles: &Handles) -> Response {
     match request {
-        Request::Agents => {
-            Response::Agents { agents: registry.snapshot(Instant::now()).into_iter().map(|(_, view)| view).collect() }
-        }
+        Request::Agents => Response::Agents {
+            agents: handles.agents.snapshot(Instant::now()).into_iter().map(|(_, view)| view).collect(),
+        },
+        Request::List => Response::Services { services: handles.control.list(&handles.agents, Instant::now()) },
+        Request::Edit { edit } => match handles.control.edit(edit) {
+            Ok(message) => {
+                tracing::info!(%message, "configuration edited through the control socket");
+                Response::Done { message }
+            }
+            Err(e) => Response::Error { message: e.to_string() },
+        },
     }
 }
 

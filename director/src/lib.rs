@@ -5,6 +5,7 @@ pub mod agents;
 pub mod certs;
 pub mod config;
 pub mod control;
+pub mod control_plane;
 pub mod dataplane;
 pub mod flow;
 pub mod metrics_endpoint;

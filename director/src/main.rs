@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use fulcrum_director::agents::{AgentListener, AgentRegistry};
 use fulcrum_director::certs::{self, Role};
 use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
-use fulcrum_director::control::ControlServer;
+use fulcrum_director::control::{ControlServer, Handles};
+use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::metrics_endpoint;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -151,10 +152,15 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let metrics = metrics_endpoint::install_recorder()?;
     metrics::gauge!("fulcrum_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let registry = AgentRegistry::default();
-    let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config.clone()));
+    let workers = config.dataplane.as_ref().map_or(1, |d| d.workers as usize);
+    let (control_plane, config_rx) = ControlPlane::new(config.clone(), workers);
+    let control_plane = Arc::new(control_plane);
 
-    let listener = AgentListener::bind(config_rx.clone(), registry.clone())?;
-    let control = ControlServer::bind(&config.control.socket, registry.clone())?;
+    let listener = AgentListener::bind(config_rx, registry.clone())?;
+    let control = ControlServer::bind(
+        &config.control.socket,
+        Handles { agents: registry.clone(), control: Arc::clone(&control_plane) },
+    )?;
     info!(name = %config.name, socket = %config.control.socket.display(), "director running");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -179,7 +185,7 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => reload(path, &config_tx),
+            _ = sighup.recv() => reload(path, &control_plane),
         }
     }
     info!("shutting down");
@@ -195,10 +201,10 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
 }
 
 /// Re-reads the config. A bad file is refused and the running config stays.
-fn reload(path: &Path, config_tx: &tokio::sync::watch::Sender<Arc<DirectorConfig>>) {
+fn reload(path: &Path, control_plane: &ControlPlane) {
     match DirectorConfig::load(path) {
         Ok(new) => {
-            let old = config_tx.borrow().clone();
+            let old = control_plane.config();
             if new.agents != old.agents
                 || new.control != old.control
                 || new.metrics != old.metrics
@@ -206,7 +212,7 @@ fn reload(path: &Path, config_tx: &tokio::sync::watch::Sender<Arc<DirectorConfig
             {
                 warn!("listener, control, metrics and name settings change only on restart; services were reloaded");
             }
-            config_tx.send_replace(Arc::new(new));
+            control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");
         }
         Err(e) => error!("reload refused, the running configuration stays: {e}"),

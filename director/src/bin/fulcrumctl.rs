@@ -3,11 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
 use fulcrum_director::agents::AgentView;
-use fulcrum_director::config::DEFAULT_CONTROL_SOCKET;
+use fulcrum_director::config::{ForwardMethod, Protocol, RealServerConfig, Scheduler, DEFAULT_CONTROL_SOCKET};
 use fulcrum_director::control::{call, Request, Response};
+use fulcrum_director::control_plane::{Edit, ServiceKey, ServiceView};
 use fulcrum_protocol::{ProbeFailure, ProbeOutcome, FULL_SCALE_BP};
 
 #[derive(Debug, Parser)]
@@ -22,12 +25,178 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Services and real servers, like `ipvsadm -L -n`: forwarding method, configured and effective weight,
+    /// active and inactive connections, and what each server's agent reports.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The agents the director has heard from and their latest reports.
     Agents {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Add, edit or delete a virtual service.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Add, edit, drain or delete a real server.
+    #[command(subcommand)]
+    Server(ServerCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServiceArg {
+    /// The virtual service, VIP:PORT.
+    service: SocketAddr,
+    /// The service is UDP (default TCP).
+    #[arg(long)]
+    udp: bool,
+}
+
+impl ServiceArg {
+    fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: self.service.ip(),
+            port: self.service.port(),
+            protocol: if self.udp { Protocol::Udp } else { Protocol::Tcp },
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    Add {
+        #[command(flatten)]
+        service: ServiceArg,
+        #[arg(long, short, value_enum, default_value = "wlc")]
+        scheduler: SchedulerArg,
+        /// Persistence timeout in seconds (0: none).
+        #[arg(long, short, default_value_t = 0)]
+        persistence: u32,
+        #[arg(long)]
+        sloppy: bool,
+    },
+    Edit {
+        #[command(flatten)]
+        service: ServiceArg,
+        #[arg(long, short, value_enum)]
+        scheduler: Option<SchedulerArg>,
+        #[arg(long, short)]
+        persistence: Option<u32>,
+        #[arg(long)]
+        sloppy: Option<bool>,
+    },
+    Del {
+        #[command(flatten)]
+        service: ServiceArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServerArg {
+    #[command(flatten)]
+    service: ServiceArg,
+    /// The real server, ADDRESS or ADDRESS:PORT (the port defaults to the service's).
+    server: String,
+}
+
+impl ServerArg {
+    fn address(&self) -> Result<(IpAddr, Option<u16>)> {
+        if let Ok(address) = self.server.parse::<IpAddr>() {
+            return Ok((address, None));
+        }
+        let with_port: SocketAddr =
+            self.server.parse().with_context(|| format!("{:?} is not ADDRESS or ADDRESS:PORT", self.server))?;
+        Ok((with_port.ip(), Some(with_port.port())))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
+    Add {
+        #[command(flatten)]
+        server: ServerArg,
+        #[arg(long, short, default_value_t = 1)]
+        weight: u32,
+        #[arg(long, short = 'm', value_enum, default_value = "dr")]
+        forward: ForwardArg,
+    },
+    Edit {
+        #[command(flatten)]
+        server: ServerArg,
+        #[arg(long, short)]
+        weight: Option<u32>,
+        #[arg(long, short = 'm', value_enum)]
+        forward: Option<ForwardArg>,
+    },
+    /// Weight 0: no new connections, established ones continue.
+    Drain {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    Del {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Also drop its connections at once (otherwise they continue until they end).
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SchedulerArg {
+    Rr,
+    Wrr,
+    Lc,
+    Wlc,
+    Sed,
+    Nq,
+    Sh,
+    Dh,
+    Mh,
+    Lblc,
+    Lblcr,
+    Df,
+    P2c,
+}
+
+impl From<SchedulerArg> for Scheduler {
+    fn from(arg: SchedulerArg) -> Scheduler {
+        match arg {
+            SchedulerArg::Rr => Scheduler::Rr,
+            SchedulerArg::Wrr => Scheduler::Wrr,
+            SchedulerArg::Lc => Scheduler::Lc,
+            SchedulerArg::Wlc => Scheduler::Wlc,
+            SchedulerArg::Sed => Scheduler::Sed,
+            SchedulerArg::Nq => Scheduler::Nq,
+            SchedulerArg::Sh => Scheduler::Sh,
+            SchedulerArg::Dh => Scheduler::Dh,
+            SchedulerArg::Mh => Scheduler::Mh,
+            SchedulerArg::Lblc => Scheduler::Lblc,
+            SchedulerArg::Lblcr => Scheduler::Lblcr,
+            SchedulerArg::Df => Scheduler::Df,
+            SchedulerArg::P2c => Scheduler::P2c,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ForwardArg {
+    Dr,
+    Nat,
+    Tun,
+}
+
+impl From<ForwardArg> for ForwardMethod {
+    fn from(arg: ForwardArg) -> ForwardMethod {
+        match arg {
+            ForwardArg::Dr => ForwardMethod::Dr,
+            ForwardArg::Nat => ForwardMethod::Nat,
+            ForwardArg::Tun => ForwardMethod::Tun,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -43,14 +212,135 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    match cli.command {
-        Command::Agents { json } => match runtime.block_on(call(&cli.socket, &Request::Agents))? {
-            Response::Agents { agents } if json => println!("{}", serde_json::to_string_pretty(&agents)?),
-            Response::Agents { agents } => print!("{}", agents_table(&agents)),
-            Response::Error { message } => bail!("the director refused: {message}"),
-        },
+    let ask = |request: Request| runtime.block_on(call(&cli.socket, &request));
+    let response = match &cli.command {
+        Command::List { .. } => ask(Request::List)?,
+        Command::Agents { .. } => ask(Request::Agents)?,
+        Command::Service(command) => ask(Request::Edit { edit: service_edit(command) })?,
+        Command::Server(command) => ask(Request::Edit { edit: server_edit(command)? })?,
+    };
+    let json = matches!(cli.command, Command::List { json: true } | Command::Agents { json: true });
+    match response {
+        Response::Agents { agents } if json => println!("{}", serde_json::to_string_pretty(&agents)?),
+        Response::Agents { agents } => print!("{}", agents_table(&agents)),
+        Response::Services { services } if json => println!("{}", serde_json::to_string_pretty(&services)?),
+        Response::Services { services } => print!("{}", services_table(&services)),
+        Response::Done { message } => println!("{message}"),
+        Response::Error { message } => bail!("the director refused: {message}"),
     }
     Ok(())
+}
+
+fn service_edit(command: &ServiceCommand) -> Edit {
+    match command {
+        ServiceCommand::Add { service, scheduler, persistence, sloppy } => Edit::ServiceAdd {
+            service: service.key(),
+            scheduler: (*scheduler).into(),
+            persistence_s: *persistence,
+            sloppy: *sloppy,
+        },
+        ServiceCommand::Edit { service, scheduler, persistence, sloppy } => Edit::ServiceEdit {
+            service: service.key(),
+            scheduler: scheduler.map(Into::into),
+            persistence_s: *persistence,
+            sloppy: *sloppy,
+        },
+        ServiceCommand::Del { service } => Edit::ServiceDel { service: service.key() },
+    }
+}
+
+fn server_edit(command: &ServerCommand) -> Result<Edit> {
+    Ok(match command {
+        ServerCommand::Add { server, weight, forward } => {
+            let (address, port) = server.address()?;
+            Edit::ServerAdd {
+                service: server.service.key(),
+                server: RealServerConfig { address, port, weight: *weight, forward: (*forward).into() },
+            }
+        }
+        ServerCommand::Edit { server, weight, forward } => {
+            let (address, port) = server.address()?;
+            Edit::ServerEdit {
+                service: server.service.key(),
+                address,
+                port,
+                weight: *weight,
+                forward: forward.map(Into::into),
+            }
+        }
+        ServerCommand::Drain { server } => {
+            let (address, port) = server.address()?;
+            Edit::ServerEdit { service: server.service.key(), address, port, weight: Some(0), forward: None }
+        }
+        ServerCommand::Del { server, purge } => {
+            let (address, port) = server.address()?;
+            Edit::ServerDel { service: server.service.key(), address, port, purge: *purge }
+        }
+    })
+}
+
+fn forward_name(forward: ForwardMethod) -> &'static str {
+    // ipvsadm's names.
+    match forward {
+        ForwardMethod::Dr => "Route",
+        ForwardMethod::Nat => "Masq",
+        ForwardMethod::Tun => "Tunnel",
+    }
+}
+
+fn services_table(services: &[ServiceView]) -> String {
+    let mut out = format!("Fulcrum {} virtual servers\n", env!("CARGO_PKG_VERSION"));
+    out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
+    out.push_str(&format!(
+        "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8}\n",
+        "RemoteAddress:Port",
+        "Forward",
+        "Weight",
+        "Effective",
+        "ActiveConn",
+        "InActConn",
+        "CPU%",
+        "Resp(ms)",
+        "Age(ms)"
+    ));
+    for service in services {
+        let key = service.service;
+        let proto = match key.protocol {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        };
+        let mut flags = Vec::new();
+        if service.persistence_s > 0 {
+            flags.push(format!("persistent {}", service.persistence_s));
+        }
+        if service.sloppy {
+            flags.push("sloppy".to_string());
+        }
+        let scheduler = serde_json::to_value(service.scheduler).ok().and_then(|v| v.as_str().map(String::from));
+        out.push_str(&format!(
+            "{proto}  {}:{} {} {}\n",
+            key.vip,
+            key.port,
+            scheduler.unwrap_or_default(),
+            flags.join(" ")
+        ));
+        for server in &service.servers {
+            let dash = || "-".to_string();
+            out.push_str(&format!(
+                "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8}\n",
+                format!("{}:{}", server.address, server.port),
+                forward_name(server.forward),
+                server.weight,
+                server.effective_weight,
+                server.active_connections,
+                server.inactive_connections,
+                server.cpu_bp.map_or_else(dash, |bp| format!("{:.1}", f64::from(bp) / 100.0)),
+                server.response_time_us.map_or_else(dash, |us| format!("{:.2}", f64::from(us) / 1000.0)),
+                server.report_age_ms.map_or_else(dash, |ms| ms.to_string()),
+            ));
+        }
+    }
+    out
 }
 
 fn agents_table(agents: &[AgentView]) -> String {
