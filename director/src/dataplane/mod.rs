@@ -4,3 +4,4 @@ pub mod afpacket;
 pub mod netif;
 pub mod steer;
 pub mod table;
+pub mod worker;
