@@ -175,7 +175,8 @@ proptest! {
         // An Ack of report 50.
         let a = decode_frame::<DirectorMessage>(&minimal).map(|(f, _)| f.message).unwrap();
         let b = decode_frame::<DirectorMessage>(&padded).map(|(f, _)| f.message).unwrap();
-        prop_assert!(matches!(a, DirectorMessage::Ack(Ack { seq: 50, .. })));
+        let is_ack_of_50 = matches!(a, DirectorMessage::Ack(Ack { seq: 50, .. }));
+        prop_assert!(is_ack_of_50);
         prop_assert_eq!(a, b);
     }
 
