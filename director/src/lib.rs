@@ -7,4 +7,5 @@ pub mod config;
 pub mod control;
 pub mod flow;
 pub mod metrics_endpoint;
+pub mod sched;
 pub mod tls;
