@@ -43,12 +43,10 @@ impl<V: Copy + Default> AgingMap<V> {
         AgingMap { slots: vec![Slot::default(); sets * WAYS], set_mask: sets - 1, seed, len: 0 }
     }
 
-    #[cfg(test)] // until the persistence table uses it
     pub(super) fn capacity(&self) -> usize {
         self.slots.len()
     }
 
-    #[cfg(test)] // until the persistence table uses it
     /// Occupied slots, including expired entries not yet reclaimed.
     pub(super) fn len(&self) -> usize {
         self.len
@@ -127,7 +125,6 @@ impl<V: Copy + Default> AgingMap<V> {
         }
     }
 
-    #[cfg(test)] // until the persistence table uses it
     /// Frees every entry expired at `now`; returns how many. O(capacity).
     pub(super) fn purge_expired(&mut self, now: Instant, ttl: Duration) -> usize {
         let before = self.len;
@@ -140,7 +137,6 @@ impl<V: Copy + Default> AgingMap<V> {
         before - self.len
     }
 
-    #[cfg(test)] // until the persistence table uses it
     pub(super) fn clear(&mut self) {
         self.slots.iter_mut().for_each(|slot| slot.last = None);
         self.len = 0;

@@ -17,7 +17,8 @@
 //! [`ServerView::weight`] is the server's *effective* weight, `0..=65535` as configured (LVS's range; larger
 //! values are handled without overflow). Weight 0 means quiesced: no algorithm ever returns a weight-0 server for
 //! a new connection, whatever the tables built earlier say. `pick` returns `None` exactly when no server has
-//! weight > 0 (including an empty server list).
+//! weight > 0 (including an empty server list). [`PersistenceTable`] is the one place that keeps sending a client
+//! to a quiesced server, as LVS does.
 //!
 //! Where the kernel can return "no destination" while some server is available (`sh`, `dh` and `mh` without
 //! their fallback flag), Fulcrum always falls back to another available server instead.
@@ -42,9 +43,11 @@ mod least_conn;
 mod locality;
 mod maglev;
 mod p2c;
+mod persistence;
 mod round_robin;
 
 pub use least_conn::conn_overhead;
+pub use persistence::PersistenceTable;
 
 /// Most real servers a service may have: indices are stored as `u16`, with `u16::MAX` reserved as "empty".
 pub const MAX_SERVERS: usize = u16::MAX as usize;
