@@ -9,4 +9,5 @@ pub mod control_plane;
 pub mod dataplane;
 pub mod flow;
 pub mod metrics_endpoint;
+pub mod sched;
 pub mod tls;
