@@ -210,6 +210,7 @@ impl From<crate::config::Scheduler> for SchedulerKind {
             Scheduler::Lblc => SchedulerKind::Lblc,
             Scheduler::Lblcr => SchedulerKind::Lblcr,
             Scheduler::Df => SchedulerKind::Df,
+            Scheduler::P2c => SchedulerKind::P2c,
         }
     }
 }
