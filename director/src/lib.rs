@@ -8,3 +8,4 @@ pub mod control;
 pub mod flow;
 pub mod metrics_endpoint;
 pub mod tls;
+pub mod wire;
