@@ -21,8 +21,44 @@
 //!   not the Ethernet frame's possibly padded end), because their checksums cover all of it.
 //! * IPv4 first; the types are per family so IPv6 and NDP views can follow beside them.
 
+mod arp;
 pub mod checksum;
 mod error;
+mod ethernet;
 
+pub use arp::{emit_gratuitous, emit_reply, ArpOperation, ArpPacket, GarpTarget};
 pub use checksum::ChecksumState;
 pub use error::{Layer, WireError};
+pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, VlanTag};
+
+mod field {
+    pub type Field = core::ops::Range<usize>;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    static LAB_PCAP: &[u8] = include_bytes!("testdata/veth-lab.pcap");
+
+    fn le32(b: &[u8]) -> usize {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+    }
+
+    /// The frames of testdata/veth-lab.pcap (classic pcap, little-endian, as tcpdump wrote it on x86-64).
+    pub(crate) fn lab_frames() -> Vec<&'static [u8]> {
+        assert_eq!(&LAB_PCAP[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "little-endian microsecond pcap");
+        assert_eq!(le32(&LAB_PCAP[20..24]), 1, "LINKTYPE_ETHERNET");
+        let mut frames = Vec::new();
+        let mut at = 24;
+        while at < LAB_PCAP.len() {
+            let (caplen, origlen) = (le32(&LAB_PCAP[at + 8..]), le32(&LAB_PCAP[at + 12..]));
+            assert_eq!(caplen, origlen, "frame {} was cut by the snap length", frames.len());
+            frames.push(&LAB_PCAP[at + 16..at + 16 + caplen]);
+            at += 16 + caplen;
+        }
+        frames
+    }
+
+    pub(crate) fn lab_frame(i: usize) -> &'static [u8] {
+        lab_frames()[i]
+    }
+}
