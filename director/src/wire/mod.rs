@@ -25,11 +25,17 @@ mod arp;
 pub mod checksum;
 mod error;
 mod ethernet;
+mod ipv4;
+mod tcp;
+mod udp;
 
 pub use arp::{emit_gratuitous, emit_reply, ArpOperation, ArpPacket, GarpTarget};
 pub use checksum::ChecksumState;
 pub use error::{Layer, WireError};
 pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, VlanTag};
+pub use ipv4::{ip_protocol, Ipv4Packet};
+pub use tcp::{TcpFlags, TcpOption, TcpOptions, TcpPacket};
+pub use udp::UdpPacket;
 
 mod field {
     pub type Field = core::ops::Range<usize>;
