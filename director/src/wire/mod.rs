@@ -25,6 +25,7 @@ mod arp;
 pub mod checksum;
 mod error;
 mod ethernet;
+mod icmp;
 mod ipv4;
 mod tcp;
 mod udp;
@@ -33,6 +34,9 @@ pub use arp::{emit_gratuitous, emit_reply, ArpOperation, ArpPacket, GarpTarget};
 pub use checksum::ChecksumState;
 pub use error::{Layer, WireError};
 pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, VlanTag};
+pub use icmp::{
+    emit_frag_needed, icmp_error_allowed, icmp_type, is_error_type, unreachable_code, IcmpQuote, Icmpv4Packet, QuoteLen,
+};
 pub use ipv4::{ip_protocol, Ipv4Packet};
 pub use tcp::{TcpFlags, TcpOption, TcpOptions, TcpPacket};
 pub use udp::UdpPacket;
