@@ -29,6 +29,7 @@ mod icmp;
 mod ipv4;
 mod tcp;
 mod udp;
+pub mod vnet;
 
 pub use arp::{emit_gratuitous, emit_reply, ArpOperation, ArpPacket, GarpTarget};
 pub use checksum::ChecksumState;
@@ -40,6 +41,7 @@ pub use icmp::{
 pub use ipv4::{ip_protocol, Ipv4Packet};
 pub use tcp::{TcpFlags, TcpOption, TcpOptions, TcpPacket};
 pub use udp::UdpPacket;
+pub use vnet::{complete_checksum, VnetHeader, VNET_HDR_LEN};
 
 mod field {
     pub type Field = core::ops::Range<usize>;
@@ -48,6 +50,7 @@ mod field {
 #[cfg(test)]
 pub(crate) mod tests {
     static LAB_PCAP: &[u8] = include_bytes!("testdata/veth-lab.pcap");
+    static VNET_HEX: &str = include_str!("testdata/vnet-frames.hex");
 
     fn le32(b: &[u8]) -> usize {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
@@ -70,5 +73,14 @@ pub(crate) mod tests {
 
     pub(crate) fn lab_frame(i: usize) -> &'static [u8] {
         lab_frames()[i]
+    }
+
+    /// The records of testdata/vnet-frames.hex: virtio_net_hdr + frame each.
+    pub(crate) fn vnet_frames() -> Vec<Vec<u8>> {
+        VNET_HEX
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| (0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap()).collect())
+            .collect()
     }
 }
