@@ -11,3 +11,4 @@ pub mod flow;
 pub mod metrics_endpoint;
 pub mod sched;
 pub mod tls;
+pub mod wire;
