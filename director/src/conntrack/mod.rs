@@ -55,6 +55,8 @@ mod table;
 pub mod tcp;
 mod time;
 
+#[cfg(test)]
+mod tests;
 
 pub use table::{
     random_seed, ConnFlags, ConnInfo, ConnTable, Counters, ExpireStats, Handle, InsertError, Installed, Iter,
