@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod certs;
 pub mod config;
+pub mod conntrack;
 pub mod control;
 pub mod control_plane;
 pub mod dataplane;
