@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::tcp::{next_state, Rows};
 use super::*;
 use crate::config::ForwardMethod;
-use crate::flow::{FlowV4, Proto};
+use crate::flow::{FlowV4, Proto, ServerIndex};
 
 const SEED: u64 = 0x5eed_1234_abcd_0001;
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -499,7 +499,7 @@ fn a_million_entries_due_at_once_drain_over_several_calls() {
     const BUDGET: usize = 100_000;
     let mut t = table(N as usize);
     for i in 0..N {
-        t.insert(flow(i, Proto::Udp), None, 1, (i % 7) as u16, ForwardMethod::Dr, secs(0)).unwrap();
+        t.insert(flow(i, Proto::Udp), None, 1, (i % 7) as ServerIndex, ForwardMethod::Dr, secs(0)).unwrap();
     }
     assert_eq!(t.len(), N as usize);
     let stats = t.expire(ms(299_999), BUDGET, |_| panic!("early"));
@@ -656,10 +656,10 @@ fn remove_server_purges_only_that_server() {
     let mut t = table(1_024);
     let mut n = 0;
     for service in 1..=2u16 {
-        for server in 0..4u16 {
+        for server in 0..4 as ServerIndex {
             for _ in 0..50 {
                 let f = tcp(n);
-                t.insert(f, Some(reply(&f, server)), service, server, ForwardMethod::Nat, secs(0)).unwrap();
+                t.insert(f, Some(reply(&f, server as u16)), service, server, ForwardMethod::Nat, secs(0)).unwrap();
                 n += 1;
             }
         }
@@ -900,7 +900,7 @@ fn random_operations_agree_with_a_model() {
                     let nat = rng.below(2) == 0;
                     let r = nat.then(|| reply(&f, (k % 5) as u16));
                     let method = if nat { ForwardMethod::Nat } else { ForwardMethod::Dr };
-                    match t.insert(f, r, 1, (k % 5) as u16, method, now) {
+                    match t.insert(f, r, 1, (k % 5) as ServerIndex, method, now) {
                         Ok(h) => {
                             assert!(!model.contains_key(&k) && model.len() < capacity, "step {step}");
                             model.insert(k, deadline_of(&t, h));
