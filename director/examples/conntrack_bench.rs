@@ -74,7 +74,7 @@ fn main() {
     for i in 0..n {
         let f = forward(i);
         let r = reply(i, &f);
-        let h = table.insert(f, Some(r), 1, (i % 16) as u32, ForwardMethod::Nat, t0).expect("insert");
+        let h = table.insert(f, Some(r), 1, i % 16, ForwardMethod::Nat, t0).expect("insert");
         table.on_packet(h, Direction::Input, TcpFlags::SYN, t0);
     }
     let insert_time = started.elapsed();
