@@ -105,7 +105,7 @@ fn per_packet_operations_do_not_allocate() {
             assert!(may_create(TcpFlags::SYN, false));
             let (reply, method) =
                 if i % 2 == 0 { (Some(reply(&forward)), ForwardMethod::Nat) } else { (None, ForwardMethod::Dr) };
-            let h = table.insert(forward, reply, 1, (i % 8) as u32, method, t0).unwrap();
+            let h = table.insert(forward, reply, 1, i % 8, method, t0).unwrap();
             table.on_packet(h, Direction::Input, TcpFlags::SYN, t0);
         }
         // The table is full: refused and counted, still without allocating.
