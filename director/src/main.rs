@@ -13,6 +13,7 @@ use fulcrum_director::certs::{self, Role};
 use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
 use fulcrum_director::control::{ControlServer, Handles};
 use fulcrum_director::control_plane::ControlPlane;
+use fulcrum_director::dataplane::{counters, Dataplane};
 use fulcrum_director::metrics_endpoint;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -156,6 +157,19 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let (control_plane, config_rx) = ControlPlane::new(config.clone(), workers);
     let control_plane = Arc::new(control_plane);
 
+    let dataplane = match &config.dataplane {
+        Some(dataplane) => Some(Arc::new(Dataplane::start(dataplane, control_plane.table(), true)?)),
+        None => None,
+    };
+    // Every publication may change the VIP set the steering program must know.
+    let follow_task = dataplane.as_ref().map(|dataplane| {
+        let (dataplane, table, mut changes) = (Arc::clone(dataplane), control_plane.table(), config_rx.clone());
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                dataplane.follow(&table.load());
+            }
+        })
+    });
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
@@ -176,7 +190,13 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let control_task = tokio::spawn(control.run());
     let metrics_task = config.metrics.listen.map(|listen| {
         let registry = registry.clone();
-        let collect: metrics_endpoint::Collector = Arc::new(move || registry.publish_metrics(Instant::now()));
+        let (dataplane, table) = (dataplane.clone(), control_plane.table());
+        let collect: metrics_endpoint::Collector = Arc::new(move || {
+            registry.publish_metrics(Instant::now());
+            if let Some(dataplane) = &dataplane {
+                counters::publish(&dataplane.counters, &table.load());
+            }
+        });
         tokio::spawn(metrics_endpoint::serve(listen, metrics, collect))
     });
     info!(%endpoint, "accepting agents");
@@ -192,11 +212,20 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     listener.close();
     accept.abort();
     control_task.abort();
-    if let Some(task) = metrics_task {
+    if let Some(task) = &metrics_task {
+        task.abort();
+    }
+    if let Some(task) = follow_task {
         task.abort();
     }
     // Dropping the control task removes the socket file.
     let _ = control_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    if let Some(dataplane) = dataplane.and_then(|d| Arc::try_unwrap(d).ok()) {
+        dataplane.stop();
+    }
     Ok(())
 }
 

@@ -219,6 +219,12 @@ impl PacketRing {
         setsockopt(&self.fd, libc::SOL_PACKET, PACKET_FANOUT_DATA, &prog, "PACKET_FANOUT_DATA")
     }
 
+    /// A second descriptor for the same socket, so the control plane can replace the group's steering
+    /// program while a worker owns the ring.
+    pub fn steering_handle(&self) -> io::Result<SteeringHandle> {
+        Ok(SteeringHandle(self.fd.try_clone()?))
+    }
+
     pub fn ifindex(&self) -> i32 {
         self.ifindex
     }
@@ -337,6 +343,17 @@ impl PacketRing {
         self.stats.packets += u64::from(raw.tp_packets);
         self.stats.drops += u64::from(raw.tp_drops);
         Ok(self.stats)
+    }
+}
+
+/// Replaces a fanout group's steering program (see [`PacketRing::steering_handle`]).
+pub struct SteeringHandle(OwnedFd);
+
+impl SteeringHandle {
+    pub fn set_program(&self, program: &FanoutProgram) -> io::Result<()> {
+        let prog =
+            libc::sock_fprog { len: program.0.len() as u16, filter: program.0.as_ptr() as *mut libc::sock_filter };
+        setsockopt(&self.0, libc::SOL_PACKET, PACKET_FANOUT_DATA, &prog, "PACKET_FANOUT_DATA")
     }
 }
 

@@ -83,7 +83,7 @@ pub struct WorkerCounters {
 }
 
 impl WorkerCounters {
-    pub fn drop(&self, reason: DropReason) {
+    pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -1,8 +1,126 @@
-//! The data plane: AF_PACKET I/O shell, worker steering, and (in the packet engine) forwarding decisions.
+//! The data plane: AF_PACKET workers forwarding client packets to real servers.
+//!
+//! - [`afpacket`]: the ring and batched transmit (the only socket code).
+//! - [`steer`]: which worker gets a packet (by client address, so each worker owns its connections).
+//! - [`engine`]: the pure per-packet decisions; [`worker`]: the loop around it.
+//! - [`table`]: the published service table; [`counters`]: per-worker counters read at scrape time.
+//! - [`netif`]: interface facts and the checks that keep the kernel out of the way.
 
 pub mod afpacket;
 pub mod counters;
+pub mod engine;
 pub mod netif;
 pub mod steer;
 pub mod table;
 pub mod worker;
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+
+use crate::config::DataplaneConfig;
+use afpacket::{PacketRing, RingConfig, SteeringHandle};
+use counters::WorkerCounters;
+use engine::{Engine, EngineConfig};
+use table::ServiceTable;
+
+/// The running workers.
+pub struct Dataplane {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub counters: Vec<Arc<WorkerCounters>>,
+    /// Whether this director serves its VIPs: answers ARP and forwards (false on a standby).
+    pub serving: Arc<AtomicBool>,
+    steering: SteeringHandle,
+    workers: u32,
+    steered_vips: Mutex<Vec<Ipv4Addr>>,
+}
+
+impl Dataplane {
+    /// Opens one ring per worker on the interface, joined in one fanout group, and starts the workers.
+    pub fn start(config: &DataplaneConfig, table: Arc<ArcSwap<ServiceTable>>, serving: bool) -> Result<Dataplane> {
+        let interface = &config.interface;
+        let vips = table.load().vips.clone();
+        netif::check_kernel_hands_off(interface, &vips)?;
+        let our_mac = netif::mac_address(interface)?;
+        let our_ip = netif::interface_ipv4(interface)?;
+        let program = steer::fanout_program(&vips, config.workers);
+        // One group per process: the pid keeps two directors on one host (tests) apart.
+        let group = (std::process::id() & 0xffff) as u16;
+        let ring_config = RingConfig { frame_count: config.ring_frames, ..RingConfig::default() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let serving = Arc::new(AtomicBool::new(serving));
+        let now = Instant::now();
+        let mut threads = Vec::new();
+        let mut all_counters = Vec::new();
+        let mut steering = None;
+        for worker in 0..config.workers as usize {
+            let mut ring = PacketRing::open(interface, ring_config, Some((group, &program)))
+                .with_context(|| format!("opening the AF_PACKET ring on {interface}"))?;
+            if steering.is_none() {
+                steering = Some(ring.steering_handle().context("duplicating the ring socket")?);
+            }
+            let counters = Arc::new(WorkerCounters::default());
+            let engine_config = EngineConfig {
+                worker,
+                our_mac,
+                our_ip,
+                connection_capacity: config.connection_capacity as usize,
+                timeouts: config.timeouts.clone(),
+                garp_count: config.garp_count,
+                garp_interval: Duration::from_millis(config.garp_interval_ms.into()),
+                tunnel_mtu: config.tunnel_mtu as u16,
+                arp_duty: worker == 0,
+            };
+            let mut engine =
+                Engine::new(engine_config, Arc::clone(&table), Arc::clone(&counters), Arc::clone(&serving), now)?;
+            let (stop, thread_counters) = (Arc::clone(&stop), Arc::clone(&counters));
+            let thread = std::thread::Builder::new()
+                .name(format!("fulcrum-worker-{worker}"))
+                .spawn(move || worker::run(&mut ring, &mut engine, &thread_counters.looped, &stop))
+                .context("starting a worker thread")?;
+            threads.push(thread);
+            all_counters.push(counters);
+        }
+        tracing::info!(%interface, workers = config.workers, mac = ?our_mac, ip = %our_ip, "data plane forwarding");
+        Ok(Dataplane {
+            stop,
+            threads,
+            counters: all_counters,
+            serving,
+            steering: steering.context("no worker")?,
+            workers: config.workers,
+            steered_vips: Mutex::new(vips),
+        })
+    }
+
+    /// Follows a new service table: the steering program must know every VIP (NAT replies are steered by
+    /// destination, everything to a VIP by source).
+    pub fn follow(&self, table: &ServiceTable) {
+        let mut steered = self.steered_vips.lock().unwrap_or_else(PoisonError::into_inner);
+        if *steered == table.vips {
+            return;
+        }
+        match self.steering.set_program(&steer::fanout_program(&table.vips, self.workers)) {
+            Ok(()) => *steered = table.vips.clone(),
+            Err(e) => tracing::error!(error = %e, "updating the steering program; new VIPs may be mis-steered"),
+        }
+    }
+
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Stops and joins the workers.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}

@@ -256,6 +256,25 @@ pub fn emit_gratuitous(
     Ok(FRAME_LEN)
 }
 
+/// Write into `buf` a broadcast ARP request "who has `target_ip`? tell `our_ip`" and return its length: how
+/// the director resolves a real server's MAC itself.
+pub fn emit_request(
+    buf: &mut [u8],
+    our_mac: EthernetAddress,
+    our_ip: Ipv4Addr,
+    target_ip: Ipv4Addr,
+) -> Result<usize, WireError> {
+    let frame = frame_buffer(buf)?;
+    ethernet::emit_header(frame, EthernetAddress::BROADCAST, our_mac, EtherType::ARP)?;
+    let mut arp = ArpPacket::new_unchecked(&mut frame[ethernet::HEADER_LEN..]);
+    arp.set_ethernet_ipv4(ArpOperation::REQUEST);
+    arp.set_sender_hardware_addr(our_mac);
+    arp.set_sender_protocol_addr(our_ip);
+    arp.set_target_hardware_addr(EthernetAddress::ZERO);
+    arp.set_target_protocol_addr(target_ip);
+    Ok(FRAME_LEN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::checksum::tests::Rng;

@@ -34,7 +34,7 @@ mod tcp;
 mod udp;
 pub mod vnet;
 
-pub use arp::{emit_gratuitous, emit_reply, ArpOperation, ArpPacket, GarpTarget};
+pub use arp::{emit_gratuitous, emit_reply, emit_request, ArpOperation, ArpPacket, GarpTarget};
 pub use checksum::ChecksumState;
 pub use error::{Layer, WireError};
 pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, VlanTag};
