@@ -59,8 +59,8 @@ mod time;
 mod tests;
 
 pub use table::{
-    random_seed, ConnFlags, ConnInfo, ConnTable, Counters, ExpireStats, Handle, InsertError, Installed, Iter,
-    PurgeStep, StateChange, SyncedConn, TableError, ENTRY_BYTES, MAX_CAPACITY, WHEEL_SLOTS, WHEEL_SLOT_MS,
+    random_seed, ConnFlags, ConnInfo, ConnTable, Counters, ExpireStats, Handle, IndexStats, InsertError, Installed,
+    Iter, PurgeStep, StateChange, SyncedConn, TableError, ENTRY_BYTES, MAX_CAPACITY, WHEEL_SLOTS, WHEEL_SLOT_MS,
     WHEEL_SPAN_MS,
 };
 pub use tcp::{may_create, ConnState, Direction, TcpFlags};

@@ -415,6 +415,17 @@ pub struct PurgeStep {
     pub next: Option<usize>,
 }
 
+/// Shape of one hash index, from [`ConnTable::index_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IndexStats {
+    pub buckets: usize,
+    /// Keys in the index.
+    pub keys: usize,
+    /// Buckets holding at least one key.
+    pub occupied: usize,
+    pub longest_chain: usize,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct WheelHead {
     next: u32,
@@ -564,6 +575,26 @@ impl ConnTable {
     /// Buckets per index (a power of two ≥ 2 × capacity).
     pub fn index_buckets(&self) -> usize {
         self.fwd_index.len()
+    }
+
+    /// Chain lengths of the forward and the reply index: a diagnostic (O(buckets), not for the packet path)
+    /// that shows the hash spreading keys.
+    pub fn index_stats(&self) -> (IndexStats, IndexStats) {
+        let stats = |index: &[u32], chain: fn(&Entry) -> u32| {
+            let mut stats = IndexStats { buckets: index.len(), ..IndexStats::default() };
+            for &head in index {
+                let (mut n, mut length) = (head, 0);
+                while n != NIL {
+                    length += 1;
+                    n = chain(&self.entries[n as usize]);
+                }
+                stats.keys += length;
+                stats.occupied += usize::from(length > 0);
+                stats.longest_chain = stats.longest_chain.max(length);
+            }
+            stats
+        };
+        (stats(&self.fwd_index, |e| e.fwd_chain), stats(&self.rep_index, |e| e.rep_chain))
     }
 
     /// Counts a non-SYN TCP packet that matched no entry and was dropped (see [`tcp::may_create`]).

@@ -805,6 +805,9 @@ fn hash_collisions_stay_correct() {
     t.degenerate_hash = true;
     let n = 2_000;
     let handles: Vec<Handle> = (0..n).map(|i| insert_nat(&mut t, i, secs(0))).collect();
+    let (fwd, rep) = t.index_stats();
+    assert_eq!((fwd.keys, fwd.occupied, fwd.longest_chain), (2_000, 1, 2_000));
+    assert_eq!((rep.keys, rep.occupied, rep.longest_chain), (2_000, 1, 2_000));
     for (i, &h) in handles.iter().enumerate() {
         let f = tcp(i as u32);
         assert_eq!(t.lookup_forward(&f), Some(h));
