@@ -135,7 +135,7 @@ fn main() {
     let capacity = n as u64;
     let layout_bytes = table.memory_bytes() as f64 / capacity as f64;
     let index_bytes = 2 * 4 * table.index_buckets() as u64;
-    let wheel_bytes = (WHEEL_SLOTS * 8) as u64;
+    let wheel_bytes = (WHEEL_SLOTS * 8 + WHEEL_SLOTS / 8) as u64;
     let rss_new = (rss_built.saturating_sub(rss_before)) * 1024;
     let rss_full = (rss_filled.saturating_sub(rss_before)) * 1024;
 
@@ -153,7 +153,7 @@ fn main() {
     row(
         "timer wheel",
         format!(
-            "{WHEEL_SLOTS} slots × 8 B = {:.1} MiB ({:.2} B/entry)",
+            "{WHEEL_SLOTS} slots × 8 B + bitmap = {:.2} MiB ({:.2} B/entry)",
             wheel_bytes as f64 / 1048576.0,
             wheel_bytes as f64 / capacity as f64
         ),
