@@ -32,7 +32,7 @@ pub const WHEEL_SPAN_MS: u32 = WHEEL_SLOT_MS << WHEEL_BITS;
 pub const MAX_CAPACITY: usize = 1 << 30;
 
 /// Size of one slab entry in bytes. The whole table costs [`ConnTable::memory_bytes`]; per entry that is this
-/// plus the two hash indexes (2 × 4 bytes × a power of two ≥ 2 × capacity) plus the fixed 1 MiB wheel.
+/// plus the two hash indexes (2 × 4 bytes × a power of two ≥ 2 × capacity) plus the fixed wheel (1 MiB + 16 KiB).
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
 // The memory budget is 128 bytes per entry including the indexes (≤ 16.8 at 2 × load) and the wheel: keep
@@ -557,7 +557,7 @@ impl ConnTable {
         self.secure_tcp
     }
 
-    /// Switches to IPVS's `secure_tcp` state tables (see [`tcp`](super::tcp)).
+    /// Switches to IPVS's `secure_tcp` state tables (see [`tcp`]).
     pub fn set_secure_tcp(&mut self, on: bool) {
         self.secure_tcp = on;
     }
@@ -772,7 +772,7 @@ impl ConnTable {
         Ok(handle)
     }
 
-    /// Accounts one packet of the entry: moves the TCP state (IPVS's tables, see [`tcp`](super::tcp)) and
+    /// Accounts one packet of the entry: moves the TCP state (IPVS's tables, see [`tcp`]) and
     /// pushes the deadline to `now` + the timeout of the new state. Returns the states before and after, for
     /// the per-server ActiveConn/InActConn counters and for connection sync.
     ///
