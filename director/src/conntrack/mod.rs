@@ -37,9 +37,10 @@
 //!   hash-chain link per key. Both keys of a NAT entry lead to the same entry.
 //! * Two chained hash indexes (forward, reply) of `u32` bucket heads, each a power of two ≥ 2 × capacity,
 //!   keyed by a seeded hash (the `hash` module explains the choice and what it resists).
-//! * A hashed timing wheel (fixed 1 MiB) drives expiry incrementally; see [`ConnTable::expire`].
+//! * A hashed timing wheel (fixed: 1 MiB of list heads, a 16 KiB bitmap of non-empty slots) drives expiry
+//!   incrementally; see [`ConnTable::expire`].
 //!
-//! At a capacity of 1 000 000 that is 56 + 16.8 (indexes: 2 × 4 bytes × 2²¹ buckets / 10⁶) + 1.0 (wheel)
+//! At a capacity of 1 000 000 that is 56 + 16.8 (indexes: 2 × 4 bytes × 2²¹ buckets / 10⁶) + 1.1 (wheel)
 //! ≈ 74 bytes per entry, within the 128-byte budget; `bench/conntrack-memory.sh` measures it (with RSS) and
 //! the insert, lookup and expire rates.
 //!

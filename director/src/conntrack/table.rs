@@ -20,7 +20,8 @@ const SLOT_SHIFT: u32 = 3;
 /// the slot being processed and is reaped by the next slot boundary.
 pub const WHEEL_SLOT_MS: u32 = 1 << SLOT_SHIFT;
 const WHEEL_BITS: u32 = 17;
-/// Slots in the timer wheel (fixed, whatever the capacity: 1 MiB of list heads).
+/// Slots in the timer wheel (fixed, whatever the capacity: 1 MiB of list heads and a 16 KiB bitmap of the
+/// non-empty ones).
 pub const WHEEL_SLOTS: usize = 1 << WHEEL_BITS;
 const WHEEL_MASK: u32 = (1 << WHEEL_BITS) - 1;
 /// Time one turn of the wheel covers (≈ 1049 s). Entries due later than that (longer configured timeouts)
@@ -31,7 +32,7 @@ pub const WHEEL_SPAN_MS: u32 = WHEEL_SLOT_MS << WHEEL_BITS;
 pub const MAX_CAPACITY: usize = 1 << 30;
 
 /// Size of one slab entry in bytes. The whole table costs [`ConnTable::memory_bytes`]; per entry that is this
-/// plus the two hash indexes (2 × 4 bytes × a power of two ≥ 2 × capacity) plus the fixed 1 MiB wheel.
+/// plus the two hash indexes (2 × 4 bytes × a power of two ≥ 2 × capacity) plus the fixed wheel (1 MiB + 16 KiB).
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
 // The memory budget is 128 bytes per entry including the indexes (≤ 16.8 at 2 × load) and the wheel: keep
@@ -441,6 +442,8 @@ pub struct ConnTable {
     index_mask: usize,
     /// List heads of the wheel; node `capacity + slot` in the link space.
     wheel: Box<[WheelHead]>,
+    /// One bit per wheel slot, set while its list is non-empty: `expire` skips runs of empty slots.
+    occupied: Box<[u64]>,
     /// Boundary (ms, multiple of `WHEEL_SLOT_MS`) of the next slot `expire` processes.
     wheel_pos: u32,
     /// Next node to examine in that slot when the last `expire` ran out of budget mid-slot.
@@ -506,6 +509,7 @@ impl ConnTable {
             rep_index: vec![NIL; buckets].into_boxed_slice(),
             index_mask: buckets - 1,
             wheel,
+            occupied: vec![0u64; WHEEL_SLOTS / 64].into_boxed_slice(),
             wheel_pos: 0,
             cursor: NIL,
             wheel_started: false,
@@ -553,7 +557,7 @@ impl ConnTable {
         self.secure_tcp
     }
 
-    /// Switches to IPVS's `secure_tcp` state tables (see [`tcp`](super::tcp)).
+    /// Switches to IPVS's `secure_tcp` state tables (see [`tcp`]).
     pub fn set_secure_tcp(&mut self, on: bool) {
         self.secure_tcp = on;
     }
@@ -565,6 +569,7 @@ impl ConnTable {
             + std::mem::size_of_val(&*self.fwd_index)
             + std::mem::size_of_val(&*self.rep_index)
             + std::mem::size_of_val(&*self.wheel)
+            + std::mem::size_of_val(&*self.occupied)
     }
 
     /// [`memory_bytes`](Self::memory_bytes) / capacity.
@@ -767,7 +772,7 @@ impl ConnTable {
         Ok(handle)
     }
 
-    /// Accounts one packet of the entry: moves the TCP state (IPVS's tables, see [`tcp`](super::tcp)) and
+    /// Accounts one packet of the entry: moves the TCP state (IPVS's tables, see [`tcp`]) and
     /// pushes the deadline to `now` + the timeout of the new state. Returns the states before and after, for
     /// the per-server ActiveConn/InActConn counters and for connection sync.
     ///
@@ -876,7 +881,8 @@ impl ConnTable {
     /// packet loop ([`ExpireStats::pending`] says the budget ran out). Never allocates.
     ///
     /// How: a hashed timing wheel of [`WHEEL_SLOTS`] slots of [`WHEEL_SLOT_MS`]; an entry sits in the slot of
-    /// its deadline, rounded up. A call walks the slots from where the last one stopped up to `now`. A packet
+    /// its deadline, rounded up. A call walks the slots from where the last one stopped up to `now`, jumping
+    /// over empty ones with a bitmap (so even a call after a long pause reads at most 2048 bitmap words). A packet
     /// that pushes a deadline later just rewrites it, leaving the entry where it is; when its old slot comes
     /// up, the entry is found not due and moved to the slot of its new deadline. That keeps `on_packet` from
     /// touching neighbouring entries on every packet. A deadline moved earlier relinks at once.
@@ -897,6 +903,13 @@ impl ConnTable {
         }
         while (target.wrapping_sub(self.wheel_pos) as i32) >= 0 {
             let slot = slot_of(self.wheel_pos);
+            if self.cursor == NIL && !self.is_occupied(slot) {
+                // Skip to the next non-empty slot, or past `now`'s slot if none comes before it.
+                let left = (target.wrapping_sub(self.wheel_pos) >> SLOT_SHIFT) + 1;
+                let skip = self.next_occupied(slot, left).unwrap_or(left);
+                self.wheel_pos = self.wheel_pos.wrapping_add(skip << SLOT_SHIFT);
+                continue;
+            }
             let head = self.capacity + slot;
             let mut node = if self.cursor == NIL { self.wheel_next(head) } else { self.cursor };
             while node != head {
@@ -1124,6 +1137,7 @@ impl ConnTable {
         self.set_wheel_prev(n, tail);
         self.set_wheel_next(n, head);
         self.set_wheel_prev(head, n);
+        self.occupied[(slot >> 6) as usize] |= 1 << (slot & 63);
     }
 
     fn wheel_unlink(&mut self, n: u32) {
@@ -1134,6 +1148,32 @@ impl ConnTable {
         if self.cursor == n {
             self.cursor = next;
         }
+        if prev == next && prev >= self.capacity {
+            // Only the list head is left: the slot is empty.
+            let slot = prev - self.capacity;
+            self.occupied[(slot >> 6) as usize] &= !(1 << (slot & 63));
+        }
+    }
+
+    #[inline(always)]
+    fn is_occupied(&self, slot: u32) -> bool {
+        self.occupied[(slot >> 6) as usize] & (1 << (slot & 63)) != 0
+    }
+
+    /// Distance (in slots, `1..limit`) from `slot` to the next non-empty slot, wrapping around the wheel.
+    /// Reads at most one bitmap word per 64 slots.
+    fn next_occupied(&self, slot: u32, limit: u32) -> Option<u32> {
+        let mut distance = 1;
+        while distance < limit {
+            let at = (slot + distance) & WHEEL_MASK;
+            let bits = self.occupied[(at >> 6) as usize] >> (at & 63);
+            if bits != 0 {
+                let found = distance + bits.trailing_zeros();
+                return (found < limit).then_some(found);
+            }
+            distance += 64 - (at & 63);
+        }
+        None
     }
 }
 
