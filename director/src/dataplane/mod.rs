@@ -9,6 +9,8 @@
 pub mod afpacket;
 pub mod counters;
 pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod netif;
 pub mod steer;
 pub mod table;

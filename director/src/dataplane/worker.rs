@@ -68,6 +68,11 @@ impl Scratch {
         self.buffers.get(index)
     }
 
+    /// The frames queued so far, in order.
+    pub fn queued_frames(&self) -> impl Iterator<Item = &[u8]> {
+        self.queued.iter().filter_map(|&(index, len)| self.buffers.get(index).map(|b| &b[..len]))
+    }
+
     fn reset(&mut self) {
         self.used = 0;
         self.queued.clear();

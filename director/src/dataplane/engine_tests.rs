@@ -1,0 +1,445 @@
+//! The engine without sockets: crafted frames in, verdicts and bytes out, on a simulated clock. Checksums are
+//! checked with the wire module's full verification, independent of the incremental updates under test.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use super::afpacket::{RxMeta, VNET_HDR_LEN};
+use super::counters::{DropReason, WorkerCounters};
+use super::engine::{Engine, EngineConfig};
+use super::table::{ServiceTable, TableBuilder};
+use super::worker::{PacketHandler, Scratch, Verdict};
+use crate::config::{ForwardMethod, Protocol, RealServerConfig, Scheduler, ServiceConfig, TimeoutsConfig};
+use crate::wire::{self, ArpOperation, ArpPacket, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket};
+
+const OUR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const OUR_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x21];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 21);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const NO_META: RxMeta = RxMeta { vlan_stripped: false, losing: false, truncated: false };
+
+fn server_mac(i: u8) -> [u8; 6] {
+    [2, 0, 0, 0, 1, i]
+}
+
+fn server_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 1, 10 + i)
+}
+
+struct Rig {
+    engine: Engine,
+    table: Arc<ArcSwap<ServiceTable>>,
+    builder: TableBuilder,
+    counters: Arc<WorkerCounters>,
+    serving: Arc<AtomicBool>,
+    now: Instant,
+}
+
+fn service(forward: ForwardMethod, weights: &[u32], scheduler: Scheduler) -> ServiceConfig {
+    ServiceConfig {
+        vip: VIP.into(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        scheduler,
+        persistence_s: 0,
+        sloppy: false,
+        servers: weights
+            .iter()
+            .enumerate()
+            .map(|(i, weight)| RealServerConfig {
+                address: server_ip(i as u8 + 1).into(),
+                port: Some(8080),
+                weight: *weight,
+                forward,
+            })
+            .collect(),
+    }
+}
+
+impl Rig {
+    fn new(services: &[ServiceConfig], capacity: usize) -> Rig {
+        let mut builder = TableBuilder::new(1);
+        let table = Arc::new(ArcSwap::from_pointee(builder.build(services)));
+        for (i, server) in table.load().servers.iter().flatten().enumerate() {
+            server.state.set_mac(server_mac(i as u8 + 1));
+        }
+        let counters = Arc::new(WorkerCounters::default());
+        let serving = Arc::new(AtomicBool::new(true));
+        let now = Instant::now();
+        let config = EngineConfig {
+            worker: 0,
+            our_mac: OUR_MAC,
+            our_ip: OUR_IP,
+            connection_capacity: capacity,
+            timeouts: TimeoutsConfig::default(),
+            garp_count: 2,
+            garp_interval: Duration::from_millis(100),
+            tunnel_mtu: 1500,
+            arp_duty: true,
+        };
+        let engine =
+            Engine::new(config, Arc::clone(&table), Arc::clone(&counters), Arc::clone(&serving), now).expect("engine");
+        Rig { engine, table, builder, counters, serving, now }
+    }
+
+    fn republish(&mut self, services: &[ServiceConfig]) {
+        self.table.store(Arc::new(self.builder.build(services)));
+        let mut scratch = Scratch::new();
+        self.engine.poll(self.now, &mut scratch);
+    }
+
+    fn handle(&mut self, buffer: &mut [u8]) -> (Verdict, Vec<Vec<u8>>) {
+        let mut scratch = Scratch::new();
+        let verdict = self.engine.handle(buffer, NO_META, self.now, &mut scratch);
+        let queued = queued_frames(&scratch);
+        (verdict, queued)
+    }
+
+    fn dropped(&self, reason: DropReason) -> u64 {
+        self.counters.drops[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+fn queued_frames(scratch: &Scratch) -> Vec<Vec<u8>> {
+    scratch.queued_frames().map(|frame| frame.to_vec()).collect()
+}
+
+/// `[vnet hdr (zeros)][ethernet][ipv4][tcp][payload]` with complete, valid checksums.
+fn tcp_frame(
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    flags: TcpFlags,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut buf = vec![0u8; VNET_HDR_LEN + 14 + 20 + 20 + payload.len()];
+    let frame = &mut buf[VNET_HDR_LEN..];
+    frame[..6].copy_from_slice(&OUR_MAC);
+    frame[6..12].copy_from_slice(&src_mac);
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    {
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..34]);
+        ip.set_version(4);
+        ip.set_header_len(20);
+        ip.set_total_len((40 + payload.len()) as u16);
+        ip.set_dont_frag(true);
+        ip.set_ttl(64);
+        ip.set_protocol(6);
+        ip.set_src_addr(src);
+        ip.set_dst_addr(dst);
+        ip.fill_checksum();
+    }
+    {
+        let tcp_bytes = &mut frame[34..];
+        tcp_bytes[20..].copy_from_slice(payload);
+        let mut tcp = TcpPacket::new_unchecked(tcp_bytes);
+        tcp.set_src_port(sport);
+        tcp.set_dst_port(dport);
+        tcp.set_seq_number(1000);
+        tcp.set_header_len(20);
+        tcp.set_flags(flags);
+        tcp.set_window_len(65535);
+        tcp.fill_checksum(src, dst);
+    }
+    buf
+}
+
+fn syn_from_client(sport: u16) -> Vec<u8> {
+    tcp_frame(CLIENT_MAC, CLIENT, sport, VIP, 80, TcpFlags::SYN, &[])
+}
+
+fn ack_from_client(sport: u16) -> Vec<u8> {
+    tcp_frame(CLIENT_MAC, CLIENT, sport, VIP, 80, TcpFlags::ACK, b"GET / HTTP/1.1\r\n\r\n")
+}
+
+fn ip_of(buffer: &[u8]) -> Ipv4Packet<&[u8]> {
+    Ipv4Packet::new_unchecked(&buffer[VNET_HDR_LEN + 14..])
+}
+
+fn tcp_of(buffer: &[u8]) -> TcpPacket<&[u8]> {
+    TcpPacket::new_unchecked(&buffer[VNET_HDR_LEN + 34..])
+}
+
+fn assert_checksums_valid(buffer: &[u8]) {
+    let ip = ip_of(buffer);
+    assert!(ip.verify_checksum(), "IPv4 header checksum");
+    assert!(tcp_of(buffer).verify_checksum(ip.src_addr(), ip.dst_addr()), "TCP checksum");
+}
+
+#[test]
+fn arp_for_a_vip_is_answered_only_while_serving() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1], Scheduler::Rr)], 64);
+    let mut request = vec![0u8; VNET_HDR_LEN + 42];
+    let n = wire::emit_request(&mut request[VNET_HDR_LEN..], wire::EthernetAddress(CLIENT_MAC), CLIENT, VIP).unwrap();
+    assert_eq!(n, 42);
+    let (verdict, sent) = rig.handle(&mut request.clone());
+    assert_eq!(verdict, Verdict::Ignore, "the kernel keeps its copy");
+    assert_eq!(sent.len(), 1);
+    let reply = ArpPacket::new_unchecked(&sent[0][VNET_HDR_LEN + 14..]);
+    assert_eq!(reply.operation(), ArpOperation::REPLY);
+    assert_eq!((reply.sender_hardware_addr().0, reply.sender_protocol_addr()), (OUR_MAC, VIP));
+    assert_eq!(reply.target_protocol_addr(), CLIENT);
+    assert_eq!(&sent[0][VNET_HDR_LEN..VNET_HDR_LEN + 6], &CLIENT_MAC);
+
+    rig.serving.store(false, Ordering::Relaxed);
+    assert!(rig.handle(&mut request.clone()).1.is_empty(), "a standby stays silent");
+    let mut other = vec![0u8; VNET_HDR_LEN + 42];
+    wire::emit_request(&mut other[VNET_HDR_LEN..], wire::EthernetAddress(CLIENT_MAC), CLIENT, OUR_IP).unwrap();
+    rig.serving.store(true, Ordering::Relaxed);
+    assert!(rig.handle(&mut other).1.is_empty(), "the director's own address is the kernel's business");
+}
+
+#[test]
+fn gratuitous_arps_when_serving_starts_and_probes_for_unresolved_servers() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1], Scheduler::Rr)], 64);
+    rig.table.load().servers[0].as_ref().unwrap().state.mac.store(0, Ordering::Relaxed);
+    let mut scratch = Scratch::new();
+    rig.engine.poll(rig.now, &mut scratch);
+    let frames = queued_frames(&scratch);
+    let arps: Vec<_> = frames.iter().map(|f| ArpPacket::new_unchecked(f[VNET_HDR_LEN + 14..].to_vec())).collect();
+    assert!(arps.iter().any(|a| a.sender_protocol_addr() == VIP && a.target_protocol_addr() == VIP), "a GARP");
+    assert!(
+        arps.iter().any(|a| a.sender_protocol_addr() == OUR_IP && a.target_protocol_addr() == server_ip(1)),
+        "a probe"
+    );
+
+    // The server's answer is learned.
+    let mut answer = vec![0u8; VNET_HDR_LEN + 42];
+    wire::emit_reply(
+        &mut answer[VNET_HDR_LEN..],
+        wire::EthernetAddress(server_mac(1)),
+        server_ip(1),
+        wire::EthernetAddress(OUR_MAC),
+        OUR_IP,
+    )
+    .unwrap();
+    rig.handle(&mut answer);
+    assert_eq!(rig.table.load().servers[0].as_ref().unwrap().state.mac(), Some(server_mac(1)));
+}
+
+#[test]
+fn dr_rewrites_only_the_macs_and_keeps_a_connection_on_its_server() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1, 1], Scheduler::Rr)], 64);
+    let mut syn = syn_from_client(40000);
+    let original = syn.clone();
+    assert_eq!(rig.handle(&mut syn).0, Verdict::Transmit { len: syn.len() });
+    let chosen = syn[VNET_HDR_LEN..VNET_HDR_LEN + 6].to_vec();
+    assert!(chosen == server_mac(1) || chosen == server_mac(2));
+    assert_eq!(&syn[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12], &OUR_MAC);
+    assert_eq!(&syn[VNET_HDR_LEN + 12..], &original[VNET_HDR_LEN + 12..], "IP and TCP untouched");
+    for _ in 0..5 {
+        let mut ack = ack_from_client(40000);
+        rig.handle(&mut ack);
+        assert_eq!(&ack[VNET_HDR_LEN..VNET_HDR_LEN + 6], chosen.as_slice(), "the connection stays put");
+    }
+    // A new connection goes to the other server (rr).
+    let mut syn2 = syn_from_client(40001);
+    rig.handle(&mut syn2);
+    assert_ne!(&syn2[VNET_HDR_LEN..VNET_HDR_LEN + 6], chosen.as_slice());
+}
+
+#[test]
+fn a_non_syn_without_an_entry_is_dropped_and_counted_unless_sloppy() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1], Scheduler::Rr)], 64);
+    assert_eq!(rig.handle(&mut ack_from_client(40000)).0, Verdict::Drop);
+    assert_eq!(rig.dropped(DropReason::NoConnection), 1);
+    let mut sloppy = service(ForwardMethod::Dr, &[1], Scheduler::Rr);
+    sloppy.sloppy = true;
+    rig.republish(&[sloppy]);
+    assert!(matches!(rig.handle(&mut ack_from_client(40000)).0, Verdict::Transmit { .. }));
+}
+
+#[test]
+fn nat_rewrites_both_ways_with_valid_checksums() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Nat, &[1], Scheduler::Rr)], 64);
+    let mut syn = syn_from_client(40000);
+    assert!(matches!(rig.handle(&mut syn).0, Verdict::Transmit { .. }));
+    assert_eq!((ip_of(&syn).dst_addr(), tcp_of(&syn).dst_port()), (server_ip(1), 8080));
+    assert_eq!(&syn[VNET_HDR_LEN..VNET_HDR_LEN + 6], &server_mac(1));
+    assert_checksums_valid(&syn);
+
+    let mut reply = tcp_frame(server_mac(1), server_ip(1), 8080, CLIENT, 40000, TcpFlags::SYN | TcpFlags::ACK, &[]);
+    assert!(matches!(rig.handle(&mut reply).0, Verdict::Transmit { .. }));
+    assert_eq!((ip_of(&reply).src_addr(), tcp_of(&reply).src_port()), (VIP, 80));
+    assert_eq!(&reply[VNET_HDR_LEN..VNET_HDR_LEN + 6], &CLIENT_MAC, "back to the client's MAC");
+    assert_checksums_valid(&reply);
+
+    // Traffic from the server that belongs to no connection is not ours.
+    let mut stray = tcp_frame(server_mac(1), server_ip(1), 8080, CLIENT, 40999, TcpFlags::ACK, &[]);
+    assert_eq!(rig.handle(&mut stray).0, Verdict::Ignore);
+}
+
+#[test]
+fn nat_keeps_checksum_partial_seeds_right() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Nat, &[1], Scheduler::Rr)], 64);
+    let mut syn = syn_from_client(40000);
+    // As veth hands it over: NEEDS_CSUM, the TCP field holding the pseudo-header seed.
+    let (vnet, frame) = syn.split_at_mut(VNET_HDR_LEN);
+    vnet[0] = 1;
+    vnet[6..8].copy_from_slice(&(14u16 + 20).to_le_bytes());
+    vnet[8..10].copy_from_slice(&16u16.to_le_bytes());
+    TcpPacket::new_unchecked(&mut frame[34..]).fill_partial_checksum(CLIENT, VIP);
+    rig.handle(&mut syn);
+    // Completing the checksum as the device would must give a valid one for the new addresses.
+    let (vnet, frame) = syn.split_at_mut(VNET_HDR_LEN);
+    wire::complete_checksum(frame, &wire::VnetHeader::new_unchecked(&*vnet)).unwrap();
+    assert_checksums_valid(&syn);
+    assert_eq!(ip_of(&syn).dst_addr(), server_ip(1));
+}
+
+#[test]
+fn a_quiesced_server_gets_no_new_connections_but_keeps_its_own() {
+    let weights = [1, 1];
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &weights, Scheduler::Rr)], 64);
+    let mut first = syn_from_client(40000);
+    rig.handle(&mut first);
+    let owner = first[VNET_HDR_LEN..VNET_HDR_LEN + 6].to_vec();
+    let owner_index = if owner == server_mac(1) { 0 } else { 1 };
+    let mut drained = service(ForwardMethod::Dr, &weights, Scheduler::Rr);
+    drained.servers[owner_index].weight = 0;
+    rig.republish(&[drained]);
+    for port in 41000..41020 {
+        let mut syn = syn_from_client(port);
+        rig.handle(&mut syn);
+        assert_ne!(&syn[VNET_HDR_LEN..VNET_HDR_LEN + 6], owner.as_slice(), "a new connection on the quiesced server");
+    }
+    let mut ack = ack_from_client(40000);
+    rig.handle(&mut ack);
+    assert_eq!(&ack[VNET_HDR_LEN..VNET_HDR_LEN + 6], owner.as_slice(), "the open connection continues");
+}
+
+#[test]
+fn a_full_table_drops_new_connections_and_says_so() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1], Scheduler::Rr)], 1);
+    assert!(matches!(rig.handle(&mut syn_from_client(40000)).0, Verdict::Transmit { .. }));
+    assert_eq!(rig.handle(&mut syn_from_client(40001)).0, Verdict::Drop);
+    assert_eq!(rig.dropped(DropReason::TableFull), 1);
+}
+
+#[test]
+fn tun_encapsulates_and_clamps_the_mss() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Tun, &[1], Scheduler::Rr)], 64);
+    // A SYN with an MSS option of 1460, as a client on a 1500-byte link sends.
+    let mut with_mss = tcp_frame(CLIENT_MAC, CLIENT, 40000, VIP, 80, TcpFlags::SYN, &[]);
+    {
+        with_mss.splice(VNET_HDR_LEN + 54..VNET_HDR_LEN + 54, [2u8, 4, 0x05, 0xb4]);
+        let frame = &mut with_mss[VNET_HDR_LEN..];
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        ip.set_total_len(44);
+        ip.fill_checksum();
+        let mut tcp = TcpPacket::new_unchecked(&mut frame[34..]);
+        tcp.set_header_len(24);
+        tcp.fill_checksum(CLIENT, VIP);
+    }
+    let mut syn = with_mss;
+    let mut scratch = Scratch::new();
+    let verdict = rig.engine.handle(&mut syn, NO_META, rig.now, &mut scratch);
+    let Verdict::TransmitAfter { prefix, prefix_len, from, to } = verdict else { panic!("{verdict:?}") };
+    let mut packet = scratch.get(prefix).unwrap()[..prefix_len].to_vec();
+    packet.extend_from_slice(&syn[from..to]);
+    let outer = Ipv4Packet::new_unchecked(&packet[VNET_HDR_LEN + 14..]);
+    assert_eq!((outer.protocol(), outer.src_addr(), outer.dst_addr()), (4, OUR_IP, server_ip(1)));
+    assert!(outer.verify_checksum());
+    assert_eq!(usize::from(outer.total_len()), 20 + 44);
+    assert_eq!(&packet[VNET_HDR_LEN..VNET_HDR_LEN + 6], &server_mac(1));
+    let inner = Ipv4Packet::new_unchecked(&packet[VNET_HDR_LEN + 34..]);
+    assert_eq!(inner.dst_addr(), VIP, "the inner packet still goes to the VIP");
+    let tcp = TcpPacket::new_unchecked(&packet[VNET_HDR_LEN + 54..]);
+    assert_eq!(tcp.mss_option().unwrap(), Some(1500 - 20 - 40), "MSS clamped to fit the tunnel");
+    assert!(tcp.verify_checksum(CLIENT, VIP));
+}
+
+#[test]
+fn tun_segments_a_gso_super_frame() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Tun, &[1], Scheduler::Rr)], 64);
+    rig.handle(&mut syn_from_client(40000));
+    let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+    let mut big = tcp_frame(CLIENT_MAC, CLIENT, 40000, VIP, 80, TcpFlags::ACK | TcpFlags::PSH, &payload);
+    {
+        let (vnet, frame) = big.split_at_mut(VNET_HDR_LEN);
+        vnet[0] = 1; // NEEDS_CSUM
+        vnet[1] = 1; // GSO TCPV4
+        vnet[2..4].copy_from_slice(&54u16.to_le_bytes());
+        vnet[4..6].copy_from_slice(&1400u16.to_le_bytes());
+        vnet[6..8].copy_from_slice(&34u16.to_le_bytes());
+        vnet[8..10].copy_from_slice(&16u16.to_le_bytes());
+        TcpPacket::new_unchecked(&mut frame[34..]).fill_partial_checksum(CLIENT, VIP);
+    }
+    let (verdict, segments) = rig.handle(&mut big);
+    assert_eq!(verdict, Verdict::Consumed);
+    assert_eq!(segments.len(), 3, "4000 bytes in 1400-byte segments");
+    let mut joined = Vec::new();
+    for (i, segment) in segments.iter().enumerate() {
+        assert!(segment.len() - VNET_HDR_LEN - 14 <= 1500, "fits the tunnel MTU");
+        let outer = Ipv4Packet::new_unchecked(&segment[VNET_HDR_LEN + 14..]);
+        assert!(outer.verify_checksum());
+        let inner = Ipv4Packet::new_unchecked(&segment[VNET_HDR_LEN + 34..]);
+        assert!(inner.verify_checksum());
+        let tcp = TcpPacket::new_unchecked(&segment[VNET_HDR_LEN + 54..]);
+        assert!(tcp.verify_checksum(CLIENT, VIP), "segment {i}: full checksum");
+        assert_eq!(tcp.seq_number(), 1000 + 1400 * i as u32);
+        assert_eq!(tcp.flags().psh(), i == 2, "PSH only on the last segment");
+        joined.extend_from_slice(tcp.payload());
+    }
+    assert_eq!(joined, payload);
+}
+
+#[test]
+fn udp_flows_are_tracked_and_balanced() {
+    let mut udp = service(ForwardMethod::Nat, &[1, 1], Scheduler::Rr);
+    udp.protocol = Protocol::Udp;
+    let mut rig = Rig::new(&[udp], 64);
+    let datagram = |sport: u16| {
+        let mut buf = tcp_frame(CLIENT_MAC, CLIENT, sport, VIP, 80, TcpFlags(0), &[0; 12]);
+        let frame = &mut buf[VNET_HDR_LEN..];
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        ip.set_protocol(17);
+        ip.set_total_len(20 + 8 + 12);
+        ip.fill_checksum();
+        let udp_bytes = &mut frame[34..];
+        udp_bytes[4..6].copy_from_slice(&20u16.to_be_bytes());
+        let mut udp = UdpPacket::new_unchecked(udp_bytes);
+        udp.fill_checksum(CLIENT, VIP);
+        buf.truncate(VNET_HDR_LEN + 14 + 20 + 20);
+        buf
+    };
+    let mut first = datagram(5000);
+    assert!(matches!(rig.handle(&mut first).0, Verdict::Transmit { .. }));
+    let server = Ipv4Packet::new_unchecked(&first[VNET_HDR_LEN + 14..]).dst_addr();
+    let mut again = datagram(5000);
+    rig.handle(&mut again);
+    assert_eq!(Ipv4Packet::new_unchecked(&again[VNET_HDR_LEN + 14..]).dst_addr(), server, "a UDP flow stays put");
+    let ip = Ipv4Packet::new_unchecked(&again[VNET_HDR_LEN + 14..]);
+    assert!(UdpPacket::new_unchecked(&again[VNET_HDR_LEN + 34..]).verify_checksum(ip.src_addr(), ip.dst_addr()));
+    let mut other = datagram(5001);
+    rig.handle(&mut other);
+    assert_ne!(Ipv4Packet::new_unchecked(&other[VNET_HDR_LEN + 14..]).dst_addr(), server, "rr");
+}
+
+#[test]
+fn arbitrary_frames_never_panic_the_engine() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Nat, &[1, 1], Scheduler::Wlc)], 64);
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let template = syn_from_client(40000);
+    for round in 0..20_000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let mut frame = template.clone();
+        // Corrupt a few bytes of a valid frame (more likely to reach deep code than random noise), and cut it.
+        for k in 0..(state % 4 + 1) {
+            let at = ((state >> (8 * k)) as usize) % frame.len();
+            frame[at] = (state >> (8 * k + 3)) as u8;
+        }
+        frame.truncate(((state >> 40) as usize % frame.len()).max(VNET_HDR_LEN * (round % 2)));
+        let mut scratch = Scratch::new();
+        rig.engine.handle(&mut frame, NO_META, rig.now, &mut scratch);
+    }
+}
