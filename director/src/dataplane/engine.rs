@@ -513,6 +513,9 @@ impl Engine {
 
     /// ICMP "fragmentation needed" back to the sender of a packet too big for the tunnel (RFC 1191).
     fn send_frag_needed(&mut self, frame: &[u8], l3: usize, mtu: u16, scratch: &mut Scratch) {
+        if !wire::icmp_error_allowed(&Ipv4Packet::new_unchecked(&frame[l3..])) {
+            return;
+        }
         let Some((index, buffer)) = scratch.take() else { return };
         buffer[..VNET_HDR_LEN].fill(0);
         let eth = &mut buffer[VNET_HDR_LEN..VNET_HDR_LEN + ETH_LEN];

@@ -443,3 +443,76 @@ fn arbitrary_frames_never_panic_the_engine() {
         rig.engine.handle(&mut frame, NO_META, rig.now, &mut scratch);
     }
 }
+
+/// An ICMP error frame: `[vnet][eth][ipv4 src→dst][icmp type/code][quoted datagram]`, via the wire emitter.
+fn icmp_error_about(from_mac: [u8; 6], from: Ipv4Addr, to: Ipv4Addr, offending: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 1024];
+    buf[VNET_HDR_LEN..VNET_HDR_LEN + 6].copy_from_slice(&OUR_MAC);
+    buf[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12].copy_from_slice(&from_mac);
+    buf[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14].copy_from_slice(&[0x08, 0x00]);
+    let len = wire::emit_frag_needed(&mut buf[VNET_HDR_LEN + 14..], offending, from, 1400, 7, wire::QuoteLen::Rfc792)
+        .expect("icmp");
+    // The emitter addresses the error to the offending packet's source; here that is `to`.
+    assert_eq!(Ipv4Packet::new_unchecked(&buf[VNET_HDR_LEN + 14..]).dst_addr(), to);
+    buf.truncate(VNET_HDR_LEN + 14 + len);
+    buf
+}
+
+#[test]
+fn icmp_errors_about_a_dr_connection_reach_its_server() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1, 1], Scheduler::Rr)], 64);
+    let mut syn = syn_from_client(40000);
+    rig.handle(&mut syn);
+    let owner = syn[VNET_HDR_LEN..VNET_HDR_LEN + 6].to_vec();
+    // A router near the client says the server's reply (VIP:80 → client) was too big.
+    let reply = tcp_frame(owner.as_slice().try_into().unwrap(), VIP, 80, CLIENT, 40000, TcpFlags::ACK, &[0; 100]);
+    let router = Ipv4Addr::new(10, 0, 0, 1);
+    let mut error = icmp_error_about([2, 0, 0, 0, 0, 1], router, VIP, &reply[VNET_HDR_LEN + 14..]);
+    assert!(matches!(rig.handle(&mut error).0, Verdict::Transmit { .. }));
+    assert_eq!(&error[VNET_HDR_LEN..VNET_HDR_LEN + 6], owner.as_slice(), "to the server that owns the connection");
+    // An error about a connection nobody has is not ours.
+    let stranger = tcp_frame(CLIENT_MAC, VIP, 80, CLIENT, 40999, TcpFlags::ACK, &[0; 100]);
+    let mut unknown = icmp_error_about([2, 0, 0, 0, 0, 1], router, VIP, &stranger[VNET_HDR_LEN + 14..]);
+    assert_eq!(rig.handle(&mut unknown).0, Verdict::Ignore);
+}
+
+#[test]
+fn icmp_errors_from_a_nat_server_are_translated_back_to_the_vip() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Nat, &[1], Scheduler::Rr)], 64);
+    let mut syn = syn_from_client(40000);
+    rig.handle(&mut syn);
+    // The server's side complains about the (translated) packet client → server:8080.
+    let mut error = icmp_error_about(server_mac(1), server_ip(1), CLIENT, &syn[VNET_HDR_LEN + 14..]);
+    assert!(matches!(rig.handle(&mut error).0, Verdict::Transmit { .. }));
+    let frame = &error[VNET_HDR_LEN..];
+    assert_eq!(&frame[..6], &CLIENT_MAC);
+    let outer = Ipv4Packet::new_unchecked(&frame[14..]);
+    assert_eq!(outer.src_addr(), VIP, "the client hears from the VIP, never the real server");
+    assert!(outer.verify_checksum());
+    let icmp = &frame[14 + 20..14 + usize::from(outer.total_len())];
+    assert_eq!(!wire::checksum::data(icmp), 0, "ICMP checksum valid");
+    let quoted = Ipv4Packet::new_unchecked(&icmp[8..]);
+    assert_eq!(quoted.dst_addr(), VIP);
+    assert!(quoted.verify_checksum());
+    assert_eq!(u16::from_be_bytes([icmp[8 + 22], icmp[8 + 23]]), 80, "quoted destination port back to the service's");
+}
+
+#[test]
+fn a_purged_server_loses_its_connections() {
+    let services = [service(ForwardMethod::Dr, &[1], Scheduler::Rr)];
+    let mut rig = Rig::new(&services, 64);
+    rig.handle(&mut syn_from_client(40000));
+    assert!(matches!(rig.handle(&mut ack_from_client(40000)).0, Verdict::Transmit { .. }));
+    // Removed without purge: the connection continues.
+    let mut emptied = services[0].clone();
+    emptied.servers.clear();
+    rig.republish(&[emptied.clone()]);
+    assert!(matches!(rig.handle(&mut ack_from_client(40000)).0, Verdict::Transmit { .. }));
+    // Purged: the next packet finds no server; a non-SYN is then a stray.
+    let table = rig.builder.purge(0);
+    rig.table.store(Arc::new(table));
+    let mut scratch = Scratch::new();
+    rig.engine.poll(rig.now, &mut scratch);
+    assert_eq!(rig.handle(&mut ack_from_client(40000)).0, Verdict::Drop);
+    assert_eq!(rig.dropped(DropReason::NoConnection), 1);
+}
