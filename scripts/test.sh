@@ -9,7 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# Debian packages the tests use: iproute2 (namespaces, veth, bridges), nginx (real servers), curl.
+# Debian packages the tests use: iproute2 (namespaces, veth, bridges), nginx (real servers), curl, tcpdump
+# (tunnel mode is checked by capturing its frames: this kernel cannot decapsulate IP-in-IP).
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
@@ -17,6 +18,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v ss >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
+command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v sha256sum >/dev/null || need+=(coreutils)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
