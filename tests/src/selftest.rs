@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use crate::*;
 
+/// Reachability right after set-up is polled, not bet on one packet: a busy machine can lose the first one.
+const REACH: Duration = Duration::from_secs(5);
+
 const T: Duration = Duration::from_secs(10);
 const MS10: Duration = Duration::from_millis(10);
 
@@ -36,8 +39,8 @@ fn two_hosts_ping_and_everything_is_cleaned_up() {
     assert!(a.netns().starts_with(&format!("fu{}x", std::process::id())), "{}", a.netns());
     assert_eq!(tb.lan().bridge(), "br0");
 
-    a.ping(b.ip()).unwrap();
-    b.ping(a.ip()).unwrap();
+    a.wait_ping(b.ip(), REACH).unwrap();
+    b.wait_ping(a.ip(), REACH).unwrap();
 
     let (mac_a, mac_b) = (a.mac().unwrap(), b.mac().unwrap());
     assert_mac(&mac_a);
@@ -126,7 +129,7 @@ fn concurrent_testbeds_do_not_collide() {
                     let srv = tb.add_host("srv", "10.0.0.2/24").unwrap();
                     let nginx = srv.start_nginx(80).unwrap();
                     nginx.add_file("id", format!("testbed {i}\n").as_bytes()).unwrap();
-                    client.ping("10.0.0.2").unwrap();
+                    client.wait_ping("10.0.0.2", REACH).unwrap();
                     let neigh = client.ip_cmd(&["neigh", "show", "10.0.0.2"]).unwrap();
                     let mac = srv.mac().unwrap();
                     assert!(neigh.contains(&mac), "testbed {i}: {neigh:?} should hold its own srv MAC {mac}");
@@ -163,25 +166,25 @@ fn second_lan_cut_and_restore() {
     d1.attach(&hb, "eth1", "10.9.0.1/30").unwrap();
     d2.attach(&hb, "eth1", "10.9.0.2/30").unwrap();
     assert_eq!(d1.ip(), Ipv4Addr::new(10, 0, 0, 21), "primary address stays eth0's");
-    d1.ping("10.9.0.2").unwrap();
-    d1.ping("10.0.0.22").unwrap();
+    d1.wait_ping("10.9.0.2", REACH).unwrap();
+    d1.wait_ping("10.0.0.22", REACH).unwrap();
 
     tb.cut(&d1, "eth1").unwrap();
     assert_ne!(d1.operstate("eth1").unwrap(), "UP");
     assert!(d1.ping("10.9.0.2").is_err(), "the heartbeat link is cut");
     assert!(d2.ping("10.9.0.1").is_err(), "the heartbeat link is cut, both ways");
-    d1.ping("10.0.0.22").unwrap();
+    d1.wait_ping("10.0.0.22", REACH).unwrap();
     let addrs = d1.ip_cmd(&["-4", "addr", "show", "dev", "eth1"]).unwrap();
     assert!(addrs.contains("10.9.0.1/30"), "the cut keeps the host's address: {addrs}");
 
     tb.restore(&d1, "eth1").unwrap();
     d1.wait_ping("10.9.0.2", T).unwrap();
-    d2.ping("10.9.0.1").unwrap();
+    d2.wait_ping("10.9.0.1", REACH).unwrap();
 
     // Cutting the main LAN of one host leaves the heartbeat link alone.
     d2.cut("eth0").unwrap();
     assert!(d1.ping("10.0.0.22").is_err());
-    d1.ping("10.9.0.2").unwrap();
+    d1.wait_ping("10.9.0.2", REACH).unwrap();
     d2.restore("eth0").unwrap();
     d1.wait_ping("10.0.0.22", T).unwrap();
     assert!(d1.cut("eth7").is_err());
@@ -215,7 +218,7 @@ fn host_configuration_helpers() {
     assert!(bare.mac().is_err());
     bare.attach(&tb.lan(), "eth0", "10.0.0.33/24").unwrap();
     assert_eq!(bare.ip(), Ipv4Addr::new(10, 0, 0, 33));
-    bare.ping(h.ip()).unwrap();
+    bare.wait_ping(h.ip(), REACH).unwrap();
 }
 
 #[test]
