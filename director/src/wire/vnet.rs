@@ -12,7 +12,7 @@
 //!
 //! The 16-bit fields are in the host's byte order for AF_PACKET (the kernel uses the legacy, native-endian
 //! virtio layout there: little-endian on x86-64 and arm64). The header is 10 bytes: AF_PACKET never uses the
-//! 12-byte `virtio_net_hdr_mrg_rxbuf` form unless asked to with `PACKET_VNET_HDR_SZ` (Linux ≥ 6.6).
+//! 12-byte `virtio_net_hdr_mrg_rxbuf` form unless a recent kernel is asked to with `PACKET_VNET_HDR_SZ`.
 //!
 //! `NEEDS_CSUM` means the frame is in CHECKSUM_PARTIAL state: the transport checksum field holds only the
 //! pseudo-header seed (see [`super::checksum`]); [`complete_checksum`] finishes it in software. On receive,
