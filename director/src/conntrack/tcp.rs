@@ -93,49 +93,21 @@ impl std::fmt::Display for ConnState {
     }
 }
 
-/// The flags byte of a TCP header (byte 13). Other bits are ignored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TcpFlags(pub u8);
+/// The TCP flags byte: the wire module's type, so the parser's value feeds the state machine as is.
+pub use crate::wire::TcpFlags;
 
-impl TcpFlags {
-    pub const FIN: TcpFlags = TcpFlags(0x01);
-    pub const SYN: TcpFlags = TcpFlags(0x02);
-    pub const RST: TcpFlags = TcpFlags(0x04);
-    pub const PSH: TcpFlags = TcpFlags(0x08);
-    pub const ACK: TcpFlags = TcpFlags(0x10);
-    pub const NONE: TcpFlags = TcpFlags(0);
-    pub const SYN_ACK: TcpFlags = TcpFlags(0x12);
-    pub const FIN_ACK: TcpFlags = TcpFlags(0x11);
-    pub const RST_ACK: TcpFlags = TcpFlags(0x14);
-
-    pub const fn contains(self, other: TcpFlags) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    pub const fn union(self, other: TcpFlags) -> TcpFlags {
-        TcpFlags(self.0 | other.0)
-    }
-
-    /// The state-table row for these flags (RST, SYN, FIN, ACK in that priority), if any.
-    fn row(self) -> Option<usize> {
-        if self.contains(TcpFlags::RST) {
-            Some(ROW_RST)
-        } else if self.contains(TcpFlags::SYN) {
-            Some(ROW_SYN)
-        } else if self.contains(TcpFlags::FIN) {
-            Some(ROW_FIN)
-        } else if self.contains(TcpFlags::ACK) {
-            Some(ROW_ACK)
-        } else {
-            None
-        }
-    }
-}
-
-impl std::ops::BitOr for TcpFlags {
-    type Output = TcpFlags;
-    fn bitor(self, rhs: TcpFlags) -> TcpFlags {
-        self.union(rhs)
+/// The state-table row for these flags (RST, SYN, FIN, ACK in that priority), if any.
+fn row(flags: TcpFlags) -> Option<usize> {
+    if flags.contains(TcpFlags::RST) {
+        Some(ROW_RST)
+    } else if flags.contains(TcpFlags::SYN) {
+        Some(ROW_SYN)
+    } else if flags.contains(TcpFlags::FIN) {
+        Some(ROW_FIN)
+    } else if flags.contains(TcpFlags::ACK) {
+        Some(ROW_ACK)
+    } else {
+        None
     }
 }
 
@@ -229,7 +201,7 @@ const SECURE: StateTable = [
 /// The state after a packet with `flags` went through `rows` in state `current` (a TCP state).
 pub(crate) fn next_state(current: ConnState, rows: Rows, flags: TcpFlags, secure: bool) -> ConnState {
     debug_assert!(current.is_tcp());
-    let Some(row) = flags.row() else {
+    let Some(row) = row(flags) else {
         return ConnState::Close;
     };
     let table = if secure { &SECURE } else { &NORMAL };

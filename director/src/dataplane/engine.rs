@@ -276,7 +276,7 @@ impl Engine {
         scratch: &mut Scratch,
     ) -> Verdict {
         let tick = self.tick(now);
-        let flags = conntrack::TcpFlags(tcp_flags.map_or(0, |f| f.0));
+        let flags = tcp_flags.unwrap_or(wire::TcpFlags::NONE);
         let mut handle = self.conns.lookup_forward(&flow);
         if let Some(h) = handle {
             let (_, server) = self.conns.server(h);
@@ -370,7 +370,7 @@ impl Engine {
             return Verdict::Ignore;
         }
         let tick = self.tick(now);
-        let flags = conntrack::TcpFlags(tcp_flags.map_or(0, |f| f.0));
+        let flags = tcp_flags.unwrap_or(wire::TcpFlags::NONE);
         let info = self.conns.get(handle);
         let Some(server) = self.snapshot.server(info.server).cloned() else {
             self.conns.remove(handle);

@@ -42,9 +42,13 @@ impl TcpFlags {
     pub const URG: TcpFlags = TcpFlags(0x20);
     pub const ECE: TcpFlags = TcpFlags(0x40);
     pub const CWR: TcpFlags = TcpFlags(0x80);
+    pub const NONE: TcpFlags = TcpFlags(0);
+    pub const SYN_ACK: TcpFlags = TcpFlags(0x12);
+    pub const FIN_ACK: TcpFlags = TcpFlags(0x11);
+    pub const RST_ACK: TcpFlags = TcpFlags(0x14);
 
     /// All bits of `other` are set.
-    pub fn contains(self, other: TcpFlags) -> bool {
+    pub const fn contains(self, other: TcpFlags) -> bool {
         self.0 & other.0 == other.0
     }
 
