@@ -3,6 +3,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dataplane::table::ServiceTable;
+use crate::wire::WireError;
+
+/// Room for one counter per parser reason ([`WireError::ALL_REASONS`]); a test checks it is enough.
+pub const MALFORMED_SLOTS: usize = 32;
 use crate::dataplane::worker::LoopCounters;
 
 /// Why the data plane refused a packet that was for it. Each has a counter
@@ -72,6 +76,8 @@ impl DropReason {
 pub struct WorkerCounters {
     pub looped: LoopCounters,
     pub drops: [AtomicU64; DropReason::ALL.len()],
+    /// Malformed frames by the parser's reason, indexed as [`WireError::ALL_REASONS`].
+    pub malformed: [AtomicU64; MALFORMED_SLOTS],
     pub arp_replies: AtomicU64,
     pub garps: AtomicU64,
     pub arp_probes: AtomicU64,
@@ -86,6 +92,16 @@ impl WorkerCounters {
     pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// A frame the parser refused: counted under `malformed` and under the parser's own reason.
+    pub fn count_malformed(&self, error: &WireError) {
+        self.count_drop(DropReason::Malformed);
+        let reason = error.reason();
+        if let Some(slot) = WireError::ALL_REASONS.iter().position(|r| *r == reason).and_then(|i| self.malformed.get(i))
+        {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Publishes the data plane's counters; called by the metrics endpoint just before it renders.
@@ -95,6 +111,12 @@ pub fn publish(workers: &[std::sync::Arc<WorkerCounters>], table: &ServiceTable)
     for reason in DropReason::ALL {
         metrics::counter!("fulcrum_dropped_packets_total", "reason" => reason.label())
             .absolute(sum(&|w| load(&w.drops[reason as usize])));
+    }
+    for (i, reason) in WireError::ALL_REASONS.iter().enumerate().take(MALFORMED_SLOTS) {
+        let count = sum(&|w| load(&w.malformed[i]));
+        if count > 0 {
+            metrics::counter!("fulcrum_malformed_frames_total", "reason" => *reason).absolute(count);
+        }
     }
     metrics::counter!("fulcrum_received_packets_total").absolute(sum(&|w| load(&w.looped.received)));
     metrics::counter!("fulcrum_transmitted_packets_total").absolute(sum(&|w| load(&w.looped.transmitted)));
@@ -131,5 +153,21 @@ pub fn publish(workers: &[std::sync::Arc<WorkerCounters>], table: &ServiceTable)
             metrics::gauge!("fulcrum_server_effective_weight", &labels)
                 .set(f64::from(state.effective_weight.load(Ordering::Relaxed)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_parser_reason_has_a_counter() {
+        assert!(WireError::ALL_REASONS.len() <= MALFORMED_SLOTS);
+        let counters = WorkerCounters::default();
+        let error = WireError::BadVersion { layer: crate::wire::Layer::Ipv4, version: 6 };
+        counters.count_malformed(&error);
+        let at = WireError::ALL_REASONS.iter().position(|r| *r == error.reason()).unwrap();
+        assert_eq!(counters.malformed[at].load(Ordering::Relaxed), 1);
+        assert_eq!(counters.drops[DropReason::Malformed as usize].load(Ordering::Relaxed), 1);
     }
 }

@@ -619,7 +619,10 @@ impl PacketHandler for Engine {
         let Some(frame) = buffer.get(VNET_HDR_LEN..) else { return self.refuse(DropReason::Malformed) };
         let parsed = match wire::parse_ipv4_flow(frame) {
             Ok(parsed) => parsed,
-            Err(_) => return self.refuse(DropReason::Malformed),
+            Err(error) => {
+                self.counters.count_malformed(&error);
+                return Verdict::Drop;
+            }
         };
         match parsed {
             ParsedV4::Arp { l3_offset, operation } => {
