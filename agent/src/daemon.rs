@@ -9,20 +9,43 @@ use anyhow::{Context, Result};
 use fulcrum_protocol::{Hello, LoadReport, ProbeOutcome, ProbeReport, VersionRange, FULL_SCALE_BP};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::{AgentConfig, CpuSetting, MAX_INTERVAL_MS, MIN_INTERVAL_MS};
+use crate::config::{AgentConfig, CpuSetting, Overrides, MAX_INTERVAL_MS, MIN_INTERVAL_MS};
 use crate::sample::cgroup::CgroupCpu;
 use crate::sample::probe::{probe_once, ProbeConfig, ProbeTracker};
 use crate::sample::{CpuSourceConfig, Sampler};
 use crate::transport::{client_config, Link, LinkStatus};
 
-/// Runs until SIGTERM or SIGINT, then says goodbye to every director.
-pub async fn run(config: AgentConfig) -> Result<()> {
+/// Why [`run`] returned.
+#[derive(Debug)]
+pub enum Stopped {
+    /// SIGTERM or SIGINT: the agent said goodbye and exits.
+    Shutdown,
+    /// SIGHUP with a valid new configuration: the agent said goodbye and runs again with it.
+    Reload(Box<AgentConfig>),
+}
+
+/// Runs the agent with the configuration from `overrides` until SIGTERM or SIGINT, re-reading it on SIGHUP (a
+/// refused configuration is logged and the running one stays).
+pub async fn run_until_stopped(overrides: &Overrides, mut config: AgentConfig) -> Result<()> {
     if let Some(listen) = config.metrics_listen {
         install_metrics(listen)?;
     }
     metrics::gauge!("fulcrum_agent_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    loop {
+        match run(overrides, config).await? {
+            Stopped::Shutdown => return Ok(()),
+            Stopped::Reload(new) => {
+                info!("configuration reloaded; reconnecting with it");
+                config = *new;
+            }
+        }
+    }
+}
+
+/// Runs until a signal; says goodbye to every director before returning.
+pub async fn run(overrides: &Overrides, config: AgentConfig) -> Result<Stopped> {
     let cpu_source = match &config.cpu {
         CpuSetting::Proc => CpuSourceConfig::Proc,
         CpuSetting::Cgroup(name) => CpuSourceConfig::Cgroup(
@@ -70,6 +93,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     info!(
         name = %config.name, real_server = %config.real_server, directors = config.directors.len(),
         interval = ?config.interval, "agent running"
@@ -78,10 +102,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut interval = config.interval;
     let mut ticker = new_ticker(interval);
     let mut seq = 0u64;
-    loop {
+    let stopped = loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break Stopped::Shutdown,
+            _ = sigint.recv() => break Stopped::Shutdown,
+            _ = sighup.recv() => match AgentConfig::load(overrides) {
+                Ok(new) if new == config => info!("SIGHUP: configuration unchanged"),
+                Ok(new) => {
+                    if new.metrics_listen != config.metrics_listen {
+                        warn!("metrics.listen changes only on restart");
+                    }
+                    break Stopped::Reload(Box::new(new));
+                }
+                Err(e) => error!("SIGHUP: configuration refused, the running one stays: {e}"),
+            },
             _ = ticker.tick() => {
                 seq += 1;
                 match sampler.sample(Instant::now()) {
@@ -113,15 +147,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 }
             }
         }
-    }
+    };
 
-    info!("shutting down: saying goodbye to the directors");
+    info!("saying goodbye to the directors");
     shutdown_tx.send_replace(true);
     probe_task.abort();
     for link in links {
         let _ = link.await;
     }
-    Ok(())
+    Ok(stopped)
 }
 
 fn new_ticker(interval: Duration) -> tokio::time::Interval {

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(fulcrum_agent::daemon::run(config)) {
+    match runtime.block_on(fulcrum_agent::daemon::run_until_stopped(&cli.overrides, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

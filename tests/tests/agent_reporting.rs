@@ -385,3 +385,47 @@ async fn garbage_first(client: &quinn::ClientConfig, director: SocketAddr) -> Re
     send.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]).await?;
     Ok(close_description(connection.closed().await))
 }
+
+#[test]
+fn sighup_applies_a_good_config_and_refuses_a_bad_one_without_stopping() -> Result<()> {
+    require_root();
+    let bed = Testbed::new("agentshup")?;
+    let dir1 = bed.add_host("dir1", &format!("{DIRECTOR_IP}/24"))?;
+    let web1 = bed.add_host("web1", "10.0.0.11/24")?;
+    let pki = Pki::new(&["web1"])?;
+    let work = tempfile::tempdir()?;
+    let (config, socket) = Director::configure(work.path(), &pki, &["10.0.0.11"])?;
+    let director = Director::start(&dir1, config, socket)?;
+    let _nginx = web1.start_nginx(80)?;
+    let mut agent = start_agent(&web1, work.path(), pki.dir.path(), "web1", "tcp", &[])?;
+    wait_until("web1 reporting", Duration::from_secs(15), POLL, || {
+        Ok(director.agent("10.0.0.11")?.is_some_and(|a| report_count(&a) >= 1))
+    })?;
+    let agent_config = work.path().join("web1.toml");
+    let original = std::fs::read_to_string(&agent_config)?;
+
+    // A valid change: the agent says goodbye, reconnects and reports at the new interval.
+    std::fs::write(&agent_config, original.replace(&format!("interval_ms = {INTERVAL_MS}"), "interval_ms = 250"))?;
+    agent.signal("HUP")?;
+    let view = wait_until("web1 reconnected with the new config", Duration::from_secs(15), POLL, || {
+        Ok(director
+            .agent("10.0.0.11")?
+            .filter(|a| a["connections"] == 2 && a["connected"] == true && report_count(a) >= 1))
+    })?;
+    wait_until("a report of the new interval", Duration::from_secs(10), POLL, || {
+        Ok(director.agent("10.0.0.11")?.is_some_and(|a| a["last_report"]["interval_ms"] == 250))
+    })?;
+    assert!(agent.is_running()?, "{view}");
+
+    // A bad change: refused, logged, and the agent keeps reporting on the running config.
+    std::fs::write(&agent_config, original.replace("interval_ms", "intervall_ms"))?;
+    agent.signal("HUP")?;
+    agent.wait_for_output("configuration refused", Duration::from_secs(10))?;
+    assert!(agent.stderr().contains("intervall_ms"), "the refusal names the key: {}", agent.output_tails());
+    let before = report_count(&director.agent("10.0.0.11")?.context("web1")?);
+    wait_until("web1 still reporting", Duration::from_secs(10), POLL, || {
+        let web1 = director.agent("10.0.0.11")?.context("web1")?;
+        Ok(web1["connections"] == 2 && report_count(&web1) > before)
+    })?;
+    Ok(())
+}
