@@ -25,6 +25,7 @@
 //! ```
 
 pub mod cmd;
+pub mod loadgen;
 pub mod netns;
 pub mod nginx;
 pub mod process;
