@@ -326,13 +326,15 @@ impl Engine {
         };
         let change = self.conns.on_packet(handle, Direction::Input, flags, tick);
         let (_, id) = self.conns.server(handle);
-        let Some(server) = self.snapshot.server(id).cloned() else { return self.refuse(DropReason::ServerGone) };
-        self.count_state(&server, change);
+        // Borrowed, not cloned: cloning the entry would touch its Arc's count, a cache line all workers share.
+        let Some(server) = self.snapshot.server(id) else { return self.refuse(DropReason::ServerGone) };
+        self.count_state(server, change);
         let Some(server_mac) = server.state.mac() else { return self.refuse(DropReason::Unresolved) };
         let slot = &server.state.workers[self.config.worker];
         slot.packets.fetch_add(1, Ordering::Relaxed);
         slot.bytes.fetch_add((buffer.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-        match server.forward {
+        let (address, port, forward) = (server.address, server.port, server.forward);
+        match forward {
             ForwardMethod::Dr => {
                 self.set_macs(buffer, server_mac);
                 Verdict::Transmit { len: buffer.len() }
@@ -340,11 +342,11 @@ impl Engine {
             ForwardMethod::Nat => {
                 let state = checksum_state(buffer);
                 let frame = &mut buffer[VNET_HDR_LEN..];
-                rewrite_l3_l4(frame, l3, l4, flow.proto, Rewrite::Dst(server.address, server.port), state);
+                rewrite_l3_l4(frame, l3, l4, flow.proto, Rewrite::Dst(address, port), state);
                 self.set_macs(buffer, server_mac);
                 Verdict::Transmit { len: buffer.len() }
             }
-            ForwardMethod::Tun => self.tunnel(buffer, l3, l4, flow, &server, server_mac, tcp_flags, scratch),
+            ForwardMethod::Tun => self.tunnel(buffer, l3, l4, flow, address, server_mac, tcp_flags, scratch),
         }
     }
 
@@ -372,12 +374,14 @@ impl Engine {
         let tick = self.tick(now);
         let flags = tcp_flags.unwrap_or(wire::TcpFlags::NONE);
         let info = self.conns.get(handle);
-        let Some(server) = self.snapshot.server(info.server).cloned() else {
+        if self.snapshot.server(info.server).is_none() {
             self.conns.remove(handle);
             return self.refuse(DropReason::ServerGone);
-        };
+        }
         let change = self.conns.on_packet(handle, Direction::Output, flags, tick);
-        self.count_state(&server, change);
+        if let Some(server) = self.snapshot.server(info.server) {
+            self.count_state(server, change);
+        }
         let state = checksum_state(buffer);
         let frame = &mut buffer[VNET_HDR_LEN..];
         rewrite_l3_l4(frame, l3, l4, flow.proto, Rewrite::Src(info.forward.dst, info.forward.dst_port), state);
@@ -396,7 +400,7 @@ impl Engine {
         l3: usize,
         l4: usize,
         flow: FlowV4,
-        server: &ServerEntry,
+        server: Ipv4Addr,
         server_mac: [u8; 6],
         tcp_flags: Option<wire::TcpFlags>,
         scratch: &mut Scratch,
@@ -427,8 +431,7 @@ impl Engine {
         if vnet.needs_csum() && wire::complete_checksum(frame, &vnet).is_err() {
             return self.refuse(DropReason::Malformed);
         }
-        let header =
-            TunnelHeader::new(self.config.our_mac, server_mac, self.config.our_ip, server.address, &frame[l3..]);
+        let header = TunnelHeader::new(self.config.our_mac, server_mac, self.config.our_ip, server, &frame[l3..]);
         let Some((index, head)) = scratch.take() else { return self.refuse(DropReason::NoBuffer) };
         head[..VNET_HDR_LEN].fill(0);
         let outer = write_tunnel_header(&mut head[VNET_HDR_LEN..], &header, inner_len);
@@ -449,7 +452,7 @@ impl Engine {
         l4: usize,
         flow: FlowV4,
         gso_size: usize,
-        server: &ServerEntry,
+        server: Ipv4Addr,
         server_mac: [u8; 6],
         scratch: &mut Scratch,
     ) -> Verdict {
@@ -471,8 +474,7 @@ impl Engine {
         }
         let inner_ip = Ipv4Packet::new_unchecked(&frame[l3..l4]);
         let first_id = inner_ip.ident();
-        let header =
-            TunnelHeader::new(self.config.our_mac, server_mac, self.config.our_ip, server.address, &frame[l3..l4]);
+        let header = TunnelHeader::new(self.config.our_mac, server_mac, self.config.our_ip, server, &frame[l3..l4]);
         let first_seq = tcp.seq_number();
         let flags = tcp.flags();
         for (i, chunk) in payload.chunks(segment_payload).enumerate() {
@@ -540,7 +542,7 @@ impl Engine {
         if self.snapshot.is_vip(quoted.src) {
             let Some(handle) = self.conns.lookup_forward(&quoted.reversed()) else { return Verdict::Ignore };
             let info = self.conns.get(handle);
-            let Some(server) = self.snapshot.server(info.server).cloned() else { return Verdict::Ignore };
+            let Some(server) = self.snapshot.server(info.server) else { return Verdict::Ignore };
             let Some(mac) = server.state.mac() else { return self.refuse(DropReason::Unresolved) };
             if server.forward == ForwardMethod::Nat {
                 let frame = &mut buffer[VNET_HDR_LEN..];
