@@ -57,6 +57,10 @@ pub struct DataplaneConfig {
     /// tunnel get their MSS clamped to fit.
     #[serde(default = "default_tunnel_mtu")]
     pub tunnel_mtu: u32,
+    /// After a busy turn, spin on the ring this long (µs) before sleeping: trades CPU for latency and
+    /// throughput. 0 always sleeps.
+    #[serde(default = "default_busy_poll_us")]
+    pub busy_poll_us: u32,
 }
 
 /// Connection timeouts in seconds, as LVS's (`ipvsadm --set` covers the first three).
@@ -104,6 +108,9 @@ fn default_garp_count() -> u32 {
 }
 fn default_garp_interval_ms() -> u32 {
     100
+}
+fn default_busy_poll_us() -> u32 {
+    50
 }
 fn default_tunnel_mtu() -> u32 {
     1500
@@ -328,6 +335,12 @@ impl DirectorConfig {
                 return Err(invalid(
                     &at("connection_capacity"),
                     format!("{} is outside 1..={}", dataplane.connection_capacity, 1u32 << 26),
+                ));
+            }
+            if dataplane.busy_poll_us > 10_000 {
+                return Err(invalid(
+                    &at("busy_poll_us"),
+                    format!("{} µs is outside 0..=10000", dataplane.busy_poll_us),
                 ));
             }
             if !(576..=9000).contains(&dataplane.tunnel_mtu) {

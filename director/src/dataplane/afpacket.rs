@@ -239,9 +239,14 @@ impl PacketRing {
         unsafe { std::ptr::read_volatile(self.slot(index).cast::<u32>()) }
     }
 
+    /// Whether the next slot holds a frame, without a system call.
+    pub fn ready(&self) -> bool {
+        self.status(self.head) & TP_STATUS_USER != 0
+    }
+
     /// Waits up to `timeout_ms` for a frame (returns at once if one is ready).
     pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
-        if self.status(self.head) & TP_STATUS_USER != 0 {
+        if self.ready() {
             return Ok(true);
         }
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN | libc::POLLERR, revents: 0 };

@@ -61,6 +61,7 @@ impl Dataplane {
         let mut threads = Vec::new();
         let mut all_counters = Vec::new();
         let mut steering = None;
+        let busy_poll = Duration::from_micros(config.busy_poll_us.into());
         for worker in 0..config.workers as usize {
             let mut ring = PacketRing::open(interface, ring_config, Some((group, &program)))
                 .with_context(|| format!("opening the AF_PACKET ring on {interface}"))?;
@@ -84,7 +85,7 @@ impl Dataplane {
             let (stop, thread_counters) = (Arc::clone(&stop), Arc::clone(&counters));
             let thread = std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{worker}"))
-                .spawn(move || worker::run(&mut ring, &mut engine, &thread_counters.looped, &stop))
+                .spawn(move || worker::run(&mut ring, &mut engine, &thread_counters.looped, &stop, busy_poll))
                 .context("starting a worker thread")?;
             threads.push(thread);
             all_counters.push(counters);
