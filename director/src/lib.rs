@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod control;
 pub mod control_plane;
 pub mod dataplane;
+pub mod feedback;
 pub mod flow;
 pub mod metrics_endpoint;
 pub mod sched;
