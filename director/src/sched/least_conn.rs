@@ -109,9 +109,16 @@ pub(super) fn nq(servers: &[ServerView]) -> Option<usize> {
     least.map(|(i, _, _)| i)
 }
 
-/// `df` (dynamic feedback), for now: the least `(activeconns*256 + inactconns + T + L) / weight`, with T =
-/// [`ServerView::response_time_norm`] and L = [`ServerView::cpu_norm`] from the dynamic-feedback blender; first on
-/// ties. With T = L = 0 this is exactly `wlc`.
+/// `df` (dynamic feedback): the least `(activeconns*256 + inactconns + T + L) / W`; first on ties.
+///
+/// * `W` is the effective weight, which the dynamic-feedback blender (`crate::feedback`) already moves with the
+///   servers' reported load;
+/// * `T` = [`ServerView::response_time_norm`] and `L` = [`ServerView::cpu_norm`] are the blender's normalised
+///   response-time and CPU metrics (1.0 = fully loaded) times `unit = 256 × max(mean active connections per
+///   server, 4)`, i.e. in [`conn_overhead`] units: a fully busy CPU adds as much as an average server's active
+///   connections, so the feedback terms stay comparable with the connection term at any load.
+///
+/// `df` and `wlc` therefore differ exactly by the feedback: with T = L = 0 this is `wlc`, decision for decision.
 #[inline]
 pub(super) fn df(servers: &[ServerView]) -> Option<usize> {
     weighted_least(servers, feedback_overhead)
@@ -240,6 +247,34 @@ mod tests {
         #[test]
         fn df_without_feedback_is_wlc(list in arb_state()) {
             prop_assert_eq!(df(&list), wlc(&list));
+        }
+
+        /// With feedback, df is wlc over `conn_overhead + T + L`: the first server minimising it per weight.
+        #[test]
+        fn df_minimises_connections_plus_feedback_per_weight(
+            list in arb_state(),
+            feedback in proptest::collection::vec((0u32..2000, 0u32..2000), 10),
+        ) {
+            let mut list = list;
+            for (server, &(t, l)) in list.iter_mut().zip(&feedback) {
+                server.response_time_norm = t;
+                server.cpu_norm = l;
+            }
+            let best = df(&list);
+            let available: Vec<usize> = (0..list.len()).filter(|&i| list[i].weight > 0).collect();
+            prop_assert_eq!(best.is_some(), !available.is_empty());
+            if let Some(b) = best {
+                let cost = |i: usize| {
+                    let s = &list[i];
+                    (conn_overhead(s) + u64::from(s.response_time_norm) + u64::from(s.cpu_norm)) as f64 / f64::from(s.weight)
+                };
+                for &i in &available {
+                    prop_assert!(cost(b) <= cost(i));
+                    if i < b {
+                        prop_assert!(cost(i) > cost(b), "an earlier server ties");
+                    }
+                }
+            }
         }
 
         /// Each of the weighted pickers returns a server whose load/weight is minimal, the first such.

@@ -1,0 +1,738 @@
+//! Dynamic-feedback weight blender: turns agent load reports and the director's own counters into an effective
+//! weight per real server, plus the `T` and `L` terms of the `df` scheduler.
+//!
+//! Pure (sans-IO): every input, including time, is an argument. The control loop calls [`Blender::update`] once
+//! per period with one [`ServerInput`] per real server of a service (same order every time) and stores each
+//! [`ServerOutput::effective_weight`] into the data plane's `ServerState::effective_weight`
+//! ([`store_weights`]).
+//!
+//! # The classic rule
+//!
+//! This follows the LVS "dynamic feedback load balancing" design (Wensong Zhang; `feedbackd`):
+//!
+//! ```text
+//! aggregate = Σ Rᵢ·Mᵢ                        (Mᵢ normalised metrics, Σ Rᵢ = 1)
+//! w ← w + A·∛(0.95 − aggregate)              bounded to [1, SCALE × configured weight]
+//! ```
+//!
+//! applied only when the change is significant (more than [`BlenderConfig::significance`] of the current
+//! weight; LVS suggests 5 %, Fulcrum's default is 3 %, see below).
+//!
+//! ## Metrics and their normalisation (1.0 = "fully loaded"; each capped at [`MAX_METRIC`])
+//!
+//! | metric | coefficient (default) | normalisation |
+//! | --- | --- | --- |
+//! | CPU | `cpu` = 0.5 | `busy_bp / 10 000` |
+//! | response time | `response_time` = 0.3 | `smoothed_us / reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0) |
+//! | CPU pressure | `pressure` = 0.2 | PSI `some avg10` in bp / 10 000 |
+//! | connections | `connections` = 0.0 | agent-counted established connections / [`BlenderConfig::connections_full`] |
+//!
+//! A metric a report does not carry (no CPU sample yet, no PSI, no successful probe yet) is left out and the
+//! remaining coefficients are rescaled to sum to 1; with no metric at all the weight is held.
+//!
+//! # Where Fulcrum differs, and why
+//!
+//! * **Gain in units of the configured weight.** `Δw = A × configured × ∛(target − aggregate)`, so the same
+//!   `A` (default 0.5) behaves the same for a server configured with weight 1 or 100.
+//! * **Cluster-relative load** ([`LoadMode::ClusterRelative`], the default). Only the *ratio* of weights
+//!   decides where connections go, so steering every server to an absolute 95 % can only succeed when the
+//!   offered load happens to be 95 % of the capacity; otherwise all weights run to a bound together. In
+//!   relative mode the aggregate fed to the rule is `target × aggregate / max(mean aggregate, floor)`: a server
+//!   exactly as loaded as the service's average does not move, busier ones lose weight, idler ones gain, and
+//!   the weights converge to the servers' capacity ratios. The floor (default 0.1) keeps an idle service from
+//!   reacting to noise: below it every server gains weight up to its bound. [`LoadMode::Absolute`] is the
+//!   classic rule.
+//! * **No overshoot.** Near the target `∛` is steep and, in a closed loop, makes the weight orbit the
+//!   equilibrium forever. Under the model "load is proportional to weight", the weight `w × target / aggregate`
+//!   would put the server exactly on target; one step never moves more than [`BlenderConfig::damping`]
+//!   (default ¾) of the way there. Far from the target the `∛` term is the smaller and decides.
+//! * **Dead band.** With the damping `d` and the significance `s`, a server whose load is within about
+//!   `s / d` (4 % by default) of its target no longer moves: that is what makes the weights settle and stop.
+//!   The defaults (`d` = 0.75, `s` = 0.03, half-life 1 s) come from the closed-loop simulation in the tests:
+//!   three servers of capacity 1 : 2 : 3 at 17–92 % of the total capacity settle within 15 periods to
+//!   weights within 3 % of the capacity ratio, and then never change again. LVS's 5 % doubles the dead band.
+//! * **Rate cap.** One step moves a weight by at most [`BlenderConfig::max_step`] (default 25 %) of its
+//!   current value, so a whole service cannot swing at once (no herd oscillation).
+//! * **One step per new report.** Between two reports nothing new is known; stepping again on the same data
+//!   would integrate it twice. A period without a new accepted report holds the weight.
+//! * **Smoothing.** Every metric is an EWMA over accepted reports with a half-life
+//!   ([`BlenderConfig::half_life`], default 1 s, one report interval): `α = 1 − 2^(−dt / half_life)`, `dt` the time between the
+//!   reports' receipt `Instant`s.
+//! * **Stale and missing reports.** A server whose newest accepted report is older than
+//!   [`BlenderConfig::stale_after`] (default 3 s, three report intervals) or that never reported falls back to
+//!   its configured weight ([`FeedbackStatus::Stale`]); older than [`BlenderConfig::down_after`] (default 10 s)
+//!   or with at least [`BlenderConfig::down_probe_failures`] (default 3) consecutive agent probe failures it is
+//!   marked down: weight 0 ([`FeedbackStatus::Down`]). Coming back, it restarts from its configured weight with
+//!   fresh averages.
+//! * **Impossible values are refused**: CPU or pressure above 100 %, a response time above one hour, a report
+//!   interval of 0 or above one hour, a receipt time in the future. A refused report feeds nothing; it is
+//!   counted once by reason ([`Blender::rejections`]) and shown in [`ServerOutput::rejected`].
+//!
+//! The effective weight is the smoothed weight rounded to an integer: with small configured weights the
+//! integer steps are coarse (configured 1, SCALE 10: ten levels); configure larger weights for finer control.
+//!
+//! # The `df` terms
+//!
+//! `T = response_time_metric × unit` and `L = cpu_metric × unit` in the scheduler's connection-overhead units
+//! (one active connection = 256, see `sched::conn_overhead`), where
+//! `unit = 256 × max(mean active connections per server, df_min_connections)`: a fully busy CPU weighs as much
+//! as an average server's whole active connection count, so the feedback terms stay comparable with the
+//! connection term at any load. Servers not in normal state get `T = L = 0` (`df` is then `wlc` for them).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use fulcrum_protocol::messages::LoadReport;
+use thiserror::Error;
+
+#[cfg(test)]
+mod tests;
+
+/// Largest value one normalised metric may take, so that one absurd metric cannot dominate the aggregate.
+pub const MAX_METRIC: f64 = 2.0;
+/// 100 % in basis points.
+pub const FULL_BP: u16 = 10_000;
+/// Longest response time or report interval accepted.
+pub const MAX_PLAUSIBLE_TIME: Duration = Duration::from_secs(60 * 60);
+
+/// Coefficients `Rᵢ` of the aggregate load; must be ≥ 0 and sum to 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Coefficients {
+    pub cpu: f64,
+    pub response_time: f64,
+    pub pressure: f64,
+    pub connections: f64,
+}
+
+impl Default for Coefficients {
+    fn default() -> Coefficients {
+        Coefficients { cpu: 0.5, response_time: 0.3, pressure: 0.2, connections: 0.0 }
+    }
+}
+
+/// What aggregate the update rule compares with the target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoadMode {
+    /// The classic rule: each server's own aggregate against the target.
+    Absolute,
+    /// The aggregate relative to the service's mean: `target × aggregate / max(mean, floor)`.
+    ClusterRelative { floor: f64 },
+}
+
+/// Which response time counts as fully loaded (metric 1.0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RtReference {
+    /// A fixed response time, in microseconds.
+    Fixed { full_load_us: u32 },
+    /// `full_load_multiple ×` the median smoothed response time of the service's servers in normal state.
+    ClusterMedian { full_load_multiple: f64 },
+}
+
+/// Per-service blender settings; see the module documentation for each formula.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlenderConfig {
+    pub coefficients: Coefficients,
+    /// The load the rule steers to (LVS: 0.95).
+    pub target: f64,
+    /// `A`, in units of the configured weight (default 0.5).
+    pub gain: f64,
+    /// The effective weight stays within `1..=scale × configured` (LVS's SCALE, default 10).
+    pub scale: u32,
+    /// A step is applied only when it changes the weight by more than this share of it (default 0.03).
+    pub significance: f64,
+    /// Largest step per period as a share of the current weight (default 0.25).
+    pub max_step: f64,
+    /// Share of the way to the load-proportional target weight one step may go (default 0.75), `(0, 1]`.
+    pub damping: f64,
+    pub mode: LoadMode,
+    pub response_time_reference: RtReference,
+    /// Established connections that count as fully loaded (used when `coefficients.connections > 0`).
+    pub connections_full: u32,
+    /// EWMA half-life of the metrics (default 1 s); zero disables smoothing.
+    pub half_life: Duration,
+    /// Report age after which the server falls back to its configured weight (default 3 s).
+    pub stale_after: Duration,
+    /// Report age after which the server is marked down (default 10 s); must exceed `stale_after`.
+    pub down_after: Duration,
+    /// Consecutive agent probe failures that mark the server down (default 3; 0 = never).
+    pub down_probe_failures: u32,
+    /// Floor of the `df` unit's connection count (default 4).
+    pub df_min_connections: u32,
+}
+
+impl Default for BlenderConfig {
+    fn default() -> BlenderConfig {
+        BlenderConfig {
+            coefficients: Coefficients::default(),
+            target: 0.95,
+            gain: 0.5,
+            scale: 10,
+            significance: 0.03,
+            max_step: 0.25,
+            damping: 0.75,
+            mode: LoadMode::ClusterRelative { floor: 0.1 },
+            response_time_reference: RtReference::ClusterMedian { full_load_multiple: 2.0 },
+            connections_full: 10_000,
+            half_life: Duration::from_secs(1),
+            stale_after: Duration::from_secs(3),
+            down_after: Duration::from_secs(10),
+            down_probe_failures: 3,
+            df_min_connections: 4,
+        }
+    }
+}
+
+/// Why a [`BlenderConfig`] was refused.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ConfigError {
+    #[error("feedback coefficients must be finite, >= 0 and sum to 1 (got {0:?})")]
+    Coefficients(Coefficients),
+    #[error("feedback {field} = {value} is out of range {range}")]
+    OutOfRange { field: &'static str, value: f64, range: &'static str },
+    #[error("feedback down_after must be longer than stale_after")]
+    DownBeforeStale,
+}
+
+impl BlenderConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = self.coefficients;
+        let all = [c.cpu, c.response_time, c.pressure, c.connections];
+        if all.iter().any(|r| !r.is_finite() || *r < 0.0) || (all.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+            return Err(ConfigError::Coefficients(c));
+        }
+        let check = |field: &'static str, value: f64, ok: bool, range: &'static str| {
+            if ok && value.is_finite() {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange { field, value, range })
+            }
+        };
+        check("target", self.target, self.target > 0.0 && self.target <= 1.0, "(0, 1]")?;
+        check("gain", self.gain, self.gain > 0.0 && self.gain <= 10.0, "(0, 10]")?;
+        check("scale", f64::from(self.scale), (1..=1000).contains(&self.scale), "1..=1000")?;
+        check("significance", self.significance, (0.0..1.0).contains(&self.significance), "[0, 1)")?;
+        check("max_step", self.max_step, self.max_step > 0.0 && self.max_step <= 1.0, "(0, 1]")?;
+        check("damping", self.damping, self.damping > 0.0 && self.damping <= 1.0, "(0, 1]")?;
+        if let LoadMode::ClusterRelative { floor } = self.mode {
+            check("mode.floor", floor, floor > 0.0 && floor <= 1.0, "(0, 1]")?;
+        }
+        match self.response_time_reference {
+            RtReference::Fixed { full_load_us } => {
+                check("response_time_reference", f64::from(full_load_us), full_load_us > 0, "> 0 µs")?
+            }
+            RtReference::ClusterMedian { full_load_multiple: m } => {
+                check("response_time_reference", m, m > 0.0 && m <= 100.0, "(0, 100]")?
+            }
+        }
+        if c.connections > 0.0 && self.connections_full == 0 {
+            return Err(ConfigError::OutOfRange { field: "connections_full", value: 0.0, range: ">= 1" });
+        }
+        if self.down_after <= self.stale_after {
+            return Err(ConfigError::DownBeforeStale);
+        }
+        Ok(())
+    }
+}
+
+/// The parts of an agent's latest [`LoadReport`] the blender uses, with its receipt time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportInput {
+    /// The report's sequence number: with `received`, identifies a report so each is used (or refused) once.
+    pub seq: u64,
+    /// When the director received it; the report's age is `now − received`.
+    pub received: Instant,
+    pub interval_ms: u32,
+    pub cpu_busy_bp: Option<u16>,
+    /// Smoothed response time, microseconds.
+    pub response_time_us: Option<u32>,
+    /// PSI CPU `some avg10`, basis points.
+    pub cpu_pressure_bp: Option<u16>,
+    pub established: u32,
+    pub probe_failures: u32,
+}
+
+impl ReportInput {
+    /// The fields of `report`, received at `received`.
+    pub fn from_report(report: &LoadReport, received: Instant) -> ReportInput {
+        ReportInput {
+            seq: report.seq,
+            received,
+            interval_ms: report.interval_ms,
+            cpu_busy_bp: report.cpu.map(|c| c.busy_bp),
+            response_time_us: report.probe.smoothed_us,
+            cpu_pressure_bp: report.cpu_pressure.map(|p| p.some_avg10_bp),
+            established: report.established_connections,
+            probe_failures: report.probe.consecutive_failures,
+        }
+    }
+}
+
+/// One real server's inputs for one period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerInput {
+    /// Stable identity (e.g. `sched::server_key`); a different key at the same index restarts that slot.
+    pub key: u64,
+    /// The configured weight; 0 = administratively quiesced (effective weight 0, no feedback).
+    pub configured_weight: u32,
+    /// The newest report from the server's agent, if any (repeat the same one until a newer arrives).
+    pub report: Option<ReportInput>,
+    /// The director's active (established) connections to this server, summed over workers.
+    pub active: u32,
+    /// The director's inactive connections to this server.
+    pub inactive: u32,
+}
+
+/// Why a report was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    CpuOverFullScale,
+    PressureOverFullScale,
+    ResponseTimeAbsurd,
+    IntervalAbsurd,
+    ReceivedInFuture,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 5] = [
+        RejectReason::CpuOverFullScale,
+        RejectReason::PressureOverFullScale,
+        RejectReason::ResponseTimeAbsurd,
+        RejectReason::IntervalAbsurd,
+        RejectReason::ReceivedInFuture,
+    ];
+
+    /// A label for metrics (`fulcrum_feedback_rejected_reports_total{reason}`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            RejectReason::CpuOverFullScale => "cpu_over_full_scale",
+            RejectReason::PressureOverFullScale => "pressure_over_full_scale",
+            RejectReason::ResponseTimeAbsurd => "response_time_absurd",
+            RejectReason::IntervalAbsurd => "interval_absurd",
+            RejectReason::ReceivedInFuture => "received_in_future",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Refused reports counted by reason since the blender was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RejectionCounts([u64; 5]);
+
+impl RejectionCounts {
+    pub fn get(&self, reason: RejectReason) -> u64 {
+        self.0[reason.index()]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// Why a server is on its configured weight rather than feedback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    /// No report accepted yet.
+    NeverReported,
+    /// The newest accepted report is older than `stale_after`.
+    ReportOld { age: Duration },
+}
+
+/// Why a server is marked down (weight 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownReason {
+    /// The newest accepted report is older than `down_after`.
+    ReportTooOld { age: Duration },
+    /// The agent's probe failed this many times in a row.
+    ProbeFailures { consecutive: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackStatus {
+    /// Weight from feedback.
+    Normal,
+    /// Configured weight: feedback is missing or old.
+    Stale { reason: StaleReason },
+    /// Weight 0.
+    Down { reason: DownReason },
+}
+
+/// One server's result of one period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerOutput {
+    /// `0..=scale × configured`: 0 when down or configured 0; `1..=scale × configured` otherwise.
+    pub effective_weight: u32,
+    /// `df`'s T, in connection-overhead units (see the module documentation).
+    pub response_time_norm: u32,
+    /// `df`'s L, in connection-overhead units.
+    pub cpu_norm: u32,
+    pub status: FeedbackStatus,
+    /// The server's aggregate load `Σ Rᵢ·Mᵢ` (before the cluster-relative scaling); `None` without metrics or
+    /// when not in normal state.
+    pub aggregate_load: Option<f64>,
+    /// This period's new report was refused, and why.
+    pub rejected: Option<RejectReason>,
+    /// `effective_weight` differs from the previous period's.
+    pub changed: bool,
+}
+
+impl ServerOutput {
+    const EMPTY: ServerOutput = ServerOutput {
+        effective_weight: 0,
+        response_time_norm: 0,
+        cpu_norm: 0,
+        status: FeedbackStatus::Stale { reason: StaleReason::NeverReported },
+        aggregate_load: None,
+        rejected: None,
+        changed: false,
+    };
+}
+
+/// An exponentially weighted moving average over irregularly spaced samples.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ewma {
+    value: Option<f64>,
+    at: Option<Instant>,
+}
+
+impl Ewma {
+    fn feed(&mut self, x: Option<f64>, at: Instant, half_life: Duration) {
+        let Some(x) = x else { return };
+        self.value = Some(match (self.value, self.at) {
+            (Some(old), Some(prev)) if !half_life.is_zero() => {
+                let dt = at.saturating_duration_since(prev).as_secs_f64();
+                let alpha = 1.0 - (-dt / half_life.as_secs_f64()).exp2();
+                old + alpha * (x - old)
+            }
+            _ => x,
+        });
+        self.at = Some(at);
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Smoothed {
+    cpu: Ewma,
+    rt_us: Ewma,
+    pressure: Ewma,
+    established: Ewma,
+}
+
+/// Per-server state kept between periods.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: u64,
+    configured: u32,
+    /// The applied (continuous) feedback weight; the effective weight is its rounding.
+    weight: f64,
+    /// Identity (seq, receipt) of the newest report seen, accepted or not: each is judged once.
+    seen: Option<(u64, Instant)>,
+    /// Receipt time of the newest accepted report, and its probe failure count.
+    accepted: Option<(Instant, u32)>,
+    smoothed: Smoothed,
+    /// A report was accepted since the last weight step.
+    fresh: bool,
+    normal_before: bool,
+    aggregate: Option<f64>,
+    published: u32,
+}
+
+impl Slot {
+    fn new(key: u64, configured: u32) -> Slot {
+        Slot {
+            key,
+            configured,
+            weight: f64::from(configured),
+            seen: None,
+            accepted: None,
+            smoothed: Smoothed::default(),
+            fresh: false,
+            normal_before: false,
+            aggregate: None,
+            published: configured,
+        }
+    }
+}
+
+/// The dynamic-feedback blender of one service.
+#[derive(Debug, Clone)]
+pub struct Blender {
+    config: BlenderConfig,
+    slots: Vec<Slot>,
+    outputs: Vec<ServerOutput>,
+    scratch: Vec<f64>,
+    rejections: RejectionCounts,
+}
+
+impl Blender {
+    /// Validates `config`.
+    pub fn new(config: BlenderConfig) -> Result<Blender, ConfigError> {
+        config.validate()?;
+        Ok(Blender {
+            config,
+            slots: Vec::new(),
+            outputs: Vec::new(),
+            scratch: Vec::new(),
+            rejections: RejectionCounts::default(),
+        })
+    }
+
+    pub fn config(&self) -> &BlenderConfig {
+        &self.config
+    }
+
+    /// Refused reports by reason, since construction.
+    pub fn rejections(&self) -> &RejectionCounts {
+        &self.rejections
+    }
+
+    /// The outputs of the last [`Blender::update`].
+    pub fn outputs(&self) -> &[ServerOutput] {
+        &self.outputs
+    }
+
+    /// One period: judges each new report, updates the averages, decides each server's status, steps the
+    /// weights and returns one output per input, in order. Allocates only when the server list grows.
+    pub fn update(&mut self, now: Instant, inputs: &[ServerInput]) -> &[ServerOutput] {
+        let cfg = &self.config;
+        if self.slots.len() != inputs.len() {
+            self.slots.truncate(inputs.len());
+            let kept = self.slots.len();
+            self.slots.extend(inputs[kept..].iter().map(|i| Slot::new(i.key, i.configured_weight)));
+            self.outputs.resize(inputs.len(), ServerOutput::EMPTY);
+            self.scratch.reserve(inputs.len());
+        }
+
+        // 1. Reports, averages and status.
+        for ((slot, input), out) in self.slots.iter_mut().zip(inputs).zip(self.outputs.iter_mut()) {
+            if slot.key != input.key {
+                *slot = Slot::new(input.key, input.configured_weight);
+            }
+            if slot.configured != input.configured_weight {
+                // A configuration change: rescale the feedback weight with it.
+                let ratio = f64::from(input.configured_weight) / f64::from(slot.configured.max(1));
+                slot.weight = (slot.weight * ratio).max(1.0);
+                slot.configured = input.configured_weight;
+            }
+            out.rejected = None;
+            if let Some(report) = input.report {
+                let id = (report.seq, report.received);
+                if slot.seen != Some(id) {
+                    slot.seen = Some(id);
+                    match check(&report, now) {
+                        Err(reason) => {
+                            self.rejections.0[reason.index()] += 1;
+                            out.rejected = Some(reason);
+                        }
+                        Ok(()) => {
+                            if !slot.normal_before {
+                                slot.smoothed = Smoothed::default();
+                            }
+                            let s = &mut slot.smoothed;
+                            let at = report.received;
+                            let bp = |v: u16| f64::from(v) / f64::from(FULL_BP);
+                            s.cpu.feed(report.cpu_busy_bp.map(bp), at, cfg.half_life);
+                            s.rt_us.feed(report.response_time_us.map(f64::from), at, cfg.half_life);
+                            s.pressure.feed(report.cpu_pressure_bp.map(bp), at, cfg.half_life);
+                            s.established.feed(Some(f64::from(report.established)), at, cfg.half_life);
+                            slot.accepted = Some((report.received, report.probe_failures));
+                            slot.fresh = true;
+                        }
+                    }
+                }
+            }
+            out.status = status(cfg, slot.accepted, now);
+            let normal = out.status == FeedbackStatus::Normal;
+            if !normal {
+                slot.weight = f64::from(slot.configured);
+                slot.fresh = false;
+            }
+            slot.normal_before = normal;
+        }
+
+        // 2. Service-wide references: median response time, mean active connections.
+        self.scratch.clear();
+        for (slot, out) in self.slots.iter().zip(&self.outputs) {
+            if let (FeedbackStatus::Normal, Some(rt)) = (out.status, slot.smoothed.rt_us.value) {
+                self.scratch.push(rt);
+            }
+        }
+        let rt_full_us = match cfg.response_time_reference {
+            RtReference::Fixed { full_load_us } => Some(f64::from(full_load_us)),
+            RtReference::ClusterMedian { full_load_multiple } => {
+                median(&mut self.scratch).map(|m| m * full_load_multiple).filter(|m| *m > 0.0)
+            }
+        };
+        let mean_active = if inputs.is_empty() {
+            0.0
+        } else {
+            inputs.iter().map(|i| f64::from(i.active)).sum::<f64>() / inputs.len() as f64
+        };
+        let df_unit = 256.0 * mean_active.max(f64::from(cfg.df_min_connections));
+
+        // 3. Aggregates, and their mean for the relative mode.
+        let (mut sum, mut count) = (0.0, 0usize);
+        for (slot, out) in self.slots.iter_mut().zip(self.outputs.iter_mut()) {
+            let metrics = (out.status == FeedbackStatus::Normal && slot.configured > 0)
+                .then(|| Metrics::of(cfg, &slot.smoothed, rt_full_us));
+            slot.aggregate = metrics.and_then(|m| m.aggregate(&cfg.coefficients));
+            out.aggregate_load = slot.aggregate;
+            if let Some(a) = slot.aggregate {
+                sum += a;
+                count += 1;
+            }
+            let m = metrics.unwrap_or_default();
+            out.response_time_norm = to_units(m.rt.unwrap_or(0.0) * df_unit);
+            out.cpu_norm = to_units(m.cpu.unwrap_or(0.0) * df_unit);
+        }
+        let mean = (count > 0).then(|| sum / count as f64);
+
+        // 4. Weight steps and outputs.
+        for (slot, out) in self.slots.iter_mut().zip(self.outputs.iter_mut()) {
+            if let (true, Some(aggregate)) = (slot.fresh, slot.aggregate) {
+                let load = match (cfg.mode, mean) {
+                    (LoadMode::ClusterRelative { floor }, Some(mean)) => cfg.target * aggregate / mean.max(floor),
+                    _ => aggregate,
+                };
+                slot.weight = step(cfg, slot.weight, slot.configured, load);
+                slot.fresh = false;
+            }
+            let weight = match out.status {
+                FeedbackStatus::Down { .. } => 0,
+                _ if slot.configured == 0 => 0,
+                FeedbackStatus::Stale { .. } => slot.configured,
+                FeedbackStatus::Normal => {
+                    let max = f64::from(slot.configured) * f64::from(cfg.scale);
+                    slot.weight.round().clamp(1.0, max) as u32
+                }
+            };
+            out.changed = weight != slot.published;
+            out.effective_weight = weight;
+            slot.published = weight;
+        }
+        &self.outputs
+    }
+}
+
+/// The new feedback weight from the current one and the load the rule compares with the target.
+fn step(cfg: &BlenderConfig, w: f64, configured: u32, load: f64) -> f64 {
+    let configured = f64::from(configured);
+    let error = cfg.target - load;
+    // The LVS rule, with the gain in units of the configured weight.
+    let raw = cfg.gain * configured * error.cbrt();
+    // Never more than `damping` of the way to the weight that would put a load-proportional server on target.
+    let no_overshoot = if load > 1e-9 { cfg.damping * (w * cfg.target / load - w).abs() } else { f64::INFINITY };
+    let limit = no_overshoot.min(cfg.max_step * w);
+    let max = configured * f64::from(cfg.scale);
+    let candidate = (w + raw.clamp(-limit, limit)).clamp(1.0, max);
+    // Reaching a bound is always significant, or the last small step to it would never be taken.
+    let at_bound = candidate != w && (candidate == 1.0 || candidate == max);
+    if at_bound || (candidate - w).abs() > cfg.significance * w {
+        candidate
+    } else {
+        w
+    }
+}
+
+fn to_units(x: f64) -> u32 {
+    x.round().clamp(0.0, f64::from(u32::MAX)) as u32
+}
+
+/// The median of `values` (reordered in place), `None` when empty.
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mid = values.len() / 2;
+    let (_, m, _) = values.select_nth_unstable_by(mid, f64::total_cmp);
+    Some(*m)
+}
+
+/// Refuses impossible report values.
+fn check(report: &ReportInput, now: Instant) -> Result<(), RejectReason> {
+    if report.cpu_busy_bp.is_some_and(|bp| bp > FULL_BP) {
+        return Err(RejectReason::CpuOverFullScale);
+    }
+    if report.cpu_pressure_bp.is_some_and(|bp| bp > FULL_BP) {
+        return Err(RejectReason::PressureOverFullScale);
+    }
+    if report.response_time_us.is_some_and(|us| u128::from(us) > MAX_PLAUSIBLE_TIME.as_micros()) {
+        return Err(RejectReason::ResponseTimeAbsurd);
+    }
+    if report.interval_ms == 0 || u128::from(report.interval_ms) > MAX_PLAUSIBLE_TIME.as_millis() {
+        return Err(RejectReason::IntervalAbsurd);
+    }
+    if report.received > now {
+        return Err(RejectReason::ReceivedInFuture);
+    }
+    Ok(())
+}
+
+fn status(cfg: &BlenderConfig, accepted: Option<(Instant, u32)>, now: Instant) -> FeedbackStatus {
+    let Some((received, failures)) = accepted else {
+        return FeedbackStatus::Stale { reason: StaleReason::NeverReported };
+    };
+    let age = now.saturating_duration_since(received);
+    if age > cfg.down_after {
+        FeedbackStatus::Down { reason: DownReason::ReportTooOld { age } }
+    } else if cfg.down_probe_failures > 0 && failures >= cfg.down_probe_failures {
+        FeedbackStatus::Down { reason: DownReason::ProbeFailures { consecutive: failures } }
+    } else if age > cfg.stale_after {
+        FeedbackStatus::Stale { reason: StaleReason::ReportOld { age } }
+    } else {
+        FeedbackStatus::Normal
+    }
+}
+
+/// Normalised metrics of one server (1.0 = fully loaded, capped at [`MAX_METRIC`]); `None` = not available.
+#[derive(Debug, Clone, Copy, Default)]
+struct Metrics {
+    cpu: Option<f64>,
+    rt: Option<f64>,
+    pressure: Option<f64>,
+    connections: Option<f64>,
+}
+
+impl Metrics {
+    fn of(cfg: &BlenderConfig, s: &Smoothed, rt_full_us: Option<f64>) -> Metrics {
+        let cap = |x: f64| x.clamp(0.0, MAX_METRIC);
+        Metrics {
+            cpu: s.cpu.value.map(cap),
+            rt: s.rt_us.value.zip(rt_full_us).map(|(rt, full)| cap(rt / full)),
+            pressure: s.pressure.value.map(cap),
+            connections: (cfg.coefficients.connections > 0.0)
+                .then_some(s.established.value)
+                .flatten()
+                .map(|n| cap(n / f64::from(cfg.connections_full))),
+        }
+    }
+
+    /// `Σ Rᵢ·Mᵢ / Σ Rᵢ` over the available metrics with a positive coefficient.
+    fn aggregate(&self, r: &Coefficients) -> Option<f64> {
+        let terms = [
+            (r.cpu, self.cpu),
+            (r.response_time, self.rt),
+            (r.pressure, self.pressure),
+            (r.connections, self.connections),
+        ];
+        let (mut weighted, mut total) = (0.0, 0.0);
+        for (coefficient, metric) in terms {
+            if let (true, Some(m)) = (coefficient > 0.0, metric) {
+                weighted += coefficient * m;
+                total += coefficient;
+            }
+        }
+        (total > 0.0).then(|| weighted / total)
+    }
+}
+
+/// Stores each output's effective weight into the matching data-plane atomic (e.g.
+/// `ServerState::effective_weight`), in order.
+pub fn store_weights<'a>(outputs: &[ServerOutput], weights: impl IntoIterator<Item = &'a AtomicU32>) {
+    for (out, weight) in outputs.iter().zip(weights) {
+        weight.store(out.effective_weight, Ordering::Relaxed);
+    }
+}

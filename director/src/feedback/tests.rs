@@ -1,0 +1,510 @@
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn t0() -> Instant {
+    // Only an origin to add durations to; no decision reads the clock.
+    Instant::now()
+}
+
+fn report(seq: u64, received: Instant, cpu_bp: u16) -> ReportInput {
+    ReportInput {
+        seq,
+        received,
+        interval_ms: 1000,
+        cpu_busy_bp: Some(cpu_bp),
+        response_time_us: None,
+        cpu_pressure_bp: None,
+        established: 0,
+        probe_failures: 0,
+    }
+}
+
+fn server(key: u64, weight: u32, report: Option<ReportInput>) -> ServerInput {
+    ServerInput { key, configured_weight: weight, report, active: 0, inactive: 0 }
+}
+
+fn blender(config: BlenderConfig) -> Blender {
+    Blender::new(config).unwrap()
+}
+
+/// Closed loop: each period every server reports CPU = (its share of `offered` by weight) / capacity, with an
+/// M/M/1-like response time. Returns the blender and the effective weights after each period.
+fn closed_loop(config: BlenderConfig, capacities: &[f64], offered: f64, periods: u64) -> Vec<Vec<u32>> {
+    let mut b = blender(config);
+    let start = t0();
+    let mut weights: Vec<u32> = vec![100; capacities.len()];
+    let mut history = Vec::new();
+    for k in 0..periods {
+        let now = start + SEC * k as u32;
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let inputs: Vec<ServerInput> = capacities
+            .iter()
+            .zip(&weights)
+            .enumerate()
+            .map(|(i, (&cap, &w))| {
+                let util = (offered * f64::from(w) / total / cap).min(1.0);
+                server(i as u64, 100, Some(report(k + 1, now, (util * 10_000.0).round() as u16)))
+            })
+            .collect();
+        weights = b.update(now, &inputs).iter().map(|o| o.effective_weight).collect();
+        history.push(weights.clone());
+    }
+    history
+}
+
+/// The first period after which the weights never change again.
+fn settled_at(history: &[Vec<u32>]) -> usize {
+    (1..history.len()).rev().find(|&k| history[k] != history[k - 1]).unwrap_or(0)
+}
+
+#[test]
+fn three_unequal_servers_converge_to_capacity_ratios_and_stop() {
+    let capacities = [1.0, 2.0, 3.0];
+    // Offered load from 1/6 to 11/12 of the total capacity. (Below the relative floor every weight rises to
+    // its bound; above the capacity every CPU reads 100 % and there is nothing to balance.)
+    for offered in [1.0, 1.5, 3.0, 4.5, 5.5] {
+        let history = closed_loop(BlenderConfig::default(), &capacities, offered, 300);
+        let settled = settled_at(&history);
+        assert!(settled <= 15, "offered {offered}: still changing at period {settled}: {:?}", &history[..50]);
+        let last = history.last().unwrap();
+        let total: f64 = last.iter().map(|&w| f64::from(w)).sum();
+        for (w, cap) in last.iter().zip(capacities) {
+            let share = f64::from(*w) / total;
+            let want = cap / 6.0;
+            assert!((share / want - 1.0).abs() < 0.03, "offered {offered}: {last:?} not ∝ {capacities:?}");
+        }
+        // Settled: no change at all over the remaining ~260 periods (no oscillation).
+        let changes = history.windows(2).skip(settled).filter(|p| p[0] != p[1]).count();
+        assert_eq!(changes, 0);
+    }
+}
+
+#[test]
+fn constant_reports_settle_and_stop_changing() {
+    // Open loop: fixed CPU per server, classic absolute rule: underloaded servers rise to the bound, the
+    // overloaded one falls to 1, within a stated number of periods, then nothing moves.
+    let config = BlenderConfig {
+        mode: LoadMode::Absolute,
+        coefficients: Coefficients { cpu: 0.5, response_time: 0.5, pressure: 0.0, connections: 0.0 },
+        response_time_reference: RtReference::Fixed { full_load_us: 10_000 },
+        ..BlenderConfig::default()
+    };
+    let mut b = blender(config);
+    let start = t0();
+    let mut history = Vec::new();
+    for k in 0..200u32 {
+        let now = start + SEC * k;
+        let with_rt = |cpu, rt| ReportInput { response_time_us: Some(rt), ..report(u64::from(k), now, cpu) };
+        let inputs = [
+            server(1, 10, Some(with_rt(2000, 1000))),     // aggregate 0.15
+            server(2, 10, Some(with_rt(9000, 10_000))),   // 0.95: on target
+            server(3, 10, Some(with_rt(10_000, 30_000))), // 1.5 (response time capped at 2)
+        ];
+        history.push(b.update(now, &inputs).iter().map(|o| o.effective_weight).collect::<Vec<_>>());
+    }
+    let settled = settled_at(&history);
+    assert!(settled <= 20, "settled only at {settled}: {history:?}");
+    let last = history.last().unwrap();
+    // The idle server climbs until A·W·∛(0.95 − 0.15) = 4.6 is no longer 3 % of its weight (~155 > the bound
+    // 100): it reaches SCALE × configured; the one on target stays; the overloaded one falls to 1.
+    assert_eq!(last, &vec![100, 10, 1]);
+}
+
+#[test]
+fn climbing_cpu_loses_weight_smoothly_and_regains_it() {
+    // Two equal servers share 1.0 CPU of traffic by weight; server A also runs a background job whose CPU
+    // climbs to 60 %, stays, then stops.
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let background = |k: u32| -> f64 {
+        match k {
+            0..10 => 0.0,
+            10..30 => f64::from(k - 9) * 0.03,
+            30..60 => 0.6,
+            _ => 0.0,
+        }
+    };
+    let (mut wa, mut wb) = (100u32, 100u32);
+    let mut a_weights = Vec::new();
+    let mut b_at_59 = 0;
+    for k in 0..120u32 {
+        let now = start + SEC * k;
+        let share = f64::from(wa) / f64::from(wa + wb);
+        let cpu_a = (background(k) + share).min(1.0);
+        let cpu_b = 1.0 - share;
+        let bp = |x: f64| (x * 10_000.0).round() as u16;
+        let inputs = [
+            server(1, 100, Some(report(u64::from(k), now, bp(cpu_a)))),
+            server(2, 100, Some(report(u64::from(k), now, bp(cpu_b)))),
+        ];
+        let out = b.update(now, &inputs);
+        assert_eq!(out[0].status, FeedbackStatus::Normal);
+        (wa, wb) = (out[0].effective_weight, out[1].effective_weight);
+        a_weights.push(wa);
+        if k == 59 {
+            b_at_59 = wb;
+        }
+    }
+    assert_eq!(a_weights[9], 100, "equal load, equal weight");
+    // Falling while the background load climbs, never by more than the rate cap per period.
+    for k in 10..30 {
+        assert!(a_weights[k] <= a_weights[k - 1], "period {k}: {a_weights:?}");
+        assert!(f64::from(a_weights[k]) >= f64::from(a_weights[k - 1]) * 0.75 - 1.0, "jump at {k}: {a_weights:?}");
+    }
+    // While the job runs, A's traffic share shrinks until both CPUs are within the dead band of each other.
+    let share = f64::from(a_weights[59]) / f64::from(a_weights[59] + b_at_59);
+    assert!(share < 0.3, "{a_weights:?}, B {b_at_59}");
+    assert!(((0.6 + share) / (1.0 - share) - 1.0).abs() < 0.08, "CPUs balanced: {a_weights:?}, B {b_at_59}");
+    // Rising back once it stops (B's weight falling at the same time), smoothly, to about B's weight.
+    assert!(a_weights[65] > a_weights[59] * 2, "{a_weights:?}");
+    for k in 61..120 {
+        assert!(f64::from(a_weights[k]) <= f64::from(a_weights[k - 1]) * 1.25 + 1.0, "jump at {k}: {a_weights:?}");
+    }
+    let share = f64::from(wa) / f64::from(wa + wb);
+    assert!((share - 0.5).abs() < 0.02, "regained: {a_weights:?}, B {wb}");
+}
+
+#[test]
+fn a_silent_agent_falls_back_to_configured_weight_then_goes_down() {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let mut last = None;
+    // Server 1 busier than server 2 for a while: its weight drops below configured.
+    for k in 0..20u32 {
+        let now = start + SEC * k;
+        let r = report(u64::from(k), now, 9000);
+        last = Some(r);
+        let out = b.update(now, &[server(1, 50, Some(r)), server(2, 50, Some(report(u64::from(k), now, 2000)))]);
+        assert_eq!(out[0].status, FeedbackStatus::Normal);
+    }
+    let low = b.outputs()[0].effective_weight;
+    assert!(low < 50, "{low}");
+    // Then the agent of server 1 goes silent: its last report keeps being presented.
+    let silent_since = start + SEC * 19;
+    let mut statuses = Vec::new();
+    for k in 20..32u32 {
+        let now = start + SEC * k;
+        let out = b.update(now, &[server(1, 50, last), server(2, 50, Some(report(u64::from(k), now, 2000)))]);
+        statuses.push((k, out[0].status, out[0].effective_weight));
+    }
+    for &(k, status, weight) in &statuses {
+        let age = SEC * (k - 19);
+        match age.as_secs() {
+            0..=3 => assert_eq!((status, weight), (FeedbackStatus::Normal, low), "age {age:?}"),
+            4..=10 => {
+                assert_eq!(status, FeedbackStatus::Stale { reason: StaleReason::ReportOld { age } });
+                assert_eq!(weight, 50, "configured weight while stale");
+            }
+            _ => {
+                assert_eq!(status, FeedbackStatus::Down { reason: DownReason::ReportTooOld { age } });
+                assert_eq!(weight, 0);
+            }
+        }
+    }
+    let _ = silent_since;
+    // The agent comes back: normal again, starting from the configured weight with fresh averages.
+    let now = start + SEC * 32;
+    let out = b.update(now, &[server(1, 50, Some(report(100, now, 2000))), server(2, 50, Some(report(32, now, 2000)))]);
+    assert_eq!(out[0].status, FeedbackStatus::Normal);
+    assert_eq!(out[0].effective_weight, 50);
+    assert!(out[0].changed);
+}
+
+#[test]
+fn a_server_that_never_reported_keeps_its_configured_weight() {
+    let mut b = blender(BlenderConfig::default());
+    let out = b.update(t0(), &[server(1, 7, None)]);
+    assert_eq!(out[0].status, FeedbackStatus::Stale { reason: StaleReason::NeverReported });
+    assert_eq!((out[0].effective_weight, out[0].cpu_norm, out[0].response_time_norm), (7, 0, 0));
+    assert_eq!(out[0].aggregate_load, None);
+}
+
+#[test]
+fn probe_failures_mark_the_server_down_and_recovery_restores_it() {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    for (k, failures, want) in [
+        (0u32, 0, FeedbackStatus::Normal),
+        (1, 2, FeedbackStatus::Normal),
+        (2, 3, FeedbackStatus::Down { reason: DownReason::ProbeFailures { consecutive: 3 } }),
+        (3, 9, FeedbackStatus::Down { reason: DownReason::ProbeFailures { consecutive: 9 } }),
+        (4, 0, FeedbackStatus::Normal),
+    ] {
+        let now = start + SEC * k;
+        let mut r = report(u64::from(k), now, 5000);
+        r.probe_failures = failures;
+        let out = b.update(now, &[server(1, 4, Some(r))]);
+        assert_eq!(out[0].status, want, "period {k}");
+        assert_eq!(out[0].effective_weight == 0, matches!(want, FeedbackStatus::Down { .. }));
+    }
+}
+
+#[test]
+fn impossible_reports_are_refused_counted_once_and_ignored() {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let good = report(1, start, 2000);
+    b.update(start, &[server(1, 10, Some(good)), server(2, 10, Some(report(1, start, 2000)))]);
+    let aggregate = b.outputs()[0].aggregate_load;
+    let now = start + SEC;
+    let bad = [
+        (ReportInput { cpu_busy_bp: Some(10_001), ..report(2, now, 0) }, RejectReason::CpuOverFullScale),
+        (ReportInput { cpu_pressure_bp: Some(20_000), ..report(3, now, 0) }, RejectReason::PressureOverFullScale),
+        (ReportInput { response_time_us: Some(3_600_000_001), ..report(4, now, 0) }, RejectReason::ResponseTimeAbsurd),
+        (ReportInput { interval_ms: 0, ..report(5, now, 0) }, RejectReason::IntervalAbsurd),
+        (ReportInput { interval_ms: 3_600_001, ..report(6, now, 0) }, RejectReason::IntervalAbsurd),
+        (report(7, now + SEC, 0), RejectReason::ReceivedInFuture),
+    ];
+    for (r, reason) in bad {
+        for _ in 0..3 {
+            // Presented three times, counted once.
+            let out = b.update(now, &[server(1, 10, Some(r)), server(2, 10, Some(report(1, start, 2000)))]);
+            assert_eq!(out[0].aggregate_load, aggregate, "{reason:?} fed the averages");
+            assert_eq!(out[0].effective_weight, 10);
+        }
+        assert_eq!(
+            b.rejections().get(reason) as usize,
+            1 + usize::from(reason == RejectReason::IntervalAbsurd && r.seq == 6)
+        );
+    }
+    assert_eq!(b.rejections().total(), 6);
+    // A report at exactly full scale and one hour is accepted.
+    let edge = ReportInput { cpu_busy_bp: Some(10_000), response_time_us: Some(3_600_000_000), ..report(8, now, 0) };
+    assert_eq!(b.update(now, &[server(1, 10, Some(edge)), server(2, 10, None)])[0].rejected, None);
+}
+
+#[test]
+fn the_classic_rule_drives_towards_the_bounds_in_absolute_mode() {
+    let config = BlenderConfig { mode: LoadMode::Absolute, ..BlenderConfig::default() };
+    assert!(step(&config, 10.0, 10, 0.2) > 10.0);
+    assert!(step(&config, 10.0, 10, 1.5) < 10.0);
+    assert_eq!(step(&config, 10.0, 10, 0.95), 10.0, "on target: no change");
+    // Near the target the no-overshoot bound decides: ¾ of the way to 10·0.95/0.9.
+    assert!((step(&config, 10.0, 10, 0.9) - (10.0 + 0.75 * (9.5 / 0.9 - 10.0))).abs() < 1e-12);
+    // Closer still, that is under 3 % of the weight: no change.
+    assert_eq!(step(&config, 10.0, 10, 0.93), 10.0);
+    // Idle: Δ = A·W·∛0.95 = 5·0.983 (the rate cap, 25 % of 40, does not bind).
+    assert!((step(&config, 40.0, 10, 0.0) - (40.0 + 5.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    // Overloaded: bounded by the rate cap and the floor of 1.
+    assert_eq!(step(&config, 40.0, 10, 9.0), 30.0);
+    assert_eq!(step(&config, 1.0, 10, 2.0), 1.0);
+    assert_eq!(step(&config, 100.0, 10, 0.0), 100.0, "at SCALE × configured");
+}
+
+#[test]
+fn insignificant_changes_are_not_applied() {
+    let config = BlenderConfig::default();
+    // 2 % below target with w = 100: the step would be < 5 % of the weight.
+    assert_eq!(step(&config, 100.0, 100, 0.95 * 1.02), 100.0);
+    assert!(step(&config, 100.0, 100, 0.95 * 1.3) < 95.0);
+}
+
+#[test]
+fn response_time_is_relative_to_the_cluster_median() {
+    let config = BlenderConfig {
+        coefficients: Coefficients { cpu: 0.0, response_time: 1.0, pressure: 0.0, connections: 0.0 },
+        ..BlenderConfig::default()
+    };
+    let mut b = blender(config);
+    let now = t0();
+    let rt = |seq, us| ReportInput { cpu_busy_bp: None, response_time_us: Some(us), ..report(seq, now, 0) };
+    let out = b.update(
+        now,
+        &[server(1, 10, Some(rt(1, 1000))), server(2, 10, Some(rt(1, 2000))), server(3, 10, Some(rt(1, 8000)))],
+    );
+    // Median 2000 µs, full load at 4000 µs: metrics 0.25, 0.5, 2.0 (capped from 2).
+    let aggregates: Vec<f64> = out.iter().map(|o| o.aggregate_load.unwrap()).collect();
+    assert_eq!(aggregates, [0.25, 0.5, 2.0]);
+    assert!(out[0].effective_weight > 10 && out[2].effective_weight < 10);
+}
+
+#[test]
+fn missing_metrics_are_left_out_of_the_aggregate() {
+    let mut b = blender(BlenderConfig::default());
+    let now = t0();
+    let mut with_pressure = report(1, now, 4000);
+    with_pressure.cpu_pressure_bp = Some(1000);
+    let out = b.update(now, &[server(1, 10, Some(report(1, now, 4000))), server(2, 10, Some(with_pressure))]);
+    // CPU only: 0.4. CPU and pressure: (0.5·0.4 + 0.2·0.1) / 0.7.
+    assert_eq!(out[0].aggregate_load, Some(0.4));
+    assert!((out[1].aggregate_load.unwrap() - 0.22 / 0.7).abs() < 1e-12);
+    let none = ReportInput { cpu_busy_bp: None, ..report(1, now, 0) };
+    let mut b = blender(BlenderConfig::default());
+    let out = b.update(now, &[server(1, 10, Some(none))]);
+    assert_eq!((out[0].status, out[0].aggregate_load, out[0].effective_weight), (FeedbackStatus::Normal, None, 10));
+}
+
+#[test]
+fn ewma_uses_the_half_life_and_explicit_time() {
+    let mut e = Ewma::default();
+    let start = t0();
+    e.feed(Some(0.0), start, SEC * 2);
+    e.feed(Some(1.0), start + SEC * 2, SEC * 2);
+    assert!((e.value.unwrap() - 0.5).abs() < 1e-12, "one half-life: half way");
+    e.feed(Some(1.0), start + SEC * 6, SEC * 2);
+    assert!((e.value.unwrap() - 0.875).abs() < 1e-12, "two more: 7/8");
+    e.feed(None, start + SEC * 7, SEC * 2);
+    assert!((e.value.unwrap() - 0.875).abs() < 1e-12, "a missing sample changes nothing");
+    let mut raw = Ewma::default();
+    raw.feed(Some(0.3), start, Duration::ZERO);
+    raw.feed(Some(0.9), start + SEC, Duration::ZERO);
+    assert_eq!(raw.value, Some(0.9), "zero half-life: no smoothing");
+}
+
+#[test]
+fn df_terms_are_in_connection_units_and_zero_without_feedback() {
+    let mut b = blender(BlenderConfig::default());
+    let now = t0();
+    let mut busy = report(1, now, 10_000);
+    busy.response_time_us = Some(1000);
+    let mut half = report(1, now, 5000);
+    half.response_time_us = Some(1000);
+    let inputs = [
+        ServerInput { active: 10, ..server(1, 10, Some(busy)) },
+        ServerInput { active: 30, ..server(2, 10, Some(half)) },
+        server(3, 10, None),
+    ];
+    let out = b.update(now, &inputs);
+    // Mean active = 40/3 ≥ 4: unit = 256 · 40/3. CPU 1.0 and 0.5; response time at the median: 0.5.
+    let unit: f64 = 256.0 * 40.0 / 3.0;
+    assert_eq!(out[0].cpu_norm, (unit).round() as u32);
+    assert_eq!(out[1].cpu_norm, (0.5 * unit).round() as u32);
+    assert_eq!(out[0].response_time_norm, (0.5 * unit).round() as u32);
+    assert_eq!((out[2].cpu_norm, out[2].response_time_norm), (0, 0), "stale: df is wlc for it");
+    // Few connections: the floor of 4.
+    let mut b = blender(BlenderConfig::default());
+    assert_eq!(b.update(now, &[server(1, 10, Some(report(1, now, 10_000)))])[0].cpu_norm, 1024);
+}
+
+#[test]
+fn the_update_reuses_its_buffers() {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let inputs = |k: u32| [server(1, 10, Some(report(u64::from(k), start + SEC * k, 5000))), server(2, 10, None)];
+    let first = b.update(start, &inputs(0)).as_ptr();
+    let capacity = b.scratch.capacity();
+    for k in 1..50 {
+        assert_eq!(b.update(start + SEC * k, &inputs(k)).as_ptr(), first);
+    }
+    assert_eq!(b.scratch.capacity(), capacity);
+}
+
+#[test]
+fn a_new_key_or_weight_restarts_or_rescales_the_slot() {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    for k in 0..20u32 {
+        let now = start + SEC * k;
+        b.update(
+            now,
+            &[
+                server(1, 100, Some(report(u64::from(k), now, 9000))),
+                server(2, 100, Some(report(u64::from(k), now, 1000))),
+            ],
+        );
+    }
+    let low = b.outputs()[0].effective_weight;
+    assert!(low < 100);
+    let now = start + SEC * 20;
+    // Configured weight halved: the feedback weight is halved with it.
+    let out = b.update(now, &[server(1, 50, Some(report(19, start + SEC * 19, 9000))), server(2, 50, None)]);
+    assert!(out[0].effective_weight.abs_diff(low / 2) <= 1, "{} vs {low}", out[0].effective_weight);
+    // Another server at that index: a fresh slot.
+    let out = b.update(now, &[server(9, 50, None), server(2, 50, None)]);
+    assert_eq!(out[0].status, FeedbackStatus::Stale { reason: StaleReason::NeverReported });
+    assert_eq!(out[0].effective_weight, 50);
+}
+
+#[test]
+fn configured_weight_zero_stays_zero() {
+    let mut b = blender(BlenderConfig::default());
+    let now = t0();
+    let out = b.update(now, &[server(1, 0, Some(report(1, now, 100))), server(2, 5, Some(report(1, now, 9000)))]);
+    assert_eq!(out[0].effective_weight, 0);
+}
+
+#[test]
+fn the_configuration_is_validated() {
+    let ok = BlenderConfig::default();
+    assert_eq!(ok.validate(), Ok(()));
+    let bad_sum = BlenderConfig { coefficients: Coefficients { cpu: 0.6, ..Coefficients::default() }, ..ok.clone() };
+    assert!(matches!(Blender::new(bad_sum), Err(ConfigError::Coefficients(_))));
+    let negative = Coefficients { cpu: 1.2, response_time: -0.2, pressure: 0.0, connections: 0.0 };
+    assert!(BlenderConfig { coefficients: negative, ..ok.clone() }.validate().is_err());
+    assert!(BlenderConfig { target: 0.0, ..ok.clone() }.validate().is_err());
+    assert!(BlenderConfig { gain: f64::NAN, ..ok.clone() }.validate().is_err());
+    assert!(BlenderConfig { scale: 0, ..ok.clone() }.validate().is_err());
+    assert!(BlenderConfig { damping: 0.0, ..ok.clone() }.validate().is_err());
+    assert!(BlenderConfig { mode: LoadMode::ClusterRelative { floor: 0.0 }, ..ok.clone() }.validate().is_err());
+    let no_full = Coefficients { cpu: 0.5, response_time: 0.0, pressure: 0.0, connections: 0.5 };
+    assert!(BlenderConfig { coefficients: no_full, connections_full: 0, ..ok.clone() }.validate().is_err());
+    let err = BlenderConfig { down_after: SEC * 3, ..ok.clone() }.validate().unwrap_err();
+    assert_eq!(err, ConfigError::DownBeforeStale);
+    assert!(err.to_string().contains("stale_after"));
+}
+
+#[test]
+fn weights_reach_the_data_plane_atomics() {
+    let atomics = [AtomicU32::new(1), AtomicU32::new(1)];
+    let mut b = blender(BlenderConfig::default());
+    let out = b.update(t0(), &[server(1, 7, None), server(2, 3, None)]);
+    store_weights(out, &atomics);
+    assert_eq!(atomics.map(|a| a.load(Ordering::Relaxed)), [7, 3]);
+}
+
+/// One scripted period of one server: CPU (possibly impossible), response time, probe failures, whether a new
+/// report arrived and how late it was received.
+fn arb_period() -> impl Strategy<Value = (u16, Option<u32>, u32, bool, u64)> {
+    (0u16..=12_000, proptest::option::of(0u32..=4_000_000_000), 0u32..5, any::<bool>(), 0u64..15)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Whatever the reports, every effective weight is 0 (down or configured 0) or within 1..=SCALE×configured,
+    /// stale servers are exactly at their configured weight.
+    #[test]
+    fn weights_never_leave_their_bounds(
+        weights in proptest::collection::vec(0u32..200, 1..5),
+        script in proptest::collection::vec(proptest::collection::vec(arb_period(), 5), 1..60),
+        absolute in any::<bool>(),
+    ) {
+        let mode = if absolute { LoadMode::Absolute } else { LoadMode::ClusterRelative { floor: 0.1 } };
+        let config = BlenderConfig { mode, ..BlenderConfig::default() };
+        let scale = config.scale;
+        let mut b = blender(config);
+        let start = t0() + SEC * 100;
+        let mut last: Vec<Option<ReportInput>> = vec![None; weights.len()];
+        for (k, period) in script.iter().enumerate() {
+            let now = start + SEC * k as u32;
+            let inputs: Vec<ServerInput> = weights.iter().enumerate().map(|(i, &w)| {
+                let (cpu, rt, failures, new, late) = period[i];
+                if new {
+                    let received = now - SEC * late as u32;
+                    let mut r = report(k as u64, received, cpu);
+                    r.response_time_us = rt;
+                    r.probe_failures = failures;
+                    last[i] = Some(r);
+                }
+                ServerInput { active: i as u32 * 3, ..server(i as u64, w, last[i]) }
+            }).collect();
+            for (out, input) in b.update(now, &inputs).iter().zip(&inputs) {
+                let w = out.effective_weight;
+                match out.status {
+                    FeedbackStatus::Down { .. } => prop_assert_eq!(w, 0),
+                    FeedbackStatus::Stale { .. } => prop_assert_eq!(w, input.configured_weight),
+                    FeedbackStatus::Normal if input.configured_weight == 0 => prop_assert_eq!(w, 0),
+                    FeedbackStatus::Normal => prop_assert!((1..=scale * input.configured_weight).contains(&w)),
+                }
+                if let Some(a) = out.aggregate_load {
+                    prop_assert!((0.0..=MAX_METRIC).contains(&a));
+                }
+            }
+        }
+    }
+}
