@@ -22,8 +22,11 @@ work=$(mktemp -d /tmp/fulcrum-demo.XXXXXX)
 chmod 755 "$work"   # nginx's workers run unprivileged and must read the document root
 pids=()
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # Newest first: the load and the agent (which says goodbye) stop before the director they talk to.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[i]}" 2>/dev/null || true
+        wait "${pids[i]}" 2>/dev/null || true
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
