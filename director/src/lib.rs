@@ -9,6 +9,7 @@ pub mod control;
 pub mod control_plane;
 pub mod dataplane;
 pub mod flow;
+pub mod ha;
 pub mod metrics_endpoint;
 pub mod sched;
 pub mod tls;
