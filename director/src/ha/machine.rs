@@ -4,9 +4,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::packet::{DecodeError, Heartbeat, FLAG_CLAIM, FLAG_FAILOVER, FLAG_YIELD};
-use super::{
-    Action, Counters, HaConfig, HaStatus, Input, LoadSummary, PeerStatus, Reason, State, Transmit,
-};
+use super::{Action, Counters, HaConfig, HaStatus, Input, LoadSummary, PeerStatus, Reason, State, Transmit};
 
 /// Boot ids of the peer remembered as used.
 const RETIRED_BOOTS: usize = 16;
@@ -73,7 +71,8 @@ pub struct Ha {
     cfg: HaConfig,
     boot_id: u64,
     state: State,
-    init_until: Instant,
+    /// End of the INIT hold, until it passes.
+    init_until: Option<Instant>,
     manual: Manual,
     /// MASTER because the peer died or faulted.
     by_failover: bool,
@@ -104,6 +103,8 @@ pub struct Ha {
 
     // Decisions.
     preempt_since: Option<Instant>,
+    /// When a held preemption becomes due.
+    preempt_at: Option<Instant>,
     tb_asked: Option<Instant>,
     tb_for_takeover: bool,
     tb_grant: bool,
@@ -131,7 +132,7 @@ impl Ha {
         let period = config.period_max;
         let tolerance = config.tolerance;
         Ha {
-            init_until: now + config.init_hold,
+            init_until: Some(now + config.init_hold),
             cfg: config,
             boot_id,
             state: State::Init,
@@ -153,6 +154,7 @@ impl Ha {
             echo: 0,
             retired: VecDeque::new(),
             preempt_since: None,
+            preempt_at: None,
             tb_asked: None,
             tb_for_takeover: false,
             tb_grant: false,
@@ -258,6 +260,12 @@ impl Ha {
 
     /// Timers: call at (or after) [`Ha::poll_timeout`].
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.init_until.is_some_and(|t| now >= t) {
+            self.init_until = None;
+        }
+        if self.preempt_at.is_some_and(|t| now >= t) {
+            self.preempt_at = None;
+        }
         if let Some(p) = self.peer.as_mut() {
             if p.alive && now >= p.deadline {
                 p.alive = false;
@@ -324,6 +332,7 @@ impl Ha {
     pub fn demote(&mut self, now: Instant) {
         self.manual = Manual::Demoted;
         self.preempt_since = None;
+        self.preempt_at = None;
         self.trigger(now);
         self.evaluate(now);
         self.refresh_timers(now);
@@ -350,8 +359,8 @@ impl Ha {
             }
         };
         at(self.peer_deadline());
-        at((self.state == State::Init).then_some(self.init_until));
-        at(self.preempt_since.map(|s| s + self.cfg.preempt_delay));
+        at(self.init_until.filter(|_| self.state == State::Init));
+        at(self.preempt_at);
         at(self.tb_asked.map(|a| a + self.cfg.tiebreaker_timeout));
         at(self.next_tb_check);
         Some(t)
@@ -440,6 +449,9 @@ impl Ha {
             self.trigger(now);
         }
         let was_master = self.peer.as_ref().is_some_and(|p| p.alive && p.state == State::Master);
+        // A MASTER hearing its peer again (after losing it, or a new boot) cannot know whether the peer
+        // served meanwhile and moved the VIPs: announce them again.
+        let returning = !new_boot && self.peer.as_ref().is_some_and(|p| !p.alive);
         self.peer = Some(Peer {
             node_id: hb.node_id,
             boot_id: hb.boot_id,
@@ -469,10 +481,13 @@ impl Ha {
                     Reason::DualMasterLost
                 };
                 self.become_backup(now, reason);
-            } else if !was_master || self.last_sent.is_none_or(|t| now >= t + self.cfg.period_min) {
+            } else if !was_master {
                 self.actions.push_back(Action::SendGratuitousArp);
                 self.trigger(now);
             }
+        } else if self.state == State::Master && (returning || new_boot) {
+            self.actions.push_back(Action::SendGratuitousArp);
+            self.trigger(now);
         }
     }
 
@@ -523,7 +538,8 @@ impl Ha {
     fn desire(&mut self, now: Instant) -> Desire {
         let Some(p) = self.peer.as_ref().filter(|p| p.alive) else {
             self.preempt_since = None;
-            if self.state == State::Init && now < self.init_until {
+            self.preempt_at = None;
+            if self.state == State::Init && self.init_until.is_some_and(|t| now < t) {
                 return Desire::Wait;
             }
             return Desire::Master(if self.peer.is_some() { Reason::PeerDead } else { Reason::NoPeer });
@@ -533,15 +549,18 @@ impl Ha {
         match p.state {
             State::Fault => {
                 self.preempt_since = None;
+                self.preempt_at = None;
                 Desire::Master(Reason::PeerFault)
             }
             State::Master => {
                 if p.yields() && !demoted {
                     self.preempt_since = None;
+                    self.preempt_at = None;
                     return Desire::Master(Reason::Handover);
                 }
                 if promoted && !p.claims() {
                     self.preempt_since = None;
+                    self.preempt_at = None;
                     return Desire::Master(Reason::Promoted);
                 }
                 let preempt = self.cfg.preempt
@@ -551,17 +570,21 @@ impl Ha {
                     && (self.cfg.auto_failback || !p.took_over_by_failover());
                 if !preempt {
                     self.preempt_since = None;
+                    self.preempt_at = None;
                     return Desire::Backup(Reason::PeerIsMaster);
                 }
-                let since = *self.preempt_since.get_or_insert(now);
-                if now >= since + self.cfg.preempt_delay {
+                let due = *self.preempt_since.get_or_insert(now) + self.cfg.preempt_delay;
+                if now >= due {
+                    self.preempt_at = None;
                     Desire::Master(Reason::Preempt)
                 } else {
+                    self.preempt_at = Some(due);
                     Desire::Backup(Reason::PeerIsMaster)
                 }
             }
             State::Init | State::Backup => {
                 self.preempt_since = None;
+                self.preempt_at = None;
                 if self.contest_rank() > p.contest_rank() {
                     Desire::Master(Reason::Election)
                 } else {
@@ -629,6 +652,7 @@ impl Ha {
         self.actions.push_back(action);
         self.actions.push_back(Action::RunNotify(state));
         self.preempt_since = None;
+        self.preempt_at = None;
         self.tb_for_takeover = false;
         self.next_tb_check = None;
         self.trigger(now);

@@ -59,7 +59,7 @@
 //! `max(P, P')`), and only the last of them advertises `P_new` as its own period. A receiver that gets any
 //! of them holds a deadline valid for the longer gaps; one that loses all `n_old + 1` would have failed
 //! over under the old period anyway. (The naive scheme — first heartbeat with the long period sent at the
-//! old rate, then the long gaps — fails over whenever that one heartbeat is lost; tested.)
+//! old rate, then the long gaps — fails over whenever that one heartbeat is lost.)
 //!
 //! # States and decisions
 //!
