@@ -77,7 +77,9 @@
 //! - MASTER without a live peer re-checks the tiebreaker every `tiebreaker_interval`; unreachable → FAULT.
 //!   FAULT re-checks at the same interval and leaves FAULT when reachable.
 //! - Two MASTERs that hear each other: the lower rank steps down at once (BACKUP), the winner emits
-//!   [`Action::SendGratuitousArp`] and a heartbeat immediately.
+//!   [`Action::SendGratuitousArp`] and a heartbeat immediately. A MASTER that hears its peer again after
+//!   losing it (or hears a new boot of it) also re-sends gratuitous ARPs: the peer may have served
+//!   meanwhile, and may have stepped down before its MASTER heartbeat got through.
 //!
 //! Every transition emits `Become*`/`EnterFault`, then [`Action::RunNotify`]; becoming MASTER also emits
 //! `SendGratuitousArp`.
