@@ -10,6 +10,7 @@ pub mod control_plane;
 pub mod dataplane;
 pub mod feedback;
 pub mod flow;
+pub mod ha;
 pub mod health;
 pub mod metrics_endpoint;
 pub mod sched;
