@@ -242,18 +242,11 @@ pub fn emit_gratuitous(
     ip: Ipv4Addr,
     target: GarpTarget,
 ) -> Result<usize, WireError> {
-    let frame = frame_buffer(buf)?;
-    ethernet::emit_header(frame, EthernetAddress::BROADCAST, our_mac, EtherType::ARP)?;
-    let mut arp = ArpPacket::new_unchecked(&mut frame[ethernet::HEADER_LEN..]);
-    arp.set_ethernet_ipv4(ArpOperation::REQUEST);
-    arp.set_sender_hardware_addr(our_mac);
-    arp.set_sender_protocol_addr(ip);
-    arp.set_target_hardware_addr(match target {
+    let target_mac = match target {
         GarpTarget::Zero => EthernetAddress::ZERO,
         GarpTarget::Broadcast => EthernetAddress::BROADCAST,
-    });
-    arp.set_target_protocol_addr(ip);
-    Ok(FRAME_LEN)
+    };
+    emit_broadcast_request(buf, our_mac, ip, target_mac, ip)
 }
 
 /// Write into `buf` a broadcast ARP request "who has `target_ip`? tell `our_ip`" and return its length: how
@@ -264,13 +257,24 @@ pub fn emit_request(
     our_ip: Ipv4Addr,
     target_ip: Ipv4Addr,
 ) -> Result<usize, WireError> {
+    emit_broadcast_request(buf, our_mac, our_ip, EthernetAddress::ZERO, target_ip)
+}
+
+/// A broadcast ARP request frame: what a gratuitous ARP and a resolution request have in common.
+fn emit_broadcast_request(
+    buf: &mut [u8],
+    our_mac: EthernetAddress,
+    sender_ip: Ipv4Addr,
+    target_mac: EthernetAddress,
+    target_ip: Ipv4Addr,
+) -> Result<usize, WireError> {
     let frame = frame_buffer(buf)?;
     ethernet::emit_header(frame, EthernetAddress::BROADCAST, our_mac, EtherType::ARP)?;
     let mut arp = ArpPacket::new_unchecked(&mut frame[ethernet::HEADER_LEN..]);
     arp.set_ethernet_ipv4(ArpOperation::REQUEST);
     arp.set_sender_hardware_addr(our_mac);
-    arp.set_sender_protocol_addr(our_ip);
-    arp.set_target_hardware_addr(EthernetAddress::ZERO);
+    arp.set_sender_protocol_addr(sender_ip);
+    arp.set_target_hardware_addr(target_mac);
     arp.set_target_protocol_addr(target_ip);
     Ok(FRAME_LEN)
 }
