@@ -209,8 +209,8 @@ pub enum Protocol {
     Udp,
 }
 
-/// Scheduling algorithms, named as in LVS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Scheduling algorithms, named as in LVS (the same names in the file and on `fulcrumctl`'s command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduler {
     Rr,
@@ -248,7 +248,7 @@ fn default_weight() -> u32 {
 }
 
 /// How packets reach a real server, as in LVS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardMethod {
     /// Direct routing: rewrite the destination MAC only.

@@ -247,3 +247,14 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
         Err(e) => error!("reload refused, the running configuration stays: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks a command's definition (unique short options, …) only when it runs: check it here.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

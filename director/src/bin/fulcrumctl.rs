@@ -17,7 +17,7 @@ use fulcrum_protocol::{ProbeFailure, ProbeOutcome, FULL_SCALE_BP};
 #[command(name = "fulcrumctl", version, about = "Control a running Fulcrum director")]
 struct Cli {
     /// The director's control socket.
-    #[arg(long, short, global = true, default_value = DEFAULT_CONTROL_SOCKET, env = "FULCRUM_SOCKET")]
+    #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET, env = "FULCRUM_SOCKET")]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -71,7 +71,7 @@ enum ServiceCommand {
         #[command(flatten)]
         service: ServiceArg,
         #[arg(long, short, value_enum, default_value = "wlc")]
-        scheduler: SchedulerArg,
+        scheduler: Scheduler,
         /// Persistence timeout in seconds (0: none).
         #[arg(long, short, default_value_t = 0)]
         persistence: u32,
@@ -82,7 +82,7 @@ enum ServiceCommand {
         #[command(flatten)]
         service: ServiceArg,
         #[arg(long, short, value_enum)]
-        scheduler: Option<SchedulerArg>,
+        scheduler: Option<Scheduler>,
         #[arg(long, short)]
         persistence: Option<u32>,
         #[arg(long)]
@@ -121,7 +121,7 @@ enum ServerCommand {
         #[arg(long, short, default_value_t = 1)]
         weight: u32,
         #[arg(long, short = 'm', value_enum, default_value = "dr")]
-        forward: ForwardArg,
+        forward: ForwardMethod,
     },
     Edit {
         #[command(flatten)]
@@ -129,7 +129,7 @@ enum ServerCommand {
         #[arg(long, short)]
         weight: Option<u32>,
         #[arg(long, short = 'm', value_enum)]
-        forward: Option<ForwardArg>,
+        forward: Option<ForwardMethod>,
     },
     /// Weight 0: no new connections, established ones continue.
     Drain {
@@ -143,60 +143,6 @@ enum ServerCommand {
         #[arg(long)]
         purge: bool,
     },
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum SchedulerArg {
-    Rr,
-    Wrr,
-    Lc,
-    Wlc,
-    Sed,
-    Nq,
-    Sh,
-    Dh,
-    Mh,
-    Lblc,
-    Lblcr,
-    Df,
-    P2c,
-}
-
-impl From<SchedulerArg> for Scheduler {
-    fn from(arg: SchedulerArg) -> Scheduler {
-        match arg {
-            SchedulerArg::Rr => Scheduler::Rr,
-            SchedulerArg::Wrr => Scheduler::Wrr,
-            SchedulerArg::Lc => Scheduler::Lc,
-            SchedulerArg::Wlc => Scheduler::Wlc,
-            SchedulerArg::Sed => Scheduler::Sed,
-            SchedulerArg::Nq => Scheduler::Nq,
-            SchedulerArg::Sh => Scheduler::Sh,
-            SchedulerArg::Dh => Scheduler::Dh,
-            SchedulerArg::Mh => Scheduler::Mh,
-            SchedulerArg::Lblc => Scheduler::Lblc,
-            SchedulerArg::Lblcr => Scheduler::Lblcr,
-            SchedulerArg::Df => Scheduler::Df,
-            SchedulerArg::P2c => Scheduler::P2c,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum ForwardArg {
-    Dr,
-    Nat,
-    Tun,
-}
-
-impl From<ForwardArg> for ForwardMethod {
-    fn from(arg: ForwardArg) -> ForwardMethod {
-        match arg {
-            ForwardArg::Dr => ForwardMethod::Dr,
-            ForwardArg::Nat => ForwardMethod::Nat,
-            ForwardArg::Tun => ForwardMethod::Tun,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -235,13 +181,13 @@ fn service_edit(command: &ServiceCommand) -> Edit {
     match command {
         ServiceCommand::Add { service, scheduler, persistence, sloppy } => Edit::ServiceAdd {
             service: service.key(),
-            scheduler: (*scheduler).into(),
+            scheduler: *scheduler,
             persistence_s: *persistence,
             sloppy: *sloppy,
         },
         ServiceCommand::Edit { service, scheduler, persistence, sloppy } => Edit::ServiceEdit {
             service: service.key(),
-            scheduler: scheduler.map(Into::into),
+            scheduler: *scheduler,
             persistence_s: *persistence,
             sloppy: *sloppy,
         },
@@ -255,18 +201,12 @@ fn server_edit(command: &ServerCommand) -> Result<Edit> {
             let (address, port) = server.address()?;
             Edit::ServerAdd {
                 service: server.service.key(),
-                server: RealServerConfig { address, port, weight: *weight, forward: (*forward).into() },
+                server: RealServerConfig { address, port, weight: *weight, forward: *forward },
             }
         }
         ServerCommand::Edit { server, weight, forward } => {
             let (address, port) = server.address()?;
-            Edit::ServerEdit {
-                service: server.service.key(),
-                address,
-                port,
-                weight: *weight,
-                forward: forward.map(Into::into),
-            }
+            Edit::ServerEdit { service: server.service.key(), address, port, weight: *weight, forward: *forward }
         }
         ServerCommand::Drain { server } => {
             let (address, port) = server.address()?;
@@ -383,4 +323,15 @@ fn agents_table(agents: &[AgentView]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks a command's definition (unique short options, …) only when it runs: check them all here.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }
