@@ -223,6 +223,16 @@ fn rr_spreads_evenly_and_the_vip_is_answered_from_userspace_in_dr_and_nat() -> R
         assert_eq!(lab.director.read_sysctl("net.ipv4.conf.eth0.forwarding")?.trim(), "0");
         let table = lab.fulcrumctl(&["list"])?;
         assert!(table.contains(&format!("TCP  {VIP}:80 rr")), "{table}");
+        if mode == Mode::Nat {
+            // A service added at run time, translating port 8080 to the servers' 80, forwards at once.
+            lab.fulcrumctl(&["service", "add", &format!("{VIP}:8080"), "-s", "rr"])?;
+            let server = format!("{}:80", mode.server_ip(1));
+            lab.fulcrumctl(&["server", "add", &format!("{VIP}:8080"), &server, "-m", "nat"])?;
+            let answer = lab.clients[0].curl(&format!("http://{VIP}:8080/"), &["--max-time", "5"])?;
+            assert_eq!(answer, "host=rs2\n");
+            let refused = lab.fulcrumctl(&["server", "add", &format!("{VIP}:8080"), &server]);
+            assert!(refused.is_err_and(|e| e.to_string().contains("already has real server")));
+        }
         assert!(table.contains(if mode == Mode::Dr { "Route" } else { "Masq" }), "{table}");
     }
     Ok(())
