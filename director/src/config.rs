@@ -210,7 +210,7 @@ pub enum Protocol {
 }
 
 /// Scheduling algorithms, named as in LVS (the same names in the file and on `fulcrumctl`'s command line).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduler {
     Rr,
@@ -229,6 +229,50 @@ pub enum Scheduler {
     Df,
     /// Power of two choices, least connection.
     P2c,
+}
+
+impl Scheduler {
+    /// Every algorithm, in declaration order.
+    pub const ALL: [Scheduler; 13] = [
+        Scheduler::Rr,
+        Scheduler::Wrr,
+        Scheduler::Lc,
+        Scheduler::Wlc,
+        Scheduler::Sed,
+        Scheduler::Nq,
+        Scheduler::Sh,
+        Scheduler::Dh,
+        Scheduler::Mh,
+        Scheduler::Lblc,
+        Scheduler::Lblcr,
+        Scheduler::Df,
+        Scheduler::P2c,
+    ];
+
+    /// The lowercase name, as the file, `fulcrumctl -s` and `ipvsadm -s` spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Sed => "sed",
+            Scheduler::Nq => "nq",
+            Scheduler::Sh => "sh",
+            Scheduler::Dh => "dh",
+            Scheduler::Mh => "mh",
+            Scheduler::Lblc => "lblc",
+            Scheduler::Lblcr => "lblcr",
+            Scheduler::Df => "df",
+            Scheduler::P2c => "p2c",
+        }
+    }
+}
+
+impl std::fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

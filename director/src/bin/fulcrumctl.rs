@@ -256,14 +256,7 @@ fn services_table(services: &[ServiceView]) -> String {
         if service.sloppy {
             flags.push("sloppy".to_string());
         }
-        let scheduler = serde_json::to_value(service.scheduler).ok().and_then(|v| v.as_str().map(String::from));
-        out.push_str(&format!(
-            "{proto}  {}:{} {} {}\n",
-            key.vip,
-            key.port,
-            scheduler.unwrap_or_default(),
-            flags.join(" ")
-        ));
+        out.push_str(&format!("{proto}  {}:{} {} {}\n", key.vip, key.port, service.scheduler, flags.join(" ")));
         for server in &service.servers {
             let dash = || "-".to_string();
             out.push_str(&format!(

@@ -154,7 +154,7 @@ impl Engine {
                 p2c_seed: 0x5EED_F00D_CAFE_0001 ^ (self.config.worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 ..SchedulerOptions::default()
             };
-            let scheduler = match SchedulerState::new(service.scheduler.into(), &views, &options) {
+            let scheduler = match SchedulerState::new(service.scheduler, &views, &options) {
                 Ok(state) => Some(state),
                 Err(e) => {
                     tracing::error!(service = %service.vip, error = %e, "cannot build the scheduler; the service gets no new connections");

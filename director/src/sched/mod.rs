@@ -118,102 +118,9 @@ pub struct PickInput<'a> {
     pub now: Instant,
 }
 
-/// Scheduling algorithms: LVS's, by their `ipvsadm -s` names, plus power-of-two-choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SchedulerKind {
-    /// Round robin (`ip_vs_rr.c`).
-    Rr,
-    /// Weighted round robin, interleaved with gcd stepping (`ip_vs_wrr.c`).
-    Wrr,
-    /// Least connection (`ip_vs_lc.c`).
-    Lc,
-    /// Weighted least connection (`ip_vs_wlc.c`).
-    Wlc,
-    /// Shortest expected delay (`ip_vs_sed.c`).
-    Sed,
-    /// Never queue (`ip_vs_nq.c`).
-    Nq,
-    /// Source hashing (`ip_vs_sh.c`).
-    Sh,
-    /// Destination hashing (`ip_vs_dh.c`).
-    Dh,
-    /// Maglev hashing (`ip_vs_mh.c`).
-    Mh,
-    /// Locality-based least connection (`ip_vs_lblc.c`).
-    Lblc,
-    /// Locality-based least connection with replication (`ip_vs_lblcr.c`).
-    Lblcr,
-    /// Dynamic feedback: weighted least of (connections + T + L).
-    Df,
-    /// Power of two choices: the less loaded (per weight) of two random available servers.
-    P2c,
-}
-
-impl SchedulerKind {
-    /// Every kind, in declaration order.
-    pub const ALL: [SchedulerKind; 13] = [
-        SchedulerKind::Rr,
-        SchedulerKind::Wrr,
-        SchedulerKind::Lc,
-        SchedulerKind::Wlc,
-        SchedulerKind::Sed,
-        SchedulerKind::Nq,
-        SchedulerKind::Sh,
-        SchedulerKind::Dh,
-        SchedulerKind::Mh,
-        SchedulerKind::Lblc,
-        SchedulerKind::Lblcr,
-        SchedulerKind::Df,
-        SchedulerKind::P2c,
-    ];
-
-    /// The lowercase name, as `ipvsadm -s` and the configuration file spell it.
-    pub const fn name(self) -> &'static str {
-        match self {
-            SchedulerKind::Rr => "rr",
-            SchedulerKind::Wrr => "wrr",
-            SchedulerKind::Lc => "lc",
-            SchedulerKind::Wlc => "wlc",
-            SchedulerKind::Sed => "sed",
-            SchedulerKind::Nq => "nq",
-            SchedulerKind::Sh => "sh",
-            SchedulerKind::Dh => "dh",
-            SchedulerKind::Mh => "mh",
-            SchedulerKind::Lblc => "lblc",
-            SchedulerKind::Lblcr => "lblcr",
-            SchedulerKind::Df => "df",
-            SchedulerKind::P2c => "p2c",
-        }
-    }
-}
-
-impl std::fmt::Display for SchedulerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl From<crate::config::Scheduler> for SchedulerKind {
-    fn from(scheduler: crate::config::Scheduler) -> SchedulerKind {
-        use crate::config::Scheduler;
-        // Exhaustive on purpose: a new configuration name must be mapped here.
-        match scheduler {
-            Scheduler::Rr => SchedulerKind::Rr,
-            Scheduler::Wrr => SchedulerKind::Wrr,
-            Scheduler::Lc => SchedulerKind::Lc,
-            Scheduler::Wlc => SchedulerKind::Wlc,
-            Scheduler::Sed => SchedulerKind::Sed,
-            Scheduler::Nq => SchedulerKind::Nq,
-            Scheduler::Sh => SchedulerKind::Sh,
-            Scheduler::Dh => SchedulerKind::Dh,
-            Scheduler::Mh => SchedulerKind::Mh,
-            Scheduler::Lblc => SchedulerKind::Lblc,
-            Scheduler::Lblcr => SchedulerKind::Lblcr,
-            Scheduler::Df => SchedulerKind::Df,
-            Scheduler::P2c => SchedulerKind::P2c,
-        }
-    }
-}
+/// The scheduling algorithms are the configuration's own list (LVS's `ipvsadm -s` names plus
+/// power-of-two-choices): one enum for the file, the command line and the schedulers.
+pub use crate::config::Scheduler as SchedulerKind;
 
 /// Per-service scheduler settings. All fields are validated by [`SchedulerOptions::validate`] (which
 /// [`SchedulerState::new`] calls) whatever the algorithm, so a bad value is refused even before it is used.
@@ -516,26 +423,11 @@ mod tests {
     }
 
     #[test]
-    fn config_names_map_to_kinds() {
-        use crate::config::Scheduler;
-        let pairs = [
-            (Scheduler::Rr, SchedulerKind::Rr),
-            (Scheduler::Wrr, SchedulerKind::Wrr),
-            (Scheduler::Lc, SchedulerKind::Lc),
-            (Scheduler::Wlc, SchedulerKind::Wlc),
-            (Scheduler::Sed, SchedulerKind::Sed),
-            (Scheduler::Nq, SchedulerKind::Nq),
-            (Scheduler::Sh, SchedulerKind::Sh),
-            (Scheduler::Dh, SchedulerKind::Dh),
-            (Scheduler::Mh, SchedulerKind::Mh),
-            (Scheduler::Lblc, SchedulerKind::Lblc),
-            (Scheduler::Lblcr, SchedulerKind::Lblcr),
-            (Scheduler::Df, SchedulerKind::Df),
-        ];
-        for (config, kind) in pairs {
-            assert_eq!(SchedulerKind::from(config), kind);
-            // The configuration file and ipvsadm spell them the same way.
-            assert_eq!(serde_json::to_string(&config).unwrap(), format!("\"{}\"", kind.name()));
+    fn the_file_the_command_line_and_ipvsadm_spell_kinds_the_same() {
+        use clap::ValueEnum;
+        for kind in SchedulerKind::ALL {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{}\"", kind.name()));
+            assert_eq!(kind.to_possible_value().unwrap().get_name(), kind.name());
         }
         assert_eq!(SchedulerKind::P2c.to_string(), "p2c");
     }
