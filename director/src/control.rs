@@ -28,6 +28,8 @@ pub enum Request {
     List,
     /// Change a service or real server.
     Edit { edit: Edit },
+    /// Connection sync with the peer director.
+    Sync,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +38,7 @@ pub enum Response {
     Agents { agents: Vec<AgentView> },
     Services { services: Vec<ServiceView> },
     Done { message: String },
+    Sync { status: crate::sync::SyncStatus },
     Error { message: String },
 }
 
@@ -44,6 +47,8 @@ pub enum Response {
 pub struct Handles {
     pub agents: AgentRegistry,
     pub control: Arc<ControlPlane>,
+    /// Connection sync, when configured.
+    pub sync: Option<Arc<crate::sync::SyncShared>>,
 }
 
 /// Serves the control socket until the task is dropped.
@@ -116,6 +121,10 @@ fn handle(request: Request, handles: &Handles) -> Response {
             agents: handles.agents.snapshot(Instant::now()).into_iter().map(|(_, view)| view).collect(),
         },
         Request::List => Response::Services { services: handles.control.list(&handles.agents, Instant::now()) },
+        Request::Sync => match &handles.sync {
+            Some(sync) => Response::Sync { status: sync.status() },
+            None => Response::Error { message: "connection sync is not configured ([sync])".into() },
+        },
         Request::Edit { edit } => match handles.control.edit(edit) {
             Ok(message) => {
                 tracing::info!(%message, "configuration edited through the control socket");

@@ -44,6 +44,12 @@ enum Command {
     /// Add, edit, drain or delete a real server.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Connection sync with the peer director: connections up, records sent, received, applied, dropped.
+    Sync {
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -164,14 +170,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Agents { .. } => ask(Request::Agents)?,
         Command::Service(command) => ask(Request::Edit { edit: service_edit(command) })?,
         Command::Server(command) => ask(Request::Edit { edit: server_edit(command)? })?,
+        Command::Sync { .. } => ask(Request::Sync)?,
     };
-    let json = matches!(cli.command, Command::List { json: true } | Command::Agents { json: true });
+    let json = matches!(
+        cli.command,
+        Command::List { json: true } | Command::Agents { json: true } | Command::Sync { json: true }
+    );
     match response {
         Response::Agents { agents } if json => println!("{}", serde_json::to_string_pretty(&agents)?),
         Response::Agents { agents } => print!("{}", agents_table(&agents)),
         Response::Services { services } if json => println!("{}", serde_json::to_string_pretty(&services)?),
         Response::Services { services } => print!("{}", services_table(&services)),
         Response::Done { message } => println!("{message}"),
+        Response::Sync { status } if json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Response::Sync { status } => println!(
+            "sync: sending {} receiving {}; records sent {} received {} applied {} dropped {}; full tables sent {} received {}; lag {:.3} s",
+            if status.sending_connected { "up" } else { "down" },
+            if status.receiving_connected { "up" } else { "down" },
+            status.records_sent,
+            status.records_received,
+            status.records_applied,
+            status.records_dropped,
+            status.full_tables_sent,
+            status.full_tables_received,
+            status.lag_seconds,
+        ),
         Response::Error { message } => bail!("the director refused: {message}"),
     }
     Ok(())
