@@ -698,3 +698,54 @@ mod tests {
         assert!(!config.is_drained("10.9.9.9".parse().unwrap()), "an unknown server is not drained");
     }
 }
+
+#[cfg(test)]
+mod sync_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn with_sync(sync: &str) -> (tempfile::TempDir, Result<DirectorConfig, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "d1.pem", "d1.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let key = dir.path().join("sync.key");
+        std::fs::write(&key, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let d = dir.path().display();
+        let text = format!(
+            "name = \"d1\"\n[agents]\nca = \"{d}/ca.pem\"\ncert = \"{d}/d1.pem\"\nkey = \"{d}/d1.key\"\n\n[dataplane]\ninterface = \"eth0\"\n\n[sync]\nlisten = \"10.0.0.2:7950\"\npeer = \"10.0.0.3:7950\"\nkey_file = \"{d}/sync.key\"\n{sync}"
+        );
+        let result = DirectorConfig::from_text(Path::new("/etc/fulcrum/director.toml"), &text);
+        (dir, result)
+    }
+
+    #[test]
+    fn a_sync_section_loads_with_defaults() {
+        let (_dir, config) = with_sync("");
+        let sync = config.unwrap().sync.unwrap();
+        assert_eq!((sync.max_rate, sync.batch_records, sync.batch_ms, sync.refresh_s), (100_000, 1024, 10, 60));
+        assert_eq!(sync.settings().unwrap().key, b"0123456789abcdef0123");
+    }
+
+    #[test]
+    fn bad_sync_values_name_line_and_key() {
+        let (_dir, result) = with_sync("batch_records = 5000\n");
+        let err = result.unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (14, "sync.batch_records"), "{err}");
+        let (_dir, result) = with_sync("max_rate = 1\n");
+        assert_eq!(result.unwrap_err().key, "sync.max_rate");
+        let (_dir, result) = with_sync("peer_address = \"x\"\n");
+        assert_eq!(result.unwrap_err().key, "sync.peer_address");
+        let (dir, _) = with_sync("");
+        std::fs::set_permissions(dir.path().join("sync.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let d = dir.path().display();
+        let err = DirectorConfig::from_text(
+            Path::new("/etc/fulcrum/director.toml"),
+            &format!("name = \"d1\"\n[agents]\nca = \"{d}/ca.pem\"\ncert = \"{d}/d1.pem\"\nkey = \"{d}/d1.key\"\n\n[dataplane]\ninterface = \"eth0\"\n\n[sync]\nlisten = \"10.0.0.2:7950\"\npeer = \"10.0.0.3:7950\"\nkey_file = \"{d}/sync.key\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "sync.key_file", "{err}");
+        assert!(err.message.contains("chmod 600"), "{err}");
+    }
+}
