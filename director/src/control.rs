@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::agents::{AgentRegistry, AgentView};
 use crate::control_plane::{ControlPlane, Edit, ServiceView};
+use crate::ha::runtime::{HaCommand, HaHandle, HaView};
 
 /// Longest request line accepted.
 const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -30,6 +31,8 @@ pub enum Request {
     Edit { edit: Edit },
     /// Connection sync with the peer director.
     Sync,
+    /// The director pair: status, promote, demote or release.
+    Ha { ha: HaCommand },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +42,7 @@ pub enum Response {
     Services { services: Vec<ServiceView> },
     Done { message: String },
     Sync { status: crate::sync::SyncStatus },
+    Ha { ha: Box<HaView> },
     Error { message: String },
 }
 
@@ -49,6 +53,8 @@ pub struct Handles {
     pub control: Arc<ControlPlane>,
     /// Connection sync, when configured.
     pub sync: Option<Arc<crate::sync::SyncShared>>,
+    /// The HA task; `None` for a standalone director (no `[ha]`).
+    pub ha: Option<HaHandle>,
 }
 
 /// Serves the control socket until the task is dropped.
@@ -105,6 +111,7 @@ async fn serve(stream: UnixStream, handles: Handles) -> Result<()> {
     let mut lines = BufReader::new(read.take(MAX_REQUEST_LEN as u64 + 1)).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Ha { ha }) => handle_ha(ha, &handles).await,
             Ok(request) => handle(request, &handles),
             Err(e) => Response::Error { message: format!("bad request: {e}") },
         };
@@ -132,6 +139,19 @@ fn handle(request: Request, handles: &Handles) -> Response {
             }
             Err(e) => Response::Error { message: e.to_string() },
         },
+        Request::Ha { ha } => Response::Error { message: format!("{ha:?} is answered asynchronously") },
+    }
+}
+
+async fn handle_ha(command: HaCommand, handles: &Handles) -> Response {
+    let Some(ha) = &handles.ha else {
+        return Response::Error {
+            message: "this director is standalone: its configuration has no [ha] section".to_string(),
+        };
+    };
+    match ha.command(command).await {
+        Ok(view) => Response::Ha { ha: Box::new(view) },
+        Err(e) => Response::Error { message: format!("{e:#}") },
     }
 }
 

@@ -14,6 +14,7 @@ use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
 use fulcrum_director::control::{ControlServer, Handles};
 use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::dataplane::{counters, Dataplane};
+use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
 use fulcrum_director::sync;
 use tokio::signal::unix::{signal, SignalKind};
@@ -160,9 +161,13 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
 
     let (sync_shared, sync_workers, sync_task) = start_sync_hub(&config);
     let dataplane = match &config.dataplane {
-        Some(dataplane) => {
-            Some(Arc::new(Dataplane::start_with_sync(dataplane, control_plane.table(), true, sync_workers)?))
-        }
+        // A member of a pair starts not serving (INIT): the HA task decides.
+        Some(dataplane) => Some(Arc::new(Dataplane::start_with_sync(
+            dataplane,
+            control_plane.table(),
+            config.ha.is_none(),
+            sync_workers,
+        )?)),
         None => None,
     };
     let _sync_task = match (&config.sync, sync_task) {
@@ -176,6 +181,13 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         }
         _ => None,
     };
+    let (ha_task, ha) = match (&config.ha, &dataplane) {
+        (Some(section), Some(dataplane)) => {
+            let (runtime, handle) = HaRuntime::bind(section, Arc::clone(dataplane)).await?;
+            (Some(tokio::spawn(runtime.run())), Some(handle))
+        }
+        _ => (None, None),
+    };
     // Every publication may change the VIP set the steering program must know.
     let follow_task = dataplane.as_ref().map(|dataplane| {
         let (dataplane, table, mut changes) = (Arc::clone(dataplane), control_plane.table(), config_rx.clone());
@@ -188,7 +200,12 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
-        Handles { agents: registry.clone(), control: Arc::clone(&control_plane), sync: sync_shared.clone() },
+        Handles {
+            agents: registry.clone(),
+            control: Arc::clone(&control_plane),
+            ha: ha.clone(),
+            sync: sync_shared.clone(),
+        },
     )?;
     info!(name = %config.name, socket = %config.control.socket.display(), "director running");
 
@@ -205,9 +222,13 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let control_task = tokio::spawn(control.run());
     let metrics_task = config.metrics.listen.map(|listen| {
         let registry = registry.clone();
-        let (dataplane, table, sync_shared) = (dataplane.clone(), control_plane.table(), sync_shared.clone());
+        let (dataplane, table, ha) = (dataplane.clone(), control_plane.table(), ha.clone());
+        let sync_shared = sync_shared.clone();
         let collect: metrics_endpoint::Collector = Arc::new(move || {
             registry.publish_metrics(Instant::now());
+            if let Some(ha) = &ha {
+                ha.publish_metrics();
+            }
             if let Some(sync) = &sync_shared {
                 sync.publish();
             }
@@ -235,6 +256,10 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     }
     if let Some(task) = follow_task {
         task.abort();
+    }
+    if let Some(task) = ha_task {
+        task.abort();
+        let _ = task.await;
     }
     // Dropping the control task removes the socket file.
     let _ = control_task.await;

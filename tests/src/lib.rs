@@ -25,10 +25,12 @@
 //! ```
 
 pub mod cmd;
+pub mod ha_pair;
 pub mod loadgen;
 pub mod netns;
 pub mod nginx;
 pub mod process;
+pub mod udp_probe;
 pub mod wait;
 
 #[cfg(test)]

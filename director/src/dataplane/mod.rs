@@ -17,7 +17,7 @@ pub mod table;
 pub mod worker;
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ pub struct Dataplane {
     pub counters: Vec<Arc<WorkerCounters>>,
     /// Whether this director serves its VIPs: answers ARP and forwards (false on a standby).
     pub serving: Arc<AtomicBool>,
+    /// Generation the engines watch: [`Dataplane::announce`] bumps it to re-send gratuitous ARPs.
+    announce: Arc<AtomicU64>,
     steering: SteeringHandle,
     workers: u32,
     steered_vips: Mutex<Vec<Ipv4Addr>>,
@@ -74,6 +76,7 @@ impl Dataplane {
         let ring_config = RingConfig { frame_count: config.ring_frames, ..RingConfig::default() };
         let stop = Arc::new(AtomicBool::new(false));
         let serving = Arc::new(AtomicBool::new(serving));
+        let announce = Arc::new(AtomicU64::new(0));
         let now = Instant::now();
         let mut threads = Vec::new();
         let mut all_counters = Vec::new();
@@ -102,6 +105,7 @@ impl Dataplane {
             if let Some(port) = sync_ports.next() {
                 engine.attach_sync(port, refresh, now);
             }
+            engine.watch_announcements(Arc::clone(&announce));
             let (stop, thread_counters) = (Arc::clone(&stop), Arc::clone(&counters));
             let thread = std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{worker}"))
@@ -116,6 +120,7 @@ impl Dataplane {
             threads,
             counters: all_counters,
             serving,
+            announce,
             steering: steering.context("no worker")?,
             workers: config.workers,
             steered_vips: Mutex::new(vips),
@@ -137,6 +142,11 @@ impl Dataplane {
 
     pub fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Re-sends the gratuitous-ARP burst for every VIP (when serving): a MASTER re-announcing itself.
+    pub fn announce(&self) {
+        self.announce.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stops and joins the workers.
