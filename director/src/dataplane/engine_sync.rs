@@ -23,7 +23,7 @@ use crate::sync::{remaining_ms, RecordKind, SyncDrop, SyncRecord, WorkerPort};
 /// Received records installed per loop turn.
 const INSTALL_BUDGET: usize = 4096;
 /// Table slots a full-table dump looks at per loop turn.
-const DUMP_SLOTS: usize = 4096;
+const DUMP_SLOTS: usize = 16_384;
 /// Most table slots the refresh walk looks at per loop turn.
 const REFRESH_MAX_SLOTS: usize = 16_384;
 
