@@ -22,8 +22,11 @@ use serde_json::Value;
 const SETTLE: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(20);
 
+/// A restarted director must not take the VIPs back before it has its peer's table: the preemption waits
+/// `preempt_delay_ms` (the full table of a few hundred connections arrives within tens of ms).
 fn options(forward: &'static str) -> PairOptions {
-    PairOptions { forward, workers: 2, sync: true, tcp_echo: true, ..PairOptions::default() }
+    let extra_ha = "preempt_delay_ms = 500\n".to_string();
+    PairOptions { forward, workers: 2, sync: true, tcp_echo: true, extra_ha, ..PairOptions::default() }
 }
 
 fn echo_target() -> SocketAddr {
@@ -140,15 +143,29 @@ fn kill_9_of_the_master_keeps_every_tcp_connection(name: &str, forward: &'static
     pair.directors[backup].wait_state("MASTER", Duration::from_secs(10))?;
     probe.wait_answers(500, Duration::from_secs(10))?;
     streams.wait_rounds(50, Duration::from_secs(30))?;
-    let probe = probe.stop()?;
+    let failover = probe.stop()?;
+
+    // Failback: the old master restarts empty, gets the new master's table (sync works both ways) and takes
+    // the VIPs back (higher priority); the connections carry on through it.
+    let probe = UdpProbe::start(pair.client.netns(), pair.udp_target(), Duration::from_millis(1))?;
+    probe.wait_answers(200, Duration::from_secs(10))?;
+    pair.directors[master].start()?;
+    pair.directors[master].wait_state("MASTER", SETTLE)?;
+    pair.directors[backup].wait_state("BACKUP", Duration::from_secs(10))?;
+    probe.wait_answers(500, Duration::from_secs(10))?;
+    streams.wait_rounds(50, Duration::from_secs(30))?;
+    let failback = probe.stop()?;
     let streams = streams.stop()?;
     println!(
         "{forward}: kill -9 of the MASTER under {CONNECTIONS} TCP connections (a message every 10 ms) and a 1 ms UDP \
-         probe: outage (longest probe gap) {:.1} ms, {} of {} datagrams lost; longest wait for a TCP echo {:.1} ms; \
-         {} bytes sent, {} echoed, {} connection errors",
-        probe.longest_gap.as_secs_f64() * 1000.0,
-        probe.lost(),
-        probe.sent,
+         probe: outage (longest probe gap) {:.1} ms, {} of {} datagrams lost; failback: longest gap {:.1} ms, {} of {} \
+         lost; longest wait for a TCP echo {:.1} ms; {} bytes sent, {} echoed, {} connection errors",
+        failover.longest_gap.as_secs_f64() * 1000.0,
+        failover.lost(),
+        failover.sent,
+        failback.longest_gap.as_secs_f64() * 1000.0,
+        failback.lost(),
+        failback.sent,
         streams.longest_stall.as_secs_f64() * 1000.0,
         streams.bytes_sent,
         streams.bytes_echoed,
@@ -157,10 +174,12 @@ fn kill_9_of_the_master_keeps_every_tcp_connection(name: &str, forward: &'static
     assert!(streams.errors.is_empty(), "connections failed: {:?}", streams.errors);
     assert_eq!(streams.connections, CONNECTIONS);
     assert_eq!(streams.bytes_echoed, streams.bytes_sent, "every byte sent came back");
-    // The new master knew every connection: none of their packets was refused as unknown.
-    let new_master = &pair.directors[backup];
-    assert_eq!(new_master.metric("fulcrum_dropped_packets_total{reason=\"no_connection\"}")?, 0.0);
-    assert_nothing_refused(new_master)?;
+    // Each new master knew every connection: none of their packets was refused as unknown.
+    for director in &pair.directors {
+        let unknown = director.metric("fulcrum_dropped_packets_total{reason=\"no_connection\"}")?;
+        assert_eq!(unknown, 0.0, "{} refused packets of connections it did not know", director.name);
+        assert_nothing_refused(director)?;
+    }
     Ok(())
 }
 

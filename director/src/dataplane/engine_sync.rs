@@ -30,8 +30,10 @@ const REFRESH_MAX_SLOTS: usize = 16_384;
 /// A worker's sync state.
 pub struct EngineSync {
     port: WorkerPort,
-    /// The full-table request being served: its generation and the next slot.
-    dump: Option<(u64, usize)>,
+    /// The full-table request being served: its generation, the next slot, and whether this director
+    /// served when the request came (only a serving director's table is authoritative; one that stops
+    /// serving meanwhile — handing the VIPs back to a restarted peer — still finishes its dump).
+    dump: Option<(u64, usize, bool)>,
     refresh_period: Duration,
     refresh_next: usize,
     refreshed_at: Instant,
@@ -149,14 +151,14 @@ impl Engine {
         let serving = self.serving();
         let generation = sync.port.shared.dump_generation.load(Ordering::Acquire);
         let done = sync.port.counters().dumped_generation.load(Ordering::Relaxed);
-        if generation > done && sync.dump.is_none_or(|(g, _)| g != generation) {
-            sync.dump = Some((generation, 0));
+        if generation > done && sync.dump.is_none_or(|(g, _, _)| g != generation) {
+            sync.dump = Some((generation, 0, serving));
         }
-        if let Some((generation, next)) = sync.dump {
-            // A standby has nothing to offer: only the serving director's table is authoritative.
-            let next = if serving { self.walk(&mut sync.port, next, DUMP_SLOTS, tick) } else { None };
+        if let Some((generation, next, authoritative)) = sync.dump {
+            // A standby has nothing to offer: its table is a copy of the peer's.
+            let next = if authoritative { self.walk(&mut sync.port, next, DUMP_SLOTS, tick) } else { None };
             match next {
-                Some(next) => sync.dump = Some((generation, next)),
+                Some(next) => sync.dump = Some((generation, next, authoritative)),
                 None => {
                     sync.dump = None;
                     sync.port.counters().dumped_generation.store(generation, Ordering::Release);

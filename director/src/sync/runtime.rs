@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -93,8 +93,10 @@ pub async fn start(settings: SyncSettings, ports: TaskPorts) -> std::io::Result<
     let TaskPorts { outgoing, incoming, shared } = ports;
     info!(listen = %settings.listen, peer = %settings.peer, "connection sync running");
     let settings = Arc::new(settings);
-    let sending = tokio::spawn(send_loop(Arc::clone(&settings), outgoing, Arc::clone(&shared)));
-    let receiving = tokio::spawn(accept_loop(listener, settings, Arc::new(Mutex::new(incoming)), shared));
+    let peer_back = Arc::new(Notify::new());
+    let sending = tokio::spawn(send_loop(Arc::clone(&settings), outgoing, Arc::clone(&shared), Arc::clone(&peer_back)));
+    let incoming = Arc::new(Mutex::new(incoming));
+    let receiving = tokio::spawn(accept_loop(listener, settings, incoming, shared, peer_back));
     Ok(SyncTask { tasks: vec![sending, receiving] })
 }
 
@@ -148,7 +150,12 @@ fn drain(outgoing: &mut [Consumer<SyncRecord>], mut sink: impl FnMut(SyncRecord)
     true
 }
 
-async fn send_loop(settings: Arc<SyncSettings>, mut outgoing: Vec<Consumer<SyncRecord>>, shared: Arc<SyncShared>) {
+async fn send_loop(
+    settings: Arc<SyncSettings>,
+    mut outgoing: Vec<Consumer<SyncRecord>>,
+    shared: Arc<SyncShared>,
+    peer_back: Arc<Notify>,
+) {
     let mut backoff = BACKOFF_MIN;
     loop {
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(settings.peer)).await {
@@ -166,7 +173,9 @@ async fn send_loop(settings: Arc<SyncSettings>, mut outgoing: Vec<Consumer<SyncR
             Ok(Err(e)) => debug!(peer = %settings.peer, error = %e, "connecting to the sync peer"),
             Err(_) => debug!(peer = %settings.peer, "connecting to the sync peer timed out"),
         }
-        // Nobody to send to: changes are forgotten (the peer asks for the full table when it connects).
+        // Nobody to send to: changes are forgotten (the peer asks for the full table when it connects). The
+        // wait ends early when the peer connects to us: it is back, and a restarted peer needs our table now
+        // (before it takes the VIPs back).
         let until = Instant::now() + backoff;
         while Instant::now() < until {
             let mut forgotten = 0;
@@ -175,7 +184,13 @@ async fn send_loop(settings: Arc<SyncSettings>, mut outgoing: Vec<Consumer<SyncR
                 true
             });
             shared.count(SyncDrop::NoPeer, forgotten);
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = peer_back.notified() => {
+                    backoff = BACKOFF_MIN;
+                    break;
+                }
+            }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -278,6 +293,7 @@ async fn accept_loop(
     settings: Arc<SyncSettings>,
     incoming: Arc<Mutex<Vec<Producer<SyncRecord>>>>,
     shared: Arc<SyncShared>,
+    peer_back: Arc<Notify>,
 ) {
     let mut current: Option<AbortOnDrop> = None;
     loop {
@@ -291,6 +307,7 @@ async fn accept_loop(
         };
         // The newest connection wins: the peer only reconnects when it lost the previous one.
         drop(current.take());
+        peer_back.notify_one();
         let (settings, incoming, shared) = (Arc::clone(&settings), Arc::clone(&incoming), Arc::clone(&shared));
         current = Some(AbortOnDrop(tokio::spawn(async move {
             let result = receive_session(stream, &settings, &incoming, &shared).await;
