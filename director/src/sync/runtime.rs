@@ -359,3 +359,104 @@ async fn receive_session(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::ConnState;
+    use crate::sync::hub;
+    use crate::sync::record::{sample, RecordKind};
+
+    /// A free loopback port (bound then released).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+    }
+
+    fn settings(listen: u16, peer: u16, key: &[u8]) -> SyncSettings {
+        SyncSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], listen)),
+            peer: SocketAddr::from(([127, 0, 0, 1], peer)),
+            key: key.to_vec(),
+            outbox: OutboxConfig { batch_records: 64, batch_interval: Duration::from_millis(5), max_rate: 100_000 },
+        }
+    }
+
+    /// Polls `condition` until it holds or `timeout` passes.
+    async fn wait(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn records_cross_to_the_owning_worker_and_full_tables_are_asked_for_and_ended() {
+        let (a_port, b_port) = (free_port(), free_port());
+        let key = b"a shared key of enough bytes";
+        let (a_shared, mut a_workers, a_task) = hub(2, 1024);
+        let (b_shared, mut b_workers, b_task) = hub(2, 1024);
+        // B listens first, so that A's first connection attempt succeeds (A forgets changes while it has no
+        // peer). Then the records A's data path emitted.
+        let _b = start(settings(b_port, a_port, key), b_task).await.expect("b");
+        let records: Vec<_> = (1..=20).map(|i| sample(RecordKind::New, i, ConnState::SynRecv)).collect();
+        for (i, record) in records.iter().enumerate() {
+            a_workers[i % 2].emit(*record);
+        }
+        let _a = start(settings(a_port, b_port, key), a_task).await.expect("a");
+
+        // Each side asks the other for its full table on the connection it accepts.
+        wait("both full-table requests", Duration::from_secs(10), || {
+            a_shared.dump_generation.load(Ordering::Relaxed) >= 1
+                && b_shared.dump_generation.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        // Every record reaches B, each in the ring of the worker that owns its client.
+        let mut received = Vec::new();
+        wait("the records on B", Duration::from_secs(10), || {
+            for (worker, port) in b_workers.iter_mut().enumerate() {
+                while let Some(record) = port.incoming.pop() {
+                    assert_eq!(worker_for_client(record.client, 2) as usize, worker, "{record:?}");
+                    received.push(record);
+                }
+            }
+            received.len() == records.len()
+        })
+        .await;
+        received.sort_by_key(|r| r.client);
+        assert_eq!(
+            received.iter().map(|r| r.client).collect::<Vec<_>>(),
+            records.iter().map(|r| r.client).collect::<Vec<_>>()
+        );
+        assert!(received.iter().all(|r| r.remaining_ms <= 900_000 && r.remaining_ms > 890_000), "aged, not reset");
+
+        // A's workers finish their dump: the end-of-table marker follows.
+        let generation = a_shared.dump_generation.load(Ordering::Relaxed);
+        for worker in a_shared.workers.iter() {
+            worker.dumped_generation.store(generation, Ordering::Release);
+        }
+        wait("the end of A's table at B", Duration::from_secs(10), || {
+            b_shared.full_tables_received.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        let status = a_shared.status();
+        assert!(status.sending_connected && status.receiving_connected, "{status:?}");
+        assert_eq!(status.records_sent, 20);
+        assert_eq!(b_shared.status().records_received, 20);
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_key_is_refused_and_counted() {
+        let (a_port, b_port) = (free_port(), free_port());
+        let (a_shared, _a_workers, a_task) = hub(1, 1024);
+        let (b_shared, _b_workers, b_task) = hub(1, 1024);
+        let _a = start(settings(a_port, b_port, b"the first key, 16+ bytes"), a_task).await.expect("a");
+        let _b = start(settings(b_port, a_port, b"another key, also 16+ bytes"), b_task).await.expect("b");
+        wait("MAC failures on both sides", Duration::from_secs(10), || {
+            a_shared.dropped(SyncDrop::Auth) >= 1 && b_shared.dropped(SyncDrop::Auth) >= 1
+        })
+        .await;
+        assert_eq!(a_shared.dump_generation.load(Ordering::Relaxed), 0, "nothing unauthenticated is obeyed");
+        assert!(!a_shared.inbound_connected.load(Ordering::Relaxed));
+    }
+}
