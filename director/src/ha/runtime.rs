@@ -3,7 +3,10 @@
 //! tiebreaker answers, sends what it polls out, and applies its [`Action`]s to the data plane:
 //!
 //! - `BecomeMaster` → `Dataplane::set_serving(true)` (the engine sends its gratuitous-ARP burst);
-//!   `BecomeBackup`/`EnterFault` → `set_serving(false)` at once.
+//!   `EnterFault` and `BecomeBackup` → `set_serving(false)` at once, except after a handover (the peer
+//!   took over while we were MASTER and alive: demotion, preemption, a dual-master contest lost), where
+//!   forwarding goes on for `handover_drain_ms` so clients still sending to our MAC are not dropped
+//!   before the new MASTER's gratuitous ARPs reach them (make-before-break).
 //! - `SendGratuitousArp` → `Dataplane::announce()`; while MASTER, also every `garp_refresh_s`.
 //! - `CheckTiebreaker` → ICMP echo to every tiebreaker (a raw socket: the director runs as root for its
 //!   AF_PACKET rings anyway), answered with `tiebreaker_result` — reachable when any answers.
@@ -199,6 +202,8 @@ pub struct HaRuntime {
     /// The tiebreaker check whose answer the machine waits for (older answers are late: ignored).
     check: u64,
     next_garp_refresh: Option<Instant>,
+    /// After a handover, when to stop forwarding (see `handover_drain_ms`).
+    drain_until: Option<Instant>,
     last_load: (Instant, u64),
     /// Datagrams the receive tasks dropped because the loop's queue was full.
     overflows: Arc<AtomicU64>,
@@ -240,6 +245,7 @@ impl HaRuntime {
             shell: ShellCounters::default(),
             check: 0,
             next_garp_refresh: None,
+            drain_until: None,
             last_load: (now, packets),
             overflows: Arc::new(AtomicU64::new(0)),
         };
@@ -299,6 +305,13 @@ impl HaRuntime {
                     if self.next_garp_refresh.is_some_and(|t| now >= t) {
                         self.announce();
                     }
+                    if self.drain_until.is_some_and(|t| now >= t) {
+                        self.drain_until = None;
+                        if self.ha.state() != State::Master {
+                            self.dataplane.set_serving(false);
+                            info!("HA: handover drain over, not serving");
+                        }
+                    }
                     self.ha.handle_timeout(now);
                     self.drive(now).await;
                 }
@@ -315,7 +328,7 @@ impl HaRuntime {
     fn wake_at(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let machine = self.ha.poll_timeout().unwrap_or(far);
-        self.next_garp_refresh.map_or(machine, |t| t.min(machine))
+        [self.next_garp_refresh, self.drain_until].into_iter().flatten().fold(machine, Instant::min)
     }
 
     /// Sends what the machine has to send and applies its actions.
@@ -347,18 +360,29 @@ impl HaRuntime {
     fn apply(&mut self, action: Action) {
         match action {
             Action::BecomeMaster { reason } => {
+                self.drain_until = None;
                 self.dataplane.set_serving(true);
                 self.count_transition(State::Master, reason);
                 self.next_garp_refresh = self.garp_refresh().map(|every| Instant::now() + every);
                 warn!(reason = reason_name(reason), "HA: MASTER, serving the VIPs");
             }
             Action::BecomeBackup { reason } => {
-                self.dataplane.set_serving(false);
                 self.count_transition(State::Backup, reason);
                 self.next_garp_refresh = None;
-                warn!(reason = reason_name(reason), "HA: BACKUP, not serving");
+                let drain = Duration::from_millis(self.section.handover_drain_ms.into());
+                let serving = self.dataplane.serving.load(Ordering::Relaxed);
+                if serving && matches!(reason, Reason::HandedOver | Reason::DualMasterLost) && !drain.is_zero() {
+                    // Make-before-break: the new MASTER is serving; clients whose ARP caches still
+                    // point here keep being forwarded until its gratuitous ARPs have reached them.
+                    self.drain_until = Some(Instant::now() + drain);
+                    warn!(reason = reason_name(reason), drain_ms = drain.as_millis() as u64, "HA: BACKUP, draining");
+                } else {
+                    self.dataplane.set_serving(false);
+                    warn!(reason = reason_name(reason), "HA: BACKUP, not serving");
+                }
             }
             Action::EnterFault { reason } => {
+                self.drain_until = None;
                 self.dataplane.set_serving(false);
                 self.count_transition(State::Fault, reason);
                 self.next_garp_refresh = None;
