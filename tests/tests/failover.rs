@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use fulcrum_director::ha::packet::MESSAGE_LEN;
 use fulcrum_director::ha::{Heartbeat, State};
-use fulcrum_tests::ha_pair::{capture_udp, Pair, PairOptions, VIP};
+use fulcrum_tests::arp_watch::{longest_dual, mac_string, ArpWatch};
+use fulcrum_tests::ha_pair::{capture_udp, Pair, PairOptions, TIEBREAKER_IP, VIP};
 use fulcrum_tests::udp_probe::UdpProbe;
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -167,5 +168,100 @@ fn forged_and_replayed_heartbeats_change_nothing_and_are_counted() -> Result<()>
     assert_eq!(after["status"]["counters"]["transitions"], before["status"]["counters"]["transitions"]);
     assert_eq!(pair.directors[master].state()?, "MASTER");
     assert!(pair.directors[backup].metric("fulcrum_ha_heartbeats_rejected_total{reason=\"bad_mac\"}")? >= 15.0);
+    Ok(())
+}
+
+const ARP_ROUND: Duration = Duration::from_millis(20);
+/// The idle heartbeat period (`period_max_ms` default): the longest two directors may both answer ARP,
+/// plus the watch's resolution (a round either side).
+const PERIOD: Duration = Duration::from_millis(1000 + 3 * 20);
+
+fn split_pair(name: &str) -> Result<(Pair, ArpWatch)> {
+    let options = PairOptions { heartbeat_lan: true, tiebreaker: true, ..PairOptions::default() };
+    let pair = Pair::start(name, &options)?;
+    assert_eq!(pair.wait_settled(SETTLE)?, 0, "d1 has the higher priority");
+    let watch = ArpWatch::start(pair.client.netns(), "eth0", "10.0.0.21".parse()?, VIP.parse()?, ARP_ROUND)?;
+    fulcrum_tests::wait_until("ARP answers for the VIP", Duration::from_secs(5), ARP_ROUND, || {
+        Ok(watch.rounds().iter().filter(|r| !r.macs.is_empty()).count() >= 5)
+    })?;
+    Ok((pair, watch))
+}
+
+/// Only the heartbeat link is cut (no second path), the tiebreaker reachable from both: the documented
+/// split brain — both MASTER, since reachability of the tiebreaker cannot tell which side clients see.
+/// When the link returns, the lower rank steps down at once: two directors answer ARP for less than one
+/// period after that.
+#[test]
+fn a_cut_heartbeat_link_with_the_tiebreaker_reachable_from_both_is_split_brain_until_it_returns() -> Result<()> {
+    let (pair, watch) = split_pair("ha-split")?;
+    let d1_mac = pair.directors[0].mac()?;
+    pair.directors[0].host.cut("hb0")?;
+    pair.directors[1].wait_state("MASTER", Duration::from_secs(15))?;
+    assert_eq!(pair.directors[0].state()?, "MASTER", "the documented outcome: both MASTER");
+    fulcrum_tests::wait_until("both directors answering ARP", Duration::from_secs(5), ARP_ROUND, || {
+        Ok(watch.rounds().last().is_some_and(|r| r.macs.len() == 2))
+    })?;
+    pair.directors[0].host.restore("hb0")?;
+    let restored = std::time::Instant::now();
+    pair.directors[1].wait_state("BACKUP", Duration::from_secs(10))?;
+    assert_eq!(pair.directors[0].state()?, "MASTER", "d1 outranks d2");
+    // A few more rounds with one answer each.
+    let seen = watch.rounds().len();
+    fulcrum_tests::wait_until("more ARP rounds", Duration::from_secs(5), ARP_ROUND, || {
+        Ok(watch.rounds().len() >= seen + 10)
+    })?;
+    let rounds = watch.stop()?;
+    let after: Vec<_> = rounds.iter().filter(|r| r.at >= restored).cloned().collect();
+    let (dual, _) = longest_dual(&after);
+    let (split, split_rounds) = longest_dual(&rounds);
+    println!(
+        "heartbeat link cut, tiebreaker reachable from both: both answered ARP for {:.0} ms ({split_rounds} rounds) \
+         while cut; after it returned, for {:.0} ms",
+        split.as_secs_f64() * 1000.0,
+        dual.as_secs_f64() * 1000.0
+    );
+    assert!(dual <= PERIOD, "two directors answered ARP for {dual:?} after the link returned");
+    let last = rounds.last().expect("rounds");
+    assert_eq!(last.macs.iter().map(mac_string).collect::<Vec<_>>(), vec![d1_mac], "only d1 answers now");
+    let status = pair.directors[1].status()?;
+    let lost = status["shell"]["transitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| t["to"] == "backup" && t["reason"] == "dual_master_lost");
+    assert!(lost, "d2 stepped down by the dual-master rule: {status}");
+    Ok(())
+}
+
+/// Only the heartbeat link is cut and the MASTER (d1) has lost its tiebreaker too: d2 takes over, d1 goes
+/// to FAULT and stops answering ARP; two directors answer for less than one period.
+#[test]
+fn a_cut_heartbeat_link_with_the_tiebreaker_reachable_from_one_side_leaves_one_master() -> Result<()> {
+    let (pair, watch) = split_pair("ha-onetb")?;
+    let d2_mac = pair.directors[1].mac()?;
+    pair.directors[0].host.ip_cmd(&["route", "add", "prohibit", &format!("{TIEBREAKER_IP}/32")])?;
+    pair.directors[0].host.cut("hb0")?;
+    pair.directors[1].wait_state("MASTER", Duration::from_secs(15))?;
+    pair.directors[0].wait_state("FAULT", Duration::from_secs(10))?;
+    let seen = watch.rounds().len();
+    fulcrum_tests::wait_until("more ARP rounds", Duration::from_secs(5), ARP_ROUND, || {
+        Ok(watch.rounds().len() >= seen + 10)
+    })?;
+    let rounds = watch.stop()?;
+    let (dual, dual_rounds) = longest_dual(&rounds);
+    println!(
+        "heartbeat link cut, tiebreaker lost by the MASTER: both answered ARP for {:.0} ms ({dual_rounds} rounds)",
+        dual.as_secs_f64() * 1000.0
+    );
+    assert!(dual <= PERIOD, "two directors answered ARP for {dual:?}");
+    let last = rounds.last().expect("rounds");
+    assert_eq!(last.macs.iter().map(mac_string).collect::<Vec<_>>(), vec![d2_mac], "only d2 answers now");
+    assert_eq!(pair.directors[0].metric("fulcrum_ha_serving")?, 0.0);
+    assert!(pair.directors[0].metric("fulcrum_ha_tiebreaker_unreachable_total")? >= 1.0);
+
+    // Link and tiebreaker back: d1 recovers and, preempting, takes mastership back: one MASTER again.
+    pair.directors[0].host.ip_cmd(&["route", "del", "prohibit", &format!("{TIEBREAKER_IP}/32")])?;
+    pair.directors[0].host.restore("hb0")?;
+    assert_eq!(pair.wait_settled(Duration::from_secs(15))?, 0);
     Ok(())
 }

@@ -271,6 +271,11 @@ impl Ha {
             if p.alive && now >= p.deadline {
                 p.alive = false;
                 self.counters.peer_lost += 1;
+                if self.state == State::Master {
+                    // The peer may be taking over right now: learn at once whether we should stand down
+                    // (FAULT), rather than one tiebreaker interval later with both serving meanwhile.
+                    self.next_tb_check = Some(now);
+                }
             }
         }
         if let Some(asked) = self.tb_asked {

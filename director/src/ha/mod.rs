@@ -77,7 +77,8 @@
 //! - No live peer (deadline passed, or INIT hold over) → take over.
 //! - Taking over always first emits [`Action::CheckTiebreaker`]; `tiebreaker_result(reachable = true)`
 //!   completes it, `false` (or no answer within `tiebreaker_timeout`) goes to FAULT instead.
-//! - MASTER without a live peer re-checks the tiebreaker every `tiebreaker_interval`; unreachable → FAULT.
+//! - MASTER without a live peer checks the tiebreaker at once when the peer's deadline passes, then every
+//!   `tiebreaker_interval`; unreachable → FAULT.
 //!   FAULT re-checks at the same interval and leaves FAULT when reachable.
 //! - Two MASTERs that hear each other: the lower rank steps down at once (BACKUP), the winner emits
 //!   [`Action::SendGratuitousArp`] and a heartbeat immediately. A MASTER that hears its peer again after

@@ -4,7 +4,7 @@
 //!
 //! - `BecomeMaster` → `Dataplane::set_serving(true)` (the engine sends its gratuitous-ARP burst);
 //!   `EnterFault` and `BecomeBackup` → `set_serving(false)` at once, except after a handover (the peer
-//!   took over while we were MASTER and alive: demotion, preemption, a dual-master contest lost), where
+//!   took over while we were MASTER and alive: demotion, or the peer promoted or preempting), where
 //!   forwarding goes on for `handover_drain_ms` so clients still sending to our MAC are not dropped
 //!   before the new MASTER's gratuitous ARPs reach them (make-before-break).
 //! - `SendGratuitousArp` → `Dataplane::announce()`; while MASTER, also every `garp_refresh_s`.
@@ -371,7 +371,8 @@ impl HaRuntime {
                 self.next_garp_refresh = None;
                 let drain = Duration::from_millis(self.section.handover_drain_ms.into());
                 let serving = self.dataplane.serving.load(Ordering::Relaxed);
-                if serving && matches!(reason, Reason::HandedOver | Reason::DualMasterLost) && !drain.is_zero() {
+                // Not after a lost dual-master contest: two directors answering ARP is what that ends.
+                if serving && reason == Reason::HandedOver && !drain.is_zero() {
                     // Make-before-break: the new MASTER is serving; clients whose ARP caches still
                     // point here keep being forwarded until its gratuitous ARPs have reached them.
                     self.drain_until = Some(Instant::now() + drain);
@@ -527,7 +528,7 @@ pub async fn any_reachable(targets: &[Ipv4Addr], budget: Duration) -> bool {
     match tokio::time::timeout(budget, ping_any(targets)).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
-            warn!(error = %e, "HA: tiebreaker check failed");
+            debug!(error = %e, "HA: tiebreaker check failed");
             false
         }
         Err(_) => false,
@@ -551,6 +552,7 @@ async fn ping_any(targets: &[Ipv4Addr]) -> Result<()> {
     let socket = unsafe { AsyncFd::register(OwnedFd::from_raw_fd(fd)) }
         .map_err(|e| anyhow::anyhow!("registering the ICMP socket: {e}"))?;
     let id = (random_boot_id() & 0xffff) as u16;
+    let mut sent_any = false;
     for (seq, target) in targets.iter().enumerate() {
         let request = echo_request(id, seq as u16);
         let addr = sockaddr(*target);
@@ -567,7 +569,13 @@ async fn ping_any(targets: &[Ipv4Addr]) -> Result<()> {
         };
         if sent < 0 {
             debug!(%target, error = %std::io::Error::last_os_error(), "HA: tiebreaker echo not sent");
+        } else {
+            sent_any = true;
         }
+    }
+    if !sent_any {
+        // No route to any of them (unreachable, prohibited): that is the answer, no need to wait.
+        anyhow::bail!("no echo request could be sent to any tiebreaker");
     }
     let mut buffer = [0u8; 1500];
     loop {
