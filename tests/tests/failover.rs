@@ -62,7 +62,14 @@ fn one_master_serves_and_the_backup_takes_over_after_kill_9() -> Result<()> {
 /// `fulcrumctl ha demote` on the MASTER hands over make-before-break: the probe loses nothing.
 #[test]
 fn a_graceful_demote_loses_no_probe_datagram() -> Result<()> {
-    let pair = Pair::start("ha-demote", &PairOptions::default())?;
+    // The notify hook records every state change, named by the director's namespace.
+    let hooks = tempfile::tempdir()?;
+    let log = hooks.path().join("notify.log");
+    let script = hooks.path().join("notify.sh");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$(ip netns identify) $1\" >> {}\n", log.display()))?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let options = PairOptions { extra_ha: format!("notify = \"{}\"\n", script.display()), ..PairOptions::default() };
+    let pair = Pair::start("ha-demote", &options)?;
     let master = pair.wait_settled(SETTLE)?;
     let backup = 1 - master;
     pair.client.curl(&format!("http://{VIP}/"), &["--max-time", "5"])?;
@@ -92,6 +99,12 @@ fn a_graceful_demote_loses_no_probe_datagram() -> Result<()> {
     let status = pair.directors[master].status()?;
     assert_eq!(status["status"]["demoted"], true, "{status}");
     assert_eq!(status["status"]["counters"]["failovers"], 0, "a handover is not a failover: {status}");
+    let (old, new) = (pair.directors[master].host.netns(), pair.directors[backup].host.netns());
+    let expected = [format!("{old} master"), format!("{new} backup"), format!("{new} master"), format!("{old} backup")];
+    fulcrum_tests::wait_until("every notify hook to run", Duration::from_secs(10), Duration::from_millis(20), || {
+        let lines = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(expected.iter().all(|e| lines.lines().any(|l| l == e)))
+    })?;
     // Release: automatic again, and d1 (higher priority, preempt on) takes mastership back if it lost it.
     pair.directors[master].fulcrumctl(&["ha", "release"])?;
     if master == 0 {

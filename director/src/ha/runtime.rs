@@ -207,6 +207,8 @@ pub struct HaRuntime {
     last_load: (Instant, u64),
     /// Datagrams the receive tasks dropped because the loop's queue was full.
     overflows: Arc<AtomicU64>,
+    /// Notify runs that could not start or exited unsuccessfully.
+    notify_failures: Arc<AtomicU64>,
 }
 
 impl HaRuntime {
@@ -248,6 +250,7 @@ impl HaRuntime {
             drain_until: None,
             last_load: (now, packets),
             overflows: Arc::new(AtomicU64::new(0)),
+            notify_failures: Arc::new(AtomicU64::new(0)),
         };
         runtime.publish();
         Ok((runtime, HaHandle { events: sender, latest }))
@@ -443,16 +446,23 @@ impl HaRuntime {
         command.arg(state_name(state)).stdin(std::process::Stdio::null()).kill_on_drop(false);
         match command.spawn() {
             Ok(mut child) => {
+                let failures = Arc::clone(&self.notify_failures);
                 tokio::spawn(async move {
                     match child.wait().await {
                         Ok(status) if status.success() => debug!(program = %program.display(), "HA: notify done"),
-                        Ok(status) => warn!(program = %program.display(), %status, "HA: notify failed"),
-                        Err(e) => warn!(program = %program.display(), error = %e, "HA: notify failed"),
+                        Ok(status) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(program = %program.display(), %status, "HA: notify failed");
+                        }
+                        Err(e) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(program = %program.display(), error = %e, "HA: notify failed");
+                        }
                     }
                 });
             }
             Err(e) => {
-                self.shell.notify_failures += 1;
+                self.notify_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(program = %program.display(), error = %e, "HA: cannot run notify");
             }
         }
@@ -473,7 +483,11 @@ impl HaRuntime {
             paths: self.section.paths.iter().map(|p| format!("{} -> {}", p.local, p.peer)).collect(),
             tiebreakers: self.section.tiebreakers.iter().map(ToString::to_string).collect(),
             serving: self.dataplane.serving.load(Ordering::Relaxed),
-            shell: ShellCounters { receive_overflows: self.overflows.load(Ordering::Relaxed), ..self.shell.clone() },
+            shell: ShellCounters {
+                receive_overflows: self.overflows.load(Ordering::Relaxed),
+                notify_failures: self.notify_failures.load(Ordering::Relaxed),
+                ..self.shell.clone()
+            },
         }
     }
 
