@@ -221,6 +221,13 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         }
     }
     info!("shutting down");
+    if let Some(ha) = &ha {
+        // A MASTER hands over to its peer first, so a planned stop loses no traffic.
+        match ha.hand_over(std::time::Duration::from_secs(3)).await {
+            Ok(()) => info!("HA: handed over (or nothing to hand over)"),
+            Err(e) => warn!("HA: stopping without a handover: {e:#}"),
+        }
+    }
     listener.close();
     accept.abort();
     control_task.abort();

@@ -278,3 +278,29 @@ fn a_cut_heartbeat_link_with_the_tiebreaker_reachable_from_one_side_leaves_one_m
     assert_eq!(pair.wait_settled(Duration::from_secs(15))?, 0);
     Ok(())
 }
+
+/// Stopping the MASTER (SIGTERM) hands over first: the probe loses nothing.
+#[test]
+fn stopping_the_master_hands_over_without_loss() -> Result<()> {
+    let mut pair = Pair::start("ha-stop", &PairOptions::default())?;
+    let master = pair.wait_settled(SETTLE)?;
+    let backup = 1 - master;
+    pair.client.curl(&format!("http://{VIP}/"), &["--max-time", "5"])?;
+    let probe = UdpProbe::start(pair.client.netns(), pair.udp_target(), PROBE_INTERVAL)?;
+    probe.wait_answers(500, Duration::from_secs(10))?;
+    let mut process = pair.directors[master].process.take().expect("running");
+    let status = process.terminate(Duration::from_secs(10))?;
+    assert!(status.success(), "{status}: {}", process.output_tails());
+    pair.directors[backup].wait_state("MASTER", Duration::from_secs(1))?;
+    probe.wait_answers(500, Duration::from_secs(10))?;
+    let report = probe.stop()?;
+    println!(
+        "SIGTERM of the MASTER under a 1 ms UDP probe: longest gap {:.1} ms, {} lost",
+        report.longest_gap.as_secs_f64() * 1000.0,
+        report.lost()
+    );
+    assert_eq!(report.lost(), 0, "{report:?}");
+    let status = pair.directors[backup].status()?;
+    assert_eq!(status["status"]["counters"]["failovers"], 0, "a handover, not a failover: {status}");
+    Ok(())
+}

@@ -101,6 +101,33 @@ impl HaHandle {
         answer.await.context("the HA task has stopped")
     }
 
+    /// On shutdown: a MASTER with a live peer hands over (demote, make-before-break) and returns once it
+    /// has stopped serving, so stopping a director loses no traffic. Returns at once otherwise (nobody
+    /// to hand over to), and gives up after `timeout`.
+    pub async fn hand_over(&self, timeout: Duration) -> Result<()> {
+        let view = self.command(HaCommand::Status).await?;
+        let peer_alive = view.status.peer.as_ref().is_some_and(|p| p.alive);
+        if view.status.state != State::Master || !peer_alive {
+            return Ok(());
+        }
+        self.command(HaCommand::Demote).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tick.tick().await;
+            let view = self.latest();
+            if !view.serving {
+                return Ok(());
+            }
+            if !view.status.peer.as_ref().is_some_and(|p| p.alive) {
+                anyhow::bail!("the peer went away during the handover");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("the peer did not take over within {timeout:?}");
+            }
+        }
+    }
+
     /// The status as of the loop's last turn (no round trip: for scrapes).
     pub fn latest(&self) -> HaView {
         self.latest.lock().unwrap_or_else(PoisonError::into_inner).clone()
