@@ -261,8 +261,11 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
                 || new.control != old.control
                 || new.metrics != old.metrics
                 || new.name != old.name
+                || new.ha != old.ha
             {
-                warn!("listener, control, metrics and name settings change only on restart; services were reloaded");
+                warn!(
+                    "listener, control, metrics, name and [ha] settings change only on restart; services were reloaded"
+                );
             }
             control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");
