@@ -298,3 +298,61 @@ fn certs(args: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Captures the payloads of the next `count` UDP datagrams from `source` to `destination` (address and
+/// port) seen in namespace `netns` (an AF_PACKET socket, so the packets still reach their socket).
+pub fn capture_udp(
+    netns: &str,
+    source: std::net::Ipv4Addr,
+    destination: SocketAddr,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>> {
+    crate::in_netns(netns, move || {
+        // SAFETY: plain socket(2); the fd is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from((libc::ETH_P_IP as u16).to_be())) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is fresh and ours.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        // SAFETY: a valid timeval for SO_RCVTIMEO.
+        unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let std::net::IpAddr::V4(dst_ip) = destination.ip() else { bail!("IPv4 only") };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut found = Vec::new();
+        let mut buffer = [0u8; 2048];
+        while found.len() < count {
+            if std::time::Instant::now() > deadline {
+                bail!("captured {} of {count} datagrams {source} -> {destination} within {timeout:?}", found.len());
+            }
+            // SAFETY: the buffer is valid for its length.
+            let n = unsafe { libc::recv(raw, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+            if n <= 0 {
+                continue;
+            }
+            let packet = &buffer[..n as usize];
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if packet.len() < ihl + 8 || packet[9] != 17 {
+                continue;
+            }
+            let src = std::net::Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+            let dst = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            let dport = u16::from_be_bytes([packet[ihl + 2], packet[ihl + 3]]);
+            if src == source && dst == dst_ip && dport == destination.port() {
+                found.push(packet[ihl + 8..].to_vec());
+            }
+        }
+        Ok(found)
+    })
+}

@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod arp_watch;
 pub mod cmd;
 pub mod ha_pair;
 pub mod loadgen;

@@ -27,6 +27,8 @@ pub struct UdpProbe {
 #[derive(Debug, Clone)]
 pub struct ProbeReport {
     pub sent: u64,
+    /// The first datagram answered (those before it went out while the client was still resolving the VIP).
+    pub first_answered: u64,
     /// Distinct datagrams answered.
     pub answered: u64,
     /// Answers received more than once.
@@ -37,8 +39,9 @@ pub struct ProbeReport {
 }
 
 impl ProbeReport {
+    /// Datagrams from the first answered one on that were never answered.
     pub fn lost(&self) -> u64 {
-        self.sent - self.answered
+        (self.sent - self.first_answered).saturating_sub(self.answered)
     }
 }
 
@@ -136,6 +139,7 @@ impl UdpProbe {
         seqs.sort_unstable();
         seqs.dedup();
         let answered = seqs.len() as u64;
+        let first_answered = seqs.first().copied().unwrap_or(sent);
         let first = answers.first().map_or(started, |(_, t)| *t);
         let (mut longest_gap, mut gap_started) = (Duration::ZERO, Duration::ZERO);
         for pair in answers.windows(2) {
@@ -145,7 +149,7 @@ impl UdpProbe {
                 gap_started = pair[0].1.duration_since(first);
             }
         }
-        Ok(ProbeReport { sent, answered, duplicates: total - answered, longest_gap, gap_started })
+        Ok(ProbeReport { sent, first_answered, answered, duplicates: total - answered, longest_gap, gap_started })
     }
 }
 
