@@ -1,0 +1,112 @@
+//! End-to-end dynamic feedback: real agents report the CPU of their server's cgroup; the one whose cgroup burns
+//! its whole CPU quota gets a lower effective weight (and a larger `df` load term) than the idle ones, visible in
+//! `fulcrumctl list --json` and the metrics, and `df` sends it fewer new connections.
+//!
+//! Needs root (network namespaces, cgroups); fails loudly without it.
+
+mod feedback_lab;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use feedback_lab::{Lab, POLL};
+use fulcrum_tests::{wait_until, ChildGuard};
+
+/// The cgroup v1 hierarchies the agent reads (`cpuacct.usage` over `cpu.cfs_quota_us`).
+const HIERARCHIES: [&str; 2] = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct"];
+
+/// A v1 cgroup in the cpu and cpuacct hierarchies with a CPU quota; removed on drop (after its processes).
+struct Cgroup {
+    name: String,
+}
+
+impl Cgroup {
+    fn new(name: String, quota_us: u32) -> Result<Cgroup> {
+        for root in HIERARCHIES {
+            let dir = PathBuf::from(root).join(&name);
+            std::fs::create_dir(&dir).with_context(|| format!("creating {} (cgroup v1 needed)", dir.display()))?;
+        }
+        let cpu = PathBuf::from(HIERARCHIES[0]).join(&name);
+        std::fs::write(cpu.join("cpu.cfs_period_us"), "100000")?;
+        std::fs::write(cpu.join("cpu.cfs_quota_us"), quota_us.to_string())?;
+        Ok(Cgroup { name })
+    }
+
+    /// The path the agent's `cpu.cgroup` names.
+    fn path(&self) -> String {
+        format!("/{}", self.name)
+    }
+
+    /// A shell busy-looping in this cgroup; killed on drop. (It needs no network, so it stays in the root
+    /// namespace, where the cgroup hierarchies are mounted.)
+    fn burn(&self) -> Result<ChildGuard> {
+        let join = HIERARCHIES.map(|root| format!("echo $$ > {root}/{}/cgroup.procs", self.name)).join(" && ");
+        let mut command = Command::new("sh");
+        command.args(["-c", &format!("{join} && while :; do :; done")]);
+        ChildGuard::spawn(&format!("burner@{}", self.name), command)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for root in HIERARCHIES {
+            let _ = std::fs::remove_dir(PathBuf::from(root).join(&self.name));
+        }
+    }
+}
+
+fn weight_and_load(lab: &Lab, address: &str) -> Result<(u64, u64, Option<u64>)> {
+    let view = lab.view(address)?;
+    Ok((
+        view["effective_weight"].as_u64().context("effective weight")?,
+        view["df_load_term"].as_u64().context("df load term")?,
+        view["cpu_bp"].as_u64(),
+    ))
+}
+
+#[test]
+fn a_cpu_loaded_server_gets_a_lower_effective_weight_and_fewer_df_connections() -> Result<()> {
+    let lab = Lab::start("feedback", &[10, 10, 10], "scheduler = \"df\"\n", false)?;
+    // Fields of `_cgroups` outlive the burner and agents (declared later, dropped first).
+    let cgroups =
+        (1..=3).map(|i| Cgroup::new(format!("{}-rs{i}", lab.bed.prefix()), 20_000)).collect::<Result<Vec<_>>>()?;
+    let agents = (0..3).map(|i| lab.start_agent(i, &cgroups[i].path())).collect::<Result<Vec<_>>>()?;
+    let _burner = cgroups[0].burn()?;
+    let ips: Vec<String> = lab.servers.iter().map(|s| s.ip()).collect();
+
+    // rs1's cgroup uses its whole 0.2-CPU quota; the others idle. The blender moves rs1's weight below theirs.
+    let mut last = Vec::new();
+    let views = wait_until("rs1 weighted below the idle servers", Duration::from_secs(30), POLL, || {
+        let views = ips.iter().map(|ip| weight_and_load(&lab, ip)).collect::<Result<Vec<_>>>()?;
+        last.clone_from(&views);
+        let loaded = views[0].2.is_some_and(|bp| bp > 8000);
+        let idle = views[1..].iter().all(|v| v.2.is_some_and(|bp| bp < 2000));
+        let lower = views[1..].iter().all(|v| views[0].0 < v.0);
+        Ok((loaded && idle && lower).then_some(views))
+    })
+    .with_context(|| {
+        let tails: Vec<String> = agents.iter().map(|a| a.output_tails()).collect();
+        format!("(weight, df load term, CPU bp) of rs1..rs3: {last:?}; agents: {tails:?}")
+    })?;
+    assert!(views[1..].iter().all(|v| views[0].1 > v.1), "rs1's df load term is the largest: {views:?}");
+    let table = lab.fulcrumctl(&["list"])?;
+    assert!(table.contains("TCP  10.0.0.100:80 df"), "{table}");
+
+    // The same numbers as metrics.
+    let weight_metric = |ip: &str| {
+        lab.metric(&format!("fulcrum_server_effective_weight{{service=\"10.0.0.100:80/tcp\",server=\"{ip}:80\"}}"))
+    };
+    let (loaded, idle) = (weight_metric(&ips[0])?, weight_metric(&ips[1])?);
+    assert!(loaded < idle, "metrics: rs1 {loaded} < rs2 {idle}");
+    assert!(lab.metric(&format!("fulcrum_server_cpu_ratio{{server=\"{}\"}}", ips[0]))? > 0.8);
+
+    // df places less than a fair share of new connections on the loaded server. (With one short connection
+    // at a time nothing is active, and between the idle servers the response-time term T decides: an
+    // inactive connection weighs 1/256 of an active one.)
+    let counts = lab.spread(60)?;
+    let of = |host: &str| counts.get(host).copied().unwrap_or(0);
+    assert!(of("rs1") < 20 && of("rs1") < of("rs2").max(of("rs3")), "{counts:?}");
+    Ok(())
+}
