@@ -42,7 +42,7 @@ impl RealServer {
 
 pub struct Lab {
     // Fields drop in order: the director stops before its namespaces go.
-    _director_process: ChildGuard,
+    director_process: ChildGuard,
     pub client: Host,
     pub director: Host,
     pub servers: Vec<RealServer>,
@@ -111,7 +111,18 @@ impl Lab {
             }
             Ok(list(&socket).is_ok())
         })?;
-        Ok(Lab { _director_process: process, client, director, servers, sorry, work, socket, bed })
+        Ok(Lab { director_process: process, client, director, servers, sorry, work, socket, bed })
+    }
+
+    /// Rewrites the director's file (`from` replaced by `to`) and reloads it with SIGHUP.
+    pub fn reload(&mut self, from: &str, to: &str) -> Result<()> {
+        let path = self.work.path().join("director.toml");
+        let text = std::fs::read_to_string(&path)?;
+        if !text.contains(from) {
+            bail!("{from:?} is not in the director's file");
+        }
+        std::fs::write(&path, text.replacen(from, to, 1))?;
+        self.director_process.signal("HUP")
     }
 
     /// `fulcrumctl list --json`: the servers of the one service, sorry server last.
