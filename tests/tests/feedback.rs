@@ -110,11 +110,16 @@ fn a_cpu_loaded_server_gets_a_lower_effective_weight_and_fewer_df_connections() 
     let of = |host: &str| counts.get(host).copied().unwrap_or(0);
     assert!(of("rs1") < 20 && of("rs1") < of("rs2").max(of("rs3")), "{counts:?}");
 
-    // Feedback off by reload: the configured weights and no df terms, with the same agents still reporting.
+    // A reload turns feedback off and removes rs3: the configured weights and no df terms for rs1 and rs2, and
+    // rs3's agent, reporting for a server no longer configured, is refused and counted.
     lab.reload("scheduler = \"df\"\n", "scheduler = \"df\"\n\n[service.feedback]\nenabled = false\n")?;
+    lab.reload("\n[[service.server]]\naddress = \"10.0.0.13\"\nweight = 10\nforward = \"dr\"\n", "")?;
     wait_until("the configured weights back after the reload", Duration::from_secs(10), POLL, || {
-        let views = ips.iter().map(|ip| weight_and_load(&lab, ip)).collect::<Result<Vec<_>>>()?;
-        Ok(views.iter().all(|v| v.0 == 10 && v.1 == 0))
+        let views = ips[..2].iter().map(|ip| weight_and_load(&lab, ip)).collect::<Result<Vec<_>>>()?;
+        Ok(views.iter().all(|v| v.0 == 10 && v.1 == 0) && lab.view(&ips[2]).is_err())
+    })?;
+    wait_until("rs3's agent refused", Duration::from_secs(10), POLL, || {
+        Ok(lab.metric("fulcrum_agent_rejections_total{reason=\"unknown_real_server\"}")? >= 1.0)
     })?;
     Ok(())
 }
