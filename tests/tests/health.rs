@@ -43,6 +43,11 @@ fn a_failed_server_is_quiesced_comes_back_ramping_and_the_sorry_server_serves_wh
     assert_eq!(counts.get("rs1"), None, "a quiesced server gets no new connection: {counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 40);
     assert!(lab.metric("fulcrum_health_transitions_total{reason=\"checks_failed\"}")? >= 1.0);
+    let log = lab.director_log();
+    let logged = |reason: &str| {
+        log.lines().filter(|l| l.contains("real server health") && l.contains(&ips[0]) && l.contains(reason)).count()
+    };
+    assert_eq!(logged("ChecksFailed"), 1, "the transition is logged once, with its reason:\n{log}");
     assert_eq!(
         lab.metric(&format!("fulcrum_server_health_up{{service=\"10.0.0.100:80/tcp\",server=\"{}:80\"}}", ips[0]))?,
         0.0

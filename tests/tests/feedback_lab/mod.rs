@@ -125,6 +125,11 @@ impl Lab {
         self.director_process.signal("HUP")
     }
 
+    /// The director's log so far.
+    pub fn director_log(&self) -> String {
+        self.director_process.stderr()
+    }
+
     /// `fulcrumctl list --json`: the servers of the one service, sorry server last.
     pub fn servers_view(&self) -> Result<Vec<Value>> {
         Ok(list(&self.socket)?[0]["servers"].as_array().cloned().unwrap_or_default())
