@@ -2,11 +2,11 @@
 //! its whole CPU quota gets a lower effective weight (and a larger `df` load term) than the idle ones, visible in
 //! `fulcrumctl list --json` and the metrics, and `df` sends it fewer new connections.
 //!
-//! Needs root (network namespaces, cgroups); fails loudly without it.
+//! Needs root (network namespaces, a cgroup v1 cpu/cpuacct or v2 hierarchy); fails loudly without it.
 
 mod feedback_lab;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,23 +15,40 @@ use feedback_lab::{Lab, POLL};
 use fulcrum_tests::{wait_until, ChildGuard};
 
 /// The cgroup v1 hierarchies the agent reads (`cpuacct.usage` over `cpu.cfs_quota_us`).
-const HIERARCHIES: [&str; 2] = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct"];
+const V1_HIERARCHIES: [&str; 2] = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct"];
+/// The cgroup v2 root, when the unified hierarchy is mounted there (`cpu.stat` over `cpu.max`).
+const V2_ROOT: &str = "/sys/fs/cgroup";
 
-/// A v1 cgroup in the cpu and cpuacct hierarchies with a CPU quota; removed on drop (after its processes).
+/// A cgroup with a CPU quota — in the v1 cpu and cpuacct hierarchies when they are mounted (as the agent
+/// prefers them), else in the v2 hierarchy; removed on drop (after its processes).
 struct Cgroup {
     name: String,
+    dirs: Vec<PathBuf>,
 }
 
 impl Cgroup {
     fn new(name: String, quota_us: u32) -> Result<Cgroup> {
-        for root in HIERARCHIES {
-            let dir = PathBuf::from(root).join(&name);
-            std::fs::create_dir(&dir).with_context(|| format!("creating {} (cgroup v1 needed)", dir.display()))?;
+        let v1 = V1_HIERARCHIES.iter().all(|root| Path::new(root).join("cgroup.procs").exists());
+        let roots: Vec<&str> = if v1 { V1_HIERARCHIES.to_vec() } else { vec![V2_ROOT] };
+        if !v1 {
+            // The cpu controller must be enabled for the root's children (allowed while processes live there).
+            std::fs::write(Path::new(V2_ROOT).join("cgroup.subtree_control"), "+cpu")
+                .context("enabling the cgroup v2 cpu controller (no cgroup v1 cpu hierarchy either)")?;
         }
-        let cpu = PathBuf::from(HIERARCHIES[0]).join(&name);
-        std::fs::write(cpu.join("cpu.cfs_period_us"), "100000")?;
-        std::fs::write(cpu.join("cpu.cfs_quota_us"), quota_us.to_string())?;
-        Ok(Cgroup { name })
+        let mut cgroup = Cgroup { name, dirs: Vec::new() };
+        for root in roots {
+            let dir = Path::new(root).join(&cgroup.name);
+            std::fs::create_dir(&dir).with_context(|| format!("creating the cgroup {}", dir.display()))?;
+            cgroup.dirs.push(dir);
+        }
+        let dir = &cgroup.dirs[0];
+        if v1 {
+            std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())?;
+        } else {
+            std::fs::write(dir.join("cpu.max"), format!("{quota_us} 100000"))?;
+        }
+        Ok(cgroup)
     }
 
     /// The path the agent's `cpu.cgroup` names.
@@ -42,17 +59,17 @@ impl Cgroup {
     /// A shell busy-looping in this cgroup; killed on drop. (It needs no network, so it stays in the root
     /// namespace, where the cgroup hierarchies are mounted.)
     fn burn(&self) -> Result<ChildGuard> {
-        let join = HIERARCHIES.map(|root| format!("echo $$ > {root}/{}/cgroup.procs", self.name)).join(" && ");
+        let join = self.dirs.iter().map(|d| format!("echo $$ > {}/cgroup.procs", d.display())).collect::<Vec<_>>();
         let mut command = Command::new("sh");
-        command.args(["-c", &format!("{join} && while :; do :; done")]);
+        command.args(["-c", &format!("{} && while :; do :; done", join.join(" && "))]);
         ChildGuard::spawn(&format!("burner@{}", self.name), command)
     }
 }
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        for root in HIERARCHIES {
-            let _ = std::fs::remove_dir(PathBuf::from(root).join(&self.name));
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
