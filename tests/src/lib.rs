@@ -28,6 +28,7 @@ pub mod cmd;
 pub mod loadgen;
 pub mod netns;
 pub mod nginx;
+pub mod pki;
 pub mod process;
 pub mod wait;
 
@@ -45,6 +46,7 @@ pub use netns::{
     Testbed,
 };
 pub use nginx::Nginx;
+pub use pki::Pki;
 pub use process::ChildGuard;
 pub use wait::{abort_wait, wait_until, PollResult};
 
