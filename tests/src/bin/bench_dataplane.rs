@@ -41,6 +41,8 @@ const VIP: &str = "10.0.0.100";
 const HTTP_PORT: u16 = 80;
 const IPERF_PORT: u16 = 5201;
 const AGENT_PORT: u16 = 7946;
+/// The director's Prometheus endpoint: after each Fulcrum run its loss counters go into the notes.
+const METRICS_PORT: u16 = 9100;
 /// How long a mode has to answer a request through the VIP once set up.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each request of the latency test is abandoned this long after its intended send time.
@@ -74,6 +76,19 @@ struct Args {
     /// Fulcrum forwarding workers; HAProxy gets as many threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
+    /// Measurements to take, comma-separated: a short A/B comparison of one figure need not pay for all five.
+    /// Those left out show as `–`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bulk,keepalive,conn,latency")]
+    measure: Vec<Measure>,
+}
+
+/// What `measure` runs: `bulk` is iperf3 with 1 and 4 streams, `conn` is wrk with `Connection: close`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Measure {
+    Bulk,
+    Keepalive,
+    Conn,
+    Latency,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
@@ -195,6 +210,7 @@ struct Bed {
     rate: u32,
     connections: u32,
     workers: u32,
+    measure: Vec<Measure>,
     tb: Testbed,
 }
 
@@ -246,6 +262,7 @@ impl Bed {
             rate: args.rate,
             connections: args.connections,
             workers: args.workers,
+            measure: args.measure.clone(),
             tb,
         };
         bed.restart_iperf()?;
@@ -519,86 +536,96 @@ impl Bed {
             notes.push(msg);
         };
 
-        match self.iperf(target, 1) {
-            Ok(g) => sample.gbps1 = Some(g),
-            Err(e) => {
-                note(notes, "iperf3 -P1", &e);
-                let _ = self.restart_iperf();
-            }
-        }
-        log(format!("  iperf3 1 stream: {}", fmt_opt(sample.gbps1, 2)));
-        std::thread::sleep(SETTLE);
-
-        let cpu = CpuWindow::start(&self.director);
-        match self.iperf(target, 4) {
-            Ok(g) => sample.gbps4 = Some(g),
-            Err(e) => {
-                note(notes, "iperf3 -P4", &e);
-                let _ = self.restart_iperf();
-            }
-        }
-        sample.cpu_bulk = cpu.percent();
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  iperf3 4 streams: {}", fmt_opt(sample.gbps4, 2)));
-        std::thread::sleep(SETTLE);
-
-        match self.wrk(target, false) {
-            Ok((rps, errors)) => {
-                sample.keepalive_rps = Some(rps);
-                if let Some(errors) = errors {
-                    notes.push(format!("{tag}: wrk keep-alive: {errors}"));
+        if self.measure.contains(&Measure::Bulk) {
+            match self.iperf(target, 1) {
+                Ok(g) => sample.gbps1 = Some(g),
+                Err(e) => {
+                    note(notes, "iperf3 -P1", &e);
+                    let _ = self.restart_iperf();
                 }
             }
-            Err(e) => note(notes, "wrk keep-alive", &e),
-        }
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  keep-alive req/s: {}", fmt_opt(sample.keepalive_rps, 0)));
-        std::thread::sleep(SETTLE);
+            log(format!("  iperf3 1 stream: {}", fmt_opt(sample.gbps1, 2)));
+            std::thread::sleep(SETTLE);
 
-        let cpu = CpuWindow::start(&self.director);
-        match self.wrk(target, true) {
-            Ok((rps, errors)) => {
-                sample.conn_rps = Some(rps);
-                if let Some(errors) = errors {
-                    notes.push(format!("{tag}: wrk Connection: close: {errors}"));
+            let cpu = CpuWindow::start(&self.director);
+            match self.iperf(target, 4) {
+                Ok(g) => sample.gbps4 = Some(g),
+                Err(e) => {
+                    note(notes, "iperf3 -P4", &e);
+                    let _ = self.restart_iperf();
                 }
             }
-            Err(e) => note(notes, "wrk Connection: close", &e),
+            sample.cpu_bulk = cpu.percent();
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  iperf3 4 streams: {}", fmt_opt(sample.gbps4, 2)));
+            std::thread::sleep(SETTLE);
         }
-        sample.cpu_conn = cpu.percent();
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  new conn/s: {}", fmt_opt(sample.conn_rps, 0)));
-        std::thread::sleep(SETTLE);
-
-        match self.latency(target) {
-            Ok(report) => {
-                sample.p50_ms = Some(report.latency.p50.as_secs_f64() * 1e3);
-                sample.p99_ms = Some(report.latency.p99.as_secs_f64() * 1e3);
-                sample.lat_error_ratio = Some(report.errors() as f64 / report.scheduled.max(1) as f64);
-                let e = report.error_counts;
-                if e.total() > 0 {
-                    notes.push(format!(
-                        "{tag}: latency @ {} req/s: {} of {} requests failed (connect {}, io {}, status {}, timeout {})",
-                        self.rate,
-                        e.total(),
-                        report.scheduled,
-                        e.connect,
-                        e.io,
-                        e.status,
-                        e.timeout
-                    ));
+        if self.measure.contains(&Measure::Keepalive) {
+            match self.wrk(target, false) {
+                Ok((rps, errors)) => {
+                    sample.keepalive_rps = Some(rps);
+                    if let Some(errors) = errors {
+                        notes.push(format!("{tag}: wrk keep-alive: {errors}"));
+                    }
                 }
-                if report.latency.count == 0 {
-                    sample.p50_ms = None;
-                    sample.p99_ms = None;
-                }
+                Err(e) => note(notes, "wrk keep-alive", &e),
             }
-            Err(e) => note(notes, "latency", &e),
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  keep-alive req/s: {}", fmt_opt(sample.keepalive_rps, 0)));
+            std::thread::sleep(SETTLE);
         }
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  p50 / p99 ms: {} / {}", fmt_opt(sample.p50_ms, 2), fmt_opt(sample.p99_ms, 2)));
+        if self.measure.contains(&Measure::Conn) {
+            let cpu = CpuWindow::start(&self.director);
+            match self.wrk(target, true) {
+                Ok((rps, errors)) => {
+                    sample.conn_rps = Some(rps);
+                    if let Some(errors) = errors {
+                        notes.push(format!("{tag}: wrk Connection: close: {errors}"));
+                    }
+                }
+                Err(e) => note(notes, "wrk Connection: close", &e),
+            }
+            sample.cpu_conn = cpu.percent();
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  new conn/s: {}", fmt_opt(sample.conn_rps, 0)));
+            std::thread::sleep(SETTLE);
+        }
+        if self.measure.contains(&Measure::Latency) {
+            match self.latency(target) {
+                Ok(report) => {
+                    sample.p50_ms = Some(report.latency.p50.as_secs_f64() * 1e3);
+                    sample.p99_ms = Some(report.latency.p99.as_secs_f64() * 1e3);
+                    sample.lat_error_ratio = Some(report.errors() as f64 / report.scheduled.max(1) as f64);
+                    let e = report.error_counts;
+                    if e.total() > 0 {
+                        notes.push(format!(
+                            "{tag}: latency @ {} req/s: {} of {} requests failed (connect {}, io {}, status {}, timeout {})",
+                            self.rate,
+                            e.total(),
+                            report.scheduled,
+                            e.connect,
+                            e.io,
+                            e.status,
+                            e.timeout
+                        ));
+                    }
+                    if report.latency.count == 0 {
+                        sample.p50_ms = None;
+                        sample.p99_ms = None;
+                    }
+                }
+                Err(e) => note(notes, "latency", &e),
+            }
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  p50 / p99 ms: {} / {}", fmt_opt(sample.p50_ms, 2), fmt_opt(sample.p99_ms, 2)));
+        }
 
         sample.spread = self.requests_per_server();
+        if matches!(mode, Mode::FulcrumDr | Mode::FulcrumNat) {
+            if let Some(losses) = self.director_losses() {
+                notes.push(format!("{tag}: director counters: {losses}"));
+            }
+        }
 
         // A director that died mid-run invalidates what came after: say so.
         for p in &mut setup.processes {
@@ -607,6 +634,28 @@ impl Bed {
             }
         }
         sample
+    }
+
+    /// Frames the director lost (ring drops, transmit errors, refused packets) out of those it received, from
+    /// its metrics endpoint: a low figure with an idle director is explained by these.
+    fn director_losses(&self) -> Option<String> {
+        let url = format!("http://{DIRECTOR_IP}:{METRICS_PORT}/metrics");
+        let out = self.director.run_unchecked(&["curl", "-sS", "--max-time", "2", &url]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let total = |name: &str| -> u64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        };
+        Some(format!(
+            "received {}, transmitted {}, ring drops {}, transmit errors {}, dropped {}",
+            total("fulcrum_received_packets_total"),
+            total("fulcrum_transmitted_packets_total"),
+            total("fulcrum_ring_drops_total"),
+            total("fulcrum_transmit_errors_total"),
+            total("fulcrum_dropped_packets_total"),
+        ))
     }
 
     /// Requests in each nginx's access log (emptied by `reset` before every mode).
@@ -713,7 +762,7 @@ fn haproxy_config(threads: u32) -> String {
 
 fn director_config(pki: &Path, socket: &Path, workers: u32, forward: &str) -> String {
     let mut text = format!(
-        "name = \"d1\"\n\n[agents]\nlisten = \"{DIRECTOR_IP}:{AGENT_PORT}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\n",
+        "name = \"d1\"\n\n[agents]\nlisten = \"{DIRECTOR_IP}:{AGENT_PORT}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[metrics]\nlisten = \"{DIRECTOR_IP}:{METRICS_PORT}\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\n",
         ca = pki.join("ca.pem").display(),
         cert = pki.join("d1.pem").display(),
         key = pki.join("d1.key").display(),
