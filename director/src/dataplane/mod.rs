@@ -29,6 +29,7 @@ use crate::config::DataplaneConfig;
 use afpacket::{PacketRing, RingConfig, SteeringHandle};
 use counters::WorkerCounters;
 use engine::{Engine, EngineConfig};
+use steer::Steering;
 use table::ServiceTable;
 
 /// The running workers.
@@ -40,7 +41,8 @@ pub struct Dataplane {
     pub serving: Arc<AtomicBool>,
     steering: SteeringHandle,
     workers: u32,
-    steered_vips: Mutex<Vec<Ipv4Addr>>,
+    /// What the steering program was built for.
+    steered: Mutex<(Vec<Ipv4Addr>, Steering)>,
 }
 
 impl Dataplane {
@@ -51,7 +53,8 @@ impl Dataplane {
         netif::check_kernel_hands_off(interface, &vips)?;
         let our_mac = netif::mac_address(interface)?;
         let our_ip = netif::interface_ipv4(interface)?;
-        let program = steer::fanout_program(&vips, config.workers);
+        let steered_by = table.load().steering();
+        let program = steer::fanout_program(&vips, config.workers, steered_by);
         // One group per process: the pid keeps two directors on one host (tests) apart.
         let group = (std::process::id() & 0xffff) as u16;
         let ring_config = RingConfig { frame_count: config.ring_frames, ..RingConfig::default() };
@@ -98,19 +101,24 @@ impl Dataplane {
             serving,
             steering: steering.context("no worker")?,
             workers: config.workers,
-            steered_vips: Mutex::new(vips),
+            steered: Mutex::new((vips, steered_by)),
         })
     }
 
     /// Follows a new service table: the steering program must know every VIP (NAT replies are steered by
-    /// destination, everything to a VIP by source).
+    /// destination, everything to a VIP by source), and steers by client alone while a service is persistent.
     pub fn follow(&self, table: &ServiceTable) {
-        let mut steered = self.steered_vips.lock().unwrap_or_else(PoisonError::into_inner);
-        if *steered == table.vips {
+        let mut steered = self.steered.lock().unwrap_or_else(PoisonError::into_inner);
+        let steering = table.steering();
+        if steered.0 == table.vips && steered.1 == steering {
             return;
         }
-        match self.steering.set_program(&steer::fanout_program(&table.vips, self.workers)) {
-            Ok(()) => *steered = table.vips.clone(),
+        if steered.1 != steering {
+            // Established connections whose key now hashes elsewhere meet a worker without their entry.
+            tracing::warn!(?steering, "persistence changed: steering connections anew; established ones may stall");
+        }
+        match self.steering.set_program(&steer::fanout_program(&table.vips, self.workers, steering)) {
+            Ok(()) => *steered = (table.vips.clone(), steering),
             Err(e) => tracing::error!(error = %e, "updating the steering program; new VIPs may be mis-steered"),
         }
     }
