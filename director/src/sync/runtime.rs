@@ -14,7 +14,7 @@
 //!   changes are counted as `no_peer` drops and forgotten (the peer asks for the full table on reconnecting).
 //! - **Receiving** (the peer connects): the task asks for the full table at once (a fresh connection may
 //!   follow a restart on either side), then routes each record to the worker that owns the client (the
-//!   steering hash, [`worker_for_client`]) through that worker's ring. A full ring makes the task wait (TCP
+//!   steering hash, [`SyncShared::owning_worker`]) through that worker's ring. A full ring makes the task wait (TCP
 //!   pushes back on the peer): received records are never dropped. A newer connection from the peer
 //!   replaces the older one.
 //!
@@ -38,7 +38,6 @@ use super::hub::{SyncDrop, SyncShared, TaskPorts};
 use super::outbox::{Outbox, OutboxConfig};
 use super::record::SyncRecord;
 use super::ring::{Consumer, Producer};
-use crate::dataplane::steer::worker_for_client;
 
 /// How often the sending side looks at the workers' rings.
 const TICK: Duration = Duration::from_millis(2);
@@ -341,7 +340,7 @@ async fn receive_session(
                 shared.frames_received.fetch_add(1, Ordering::Relaxed);
                 shared.records_received.fetch_add(records.len() as u64, Ordering::Relaxed);
                 for record in records {
-                    let ring = &mut incoming[worker_for_client(record.client, workers) as usize];
+                    let ring = &mut incoming[shared.owning_worker(&record, workers)];
                     // A full ring: wait for the worker (it drains between packets); TCP holds the peer back.
                     while ring.push(record).is_err() {
                         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -416,7 +415,7 @@ mod tests {
         wait("the records on B", Duration::from_secs(10), || {
             for (worker, port) in b_workers.iter_mut().enumerate() {
                 while let Some(record) = port.incoming.pop() {
-                    assert_eq!(worker_for_client(record.client, 2) as usize, worker, "{record:?}");
+                    assert_eq!(b_shared.owning_worker(&record, 2), worker, "{record:?}");
                     received.push(record);
                 }
             }
