@@ -39,7 +39,13 @@ pub struct PairOptions {
     pub init_hold_ms: u32,
     /// Extra `[ha]` lines.
     pub extra_ha: String,
+    /// Real servers behind NAT (10.0.1.0/24) instead of DR: their gateway [`NAT_GATEWAY`] is a VIP of the
+    /// pair (a service with no servers), so it moves with mastership like the client-facing VIP.
+    pub nat: bool,
 }
+
+/// The NAT real servers' default gateway: an address only the MASTER answers ARP for.
+pub const NAT_GATEWAY: &str = "10.0.1.1";
 
 impl Default for PairOptions {
     fn default() -> Self {
@@ -49,6 +55,7 @@ impl Default for PairOptions {
             high_load_pps: 500,
             init_hold_ms: 1000,
             extra_ha: String::new(),
+            nat: false,
         }
     }
 }
@@ -156,17 +163,31 @@ impl Pair {
             d1.attach(&hb, "hb0", "10.9.0.2/24")?;
             d2.attach(&hb, "hb0", "10.9.0.3/24")?;
         }
+        if options.nat {
+            d1.add_address("10.0.1.2/24", "eth0")?;
+            d2.add_address("10.0.1.3/24", "eth0")?;
+        }
+        let server_ip =
+            |i: usize| if options.nat { format!("10.0.1.{}", 11 + i) } else { format!("10.0.0.{}", 11 + i) };
         let mut servers = Vec::new();
         for i in 0..2 {
-            let host = bed.add_host(&format!("rs{}", i + 1), &format!("10.0.0.{}/24", 11 + i))?;
-            host.add_address(&format!("{VIP}/32"), "lo")?;
-            for scope in ["all", "eth0"] {
-                host.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
-                host.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
-            }
+            let host = bed.add_host(&format!("rs{}", i + 1), &format!("{}/24", server_ip(i)))?;
+            // DR: the VIP on lo, never answering ARP for it, and the echo answers from the VIP. NAT: replies
+            // go back through the pair's floating gateway.
+            let echo_at = if options.nat {
+                host.set_default_route(NAT_GATEWAY)?;
+                format!("{}:{UDP_PORT}", server_ip(i))
+            } else {
+                host.add_address(&format!("{VIP}/32"), "lo")?;
+                for scope in ["all", "eth0"] {
+                    host.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
+                    host.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
+                }
+                format!("{VIP}:{UDP_PORT}")
+            };
             let nginx = host.start_nginx(80)?;
             let mut echo = Command::new(workspace_bin("udp_echo"));
-            echo.arg(format!("{VIP}:{UDP_PORT}"));
+            echo.arg(echo_at);
             let echo = host.spawn(echo)?;
             host.wait_udp_listening(UDP_PORT, Duration::from_secs(10))?;
             servers.push((host, nginx, echo));
@@ -205,10 +226,15 @@ impl Pair {
                 config.push_str(&format!("\n[[service]]\nvip = \"{VIP}\"\n{service}\nscheduler = \"rr\"\n"));
                 for rs in 0..servers.len() {
                     config.push_str(&format!(
-                        "\n[[service.server]]\naddress = \"10.0.0.{}\"\nforward = \"dr\"\n",
-                        11 + rs
+                        "\n[[service.server]]\naddress = \"{}\"\nforward = \"{}\"\n",
+                        server_ip(rs),
+                        if options.nat { "nat" } else { "dr" }
                     ));
                 }
+            }
+            if options.nat {
+                // The gateway as a VIP with no servers: answered (ARP) by the MASTER only, nothing forwarded.
+                config.push_str(&format!("\n[[service]]\nvip = \"{NAT_GATEWAY}\"\nport = 9\nprotocol = \"udp\"\n"));
             }
             let config_path = work.path().join(format!("{name}.toml"));
             std::fs::write(&config_path, config)?;

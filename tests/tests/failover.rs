@@ -304,3 +304,28 @@ fn stopping_the_master_hands_over_without_loss() -> Result<()> {
     assert_eq!(status["status"]["counters"]["failovers"], 0, "a handover, not a failover: {status}");
     Ok(())
 }
+
+/// NAT real servers: their gateway is a VIP of the pair, so replies follow mastership. kill -9 of the
+/// MASTER under the probe: the BACKUP takes over the VIP and the gateway, and the probe resumes.
+#[test]
+fn nat_real_servers_follow_the_master_after_kill_9() -> Result<()> {
+    let mut pair = Pair::start("ha-nat", &PairOptions { nat: true, ..PairOptions::default() })?;
+    let master = pair.wait_settled(SETTLE)?;
+    let backup = 1 - master;
+    let body = pair.client.curl(&format!("http://{VIP}/"), &["--max-time", "5"])?;
+    assert!(body.starts_with("host=rs"), "{body}");
+    let probe = UdpProbe::start(pair.client.netns(), pair.udp_target(), PROBE_INTERVAL)?;
+    probe.wait_answers(500, Duration::from_secs(10))?;
+    pair.directors[master].kill()?;
+    pair.directors[backup].wait_state("MASTER", Duration::from_secs(10))?;
+    probe.wait_answers(500, Duration::from_secs(10))?;
+    let report = probe.stop()?;
+    println!(
+        "NAT, kill -9 of the MASTER under a 1 ms UDP probe: outage {:.1} ms, {} lost",
+        report.longest_gap.as_secs_f64() * 1000.0,
+        report.lost()
+    );
+    let body = pair.client.curl(&format!("http://{VIP}/"), &["--max-time", "5"])?;
+    assert!(body.starts_with("host=rs"), "TCP through the new MASTER: {body}");
+    Ok(())
+}
