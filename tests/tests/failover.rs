@@ -117,7 +117,8 @@ fn a_graceful_demote_loses_no_probe_datagram() -> Result<()> {
 /// nothing and are counted by reason.
 #[test]
 fn forged_and_replayed_heartbeats_change_nothing_and_are_counted() -> Result<()> {
-    let pair = Pair::start("ha-forge", &PairOptions::default())?;
+    let options = PairOptions { extra_ha: "garp_refresh_s = 1\n".to_string(), ..PairOptions::default() };
+    let pair = Pair::start("ha-forge", &options)?;
     let master = pair.wait_settled(SETTLE)?;
     let backup = 1 - master;
     let mallory = pair.bed.add_host("mallory", "10.0.0.66/24")?;
@@ -181,6 +182,13 @@ fn forged_and_replayed_heartbeats_change_nothing_and_are_counted() -> Result<()>
     assert_eq!(after["status"]["counters"]["transitions"], before["status"]["counters"]["transitions"]);
     assert_eq!(pair.directors[master].state()?, "MASTER");
     assert!(pair.directors[backup].metric("fulcrum_ha_heartbeats_rejected_total{reason=\"bad_mac\"}")? >= 15.0);
+
+    // garp_refresh_s = 1: the MASTER re-announces its VIPs every second, the BACKUP never.
+    let garps = pair.directors[master].metric("fulcrum_gratuitous_arps_total")?;
+    fulcrum_tests::wait_until("a periodic re-announcement", Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(pair.directors[master].metric("fulcrum_gratuitous_arps_total")? > garps)
+    })?;
+    assert_eq!(pair.directors[backup].metric("fulcrum_gratuitous_arps_total")?, 0.0);
     Ok(())
 }
 
