@@ -313,11 +313,11 @@ fn stopping_the_master_hands_over_without_loss() -> Result<()> {
     Ok(())
 }
 
-/// NAT real servers: their gateway is a VIP of the pair, so replies follow mastership. kill -9 of the
-/// MASTER under the probe: the BACKUP takes over the VIP and the gateway, and the probe resumes.
+/// NAT real servers: their gateway is the VIP, so replies follow mastership. kill -9 of the MASTER under
+/// the probe: the BACKUP takes over the VIP (and so the gateway), and the probe resumes.
 #[test]
 fn nat_real_servers_follow_the_master_after_kill_9() -> Result<()> {
-    let mut pair = Pair::start("ha-nat", &PairOptions { nat: true, ..PairOptions::default() })?;
+    let mut pair = Pair::start("ha-nat", &PairOptions { forward: "nat", ..PairOptions::default() })?;
     let master = pair.wait_settled(SETTLE)?;
     let backup = 1 - master;
     let body = pair.client.curl(&format!("http://{VIP}/"), &["--max-time", "5"])?;
