@@ -319,6 +319,9 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
                     "listener, control, metrics, name and [ha] settings change only on restart; services were reloaded"
                 );
             }
+            if new.sync != old.sync {
+                warn!("[sync] settings change only on restart");
+            }
             control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");
         }

@@ -48,6 +48,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A peer silent this long (data unacknowledged, or keepalives unanswered) is gone.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the task needs from the `[sync]` section.
 #[derive(Debug, Clone)]
@@ -111,12 +113,43 @@ async fn read_frame(read: &mut OwnedReadHalf, receiver: &mut Receiver) -> Result
     Ok(receiver.open(&header, &rest)?)
 }
 
+/// A peer that vanishes without closing (power loss, a cut link) must not leave the connection hanging for
+/// the kernel's default of many minutes: data unacknowledged for [`PEER_TIMEOUT`] fails the connection
+/// (`TCP_USER_TIMEOUT`), and keepalives probe an idle one.
+fn detect_dead_peers(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: a valid socket and a pointer to an int of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, PEER_TIMEOUT.as_millis() as libc::c_int)?;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)
+}
+
 /// Exchanges hellos; returns both halves ready.
 async fn handshake(
     stream: TcpStream,
     key: &[u8],
 ) -> Result<(OwnedReadHalf, OwnedWriteHalf, frame::Sender, Receiver), SessionError> {
     stream.set_nodelay(true)?;
+    detect_dead_peers(&stream)?;
     let (mut read, mut write) = stream.into_split();
     let (mut sender, mut receiver) = frame::session(key, frame::random_nonce()?);
     write.write_all(&sender.hello()).await?;
