@@ -108,6 +108,8 @@ fn engine(serving: bool, now: Instant) -> (Engine, TaskPorts, Arc<AtomicBool>) {
         scheduler: Scheduler::Rr,
         persistence_s: 300,
         sloppy: false,
+        feedback: Default::default(),
+        health: Default::default(),
         servers: vec![RealServerConfig {
             address: SERVER.into(),
             port: Some(8080),
