@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::agents::{AgentRegistry, AgentView};
 use crate::control_plane::{ControlPlane, Edit, ServiceView};
+use crate::ha::runtime::{HaCommand, HaHandle, HaView};
 
 /// Longest request line accepted.
 const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -28,6 +29,8 @@ pub enum Request {
     List,
     /// Change a service or real server.
     Edit { edit: Edit },
+    /// The director pair: status, promote, demote or release.
+    Ha { ha: HaCommand },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +39,7 @@ pub enum Response {
     Agents { agents: Vec<AgentView> },
     Services { services: Vec<ServiceView> },
     Done { message: String },
+    Ha { ha: Box<HaView> },
     Error { message: String },
 }
 
@@ -44,6 +48,8 @@ pub enum Response {
 pub struct Handles {
     pub agents: AgentRegistry,
     pub control: Arc<ControlPlane>,
+    /// The HA task; `None` for a standalone director (no `[ha]`).
+    pub ha: Option<HaHandle>,
 }
 
 /// Serves the control socket until the task is dropped.
@@ -100,6 +106,7 @@ async fn serve(stream: UnixStream, handles: Handles) -> Result<()> {
     let mut lines = BufReader::new(read.take(MAX_REQUEST_LEN as u64 + 1)).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Ha { ha }) => handle_ha(ha, &handles).await,
             Ok(request) => handle(request, &handles),
             Err(e) => Response::Error { message: format!("bad request: {e}") },
         };
@@ -123,6 +130,19 @@ fn handle(request: Request, handles: &Handles) -> Response {
             }
             Err(e) => Response::Error { message: e.to_string() },
         },
+        Request::Ha { ha } => Response::Error { message: format!("{ha:?} is answered asynchronously") },
+    }
+}
+
+async fn handle_ha(command: HaCommand, handles: &Handles) -> Response {
+    let Some(ha) = &handles.ha else {
+        return Response::Error {
+            message: "this director is standalone: its configuration has no [ha] section".to_string(),
+        };
+    };
+    match ha.command(command).await {
+        Ok(view) => Response::Ha { ha: Box::new(view) },
+        Err(e) => Response::Error { message: format!("{e:#}") },
     }
 }
 

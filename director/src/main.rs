@@ -15,6 +15,7 @@ use fulcrum_director::control::{ControlServer, Handles};
 use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::dataplane::{counters, Dataplane};
 use fulcrum_director::demo;
+use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -218,8 +219,16 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let control_plane = Arc::new(control_plane);
 
     let dataplane = match &config.dataplane {
-        Some(dataplane) => Some(Arc::new(Dataplane::start(dataplane, control_plane.table(), true)?)),
+        // A member of a pair starts not serving (INIT): the HA task decides.
+        Some(dataplane) => Some(Arc::new(Dataplane::start(dataplane, control_plane.table(), config.ha.is_none())?)),
         None => None,
+    };
+    let (ha_task, ha) = match (&config.ha, &dataplane) {
+        (Some(section), Some(dataplane)) => {
+            let (runtime, handle) = HaRuntime::bind(section, Arc::clone(dataplane)).await?;
+            (Some(tokio::spawn(runtime.run())), Some(handle))
+        }
+        _ => (None, None),
     };
     // Every publication may change the VIP set the steering program must know.
     let follow_task = dataplane.as_ref().map(|dataplane| {
@@ -233,7 +242,7 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
-        Handles { agents: registry.clone(), control: Arc::clone(&control_plane) },
+        Handles { agents: registry.clone(), control: Arc::clone(&control_plane), ha: ha.clone() },
     )?;
     info!(name = %config.name, socket = %config.control.socket.display(), "director running");
 
@@ -250,9 +259,12 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let control_task = tokio::spawn(control.run());
     let metrics_task = config.metrics.listen.map(|listen| {
         let registry = registry.clone();
-        let (dataplane, table) = (dataplane.clone(), control_plane.table());
+        let (dataplane, table, ha) = (dataplane.clone(), control_plane.table(), ha.clone());
         let collect: metrics_endpoint::Collector = Arc::new(move || {
             registry.publish_metrics(Instant::now());
+            if let Some(ha) = &ha {
+                ha.publish_metrics();
+            }
             if let Some(dataplane) = &dataplane {
                 counters::publish(&dataplane.counters, &table.load());
             }
@@ -277,6 +289,10 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     }
     if let Some(task) = follow_task {
         task.abort();
+    }
+    if let Some(task) = ha_task {
+        task.abort();
+        let _ = task.await;
     }
     // Dropping the control task removes the socket file.
     let _ = control_task.await;

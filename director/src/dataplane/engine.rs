@@ -16,7 +16,7 @@
 //! - Anything else is not ours: the kernel has its own copy, the engine ignores it.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,9 @@ pub struct Engine {
     /// Whether this director serves its VIPs (answers ARP, forwards); false on a standby.
     serving: Arc<AtomicBool>,
     was_serving: bool,
+    /// Bumped by `Dataplane::announce`: a new value while serving re-sends the gratuitous-ARP burst.
+    announce: Arc<AtomicU64>,
+    announced: u64,
     epoch: Instant,
     garps_left: u32,
     next_garp: Instant,
@@ -124,6 +127,8 @@ impl Engine {
             counters,
             serving,
             was_serving: false,
+            announce: Arc::new(AtomicU64::new(0)),
+            announced: 0,
             epoch: now,
             garps_left: 0,
             next_garp: now,
@@ -133,6 +138,12 @@ impl Engine {
         };
         engine.adopt(snapshot);
         Ok(engine)
+    }
+
+    /// Watches `generation` (shared with `Dataplane::announce`): each change re-announces every VIP.
+    pub fn watch_announcements(&mut self, generation: Arc<AtomicU64>) {
+        self.announced = generation.load(Ordering::Relaxed);
+        self.announce = generation;
     }
 
     fn tick(&self, now: Instant) -> Tick {
@@ -565,12 +576,14 @@ impl Engine {
 
     fn arp_duties(&mut self, now: Instant, scratch: &mut Scratch) {
         let serving = self.serving();
-        if serving && !self.was_serving {
-            // Just started serving: announce every VIP.
+        let generation = self.announce.load(Ordering::Relaxed);
+        if serving && (!self.was_serving || generation != self.announced) {
+            // Just started serving, or asked to announce again: announce every VIP.
             self.garps_left = self.config.garp_count;
             self.next_garp = now;
         }
         self.was_serving = serving;
+        self.announced = generation;
         if serving && self.garps_left > 0 && now >= self.next_garp {
             for vip in self.snapshot.vips.clone() {
                 let Some((index, buffer)) = scratch.take() else { break };

@@ -516,3 +516,27 @@ fn a_purged_server_loses_its_connections() {
     assert_eq!(rig.handle(&mut ack_from_client(40000)).0, Verdict::Drop);
     assert_eq!(rig.dropped(DropReason::NoConnection), 1);
 }
+
+#[test]
+fn an_announcement_resends_the_gratuitous_arp_burst_only_while_serving() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1], Scheduler::Rr)], 64);
+    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    rig.engine.watch_announcements(Arc::clone(&generation));
+    let garps = |rig: &Rig| rig.counters.garps.load(Ordering::Relaxed);
+    // The start-up burst: garp_count (2) rounds, 100 ms apart.
+    for step in 0..4 {
+        rig.engine.poll(rig.now + Duration::from_millis(100 * step), &mut Scratch::new());
+    }
+    assert_eq!(garps(&rig), 2);
+    generation.fetch_add(1, Ordering::Relaxed);
+    for step in 4..8 {
+        rig.engine.poll(rig.now + Duration::from_millis(100 * step), &mut Scratch::new());
+    }
+    assert_eq!(garps(&rig), 4, "one more burst per announcement");
+    rig.serving.store(false, Ordering::Relaxed);
+    generation.fetch_add(1, Ordering::Relaxed);
+    for step in 8..12 {
+        rig.engine.poll(rig.now + Duration::from_millis(100 * step), &mut Scratch::new());
+    }
+    assert_eq!(garps(&rig), 4, "a standby never announces");
+}

@@ -107,6 +107,7 @@
 
 mod machine;
 pub mod packet;
+pub mod runtime;
 
 #[cfg(test)]
 mod tests;
