@@ -46,7 +46,9 @@ fn a_short_demo_shows_the_servers_survives_the_failover_and_cleans_up() -> Resul
         assert!(out.matches(server).count() >= 10, "{server} missing from the table:\n{out}");
     }
     assert!(out.contains("d1 metrics: ip netns exec fdemo") && out.contains("http://10.0.0.2:9469/metrics"), "{out}");
-    assert!(out.contains("d1 10.0.0.2: ACTIVE"), "{out}");
+    assert!(out.contains("== d1 is MASTER, d2 BACKUP"), "{out}");
+    assert!(out.contains("d1 10.0.0.2: MASTER serving the VIP"), "{out}");
+    assert!(out.contains("d2 10.0.0.3: BACKUP"), "{out}");
     // Every server answered the client through the VIP before the failover.
     let before = out.split("kill -9").next().unwrap_or_default();
     let last_table = before.rsplit("-- t=").next().unwrap_or_default();
@@ -56,7 +58,8 @@ fn a_short_demo_shows_the_servers_survives_the_failover_and_cleans_up() -> Resul
     }
     // The failover: the active director is killed, the other one serves, and the outage was measured.
     assert!(out.contains("kill -9 d1"), "{out}");
-    assert!(out.contains("d1 10.0.0.2: KILLED | d2 10.0.0.3: ACTIVE"), "{out}");
+    assert!(out.contains("== d2 is MASTER"), "{out}");
+    assert!(out.contains("d1 10.0.0.2: KILLED | d2 10.0.0.3: MASTER serving the VIP"), "{out}");
     let takeover = out.lines().find(|line| line.starts_with("== takeover:")).unwrap_or_else(|| panic!("{out}"));
     assert!(takeover.contains("client outage"), "{takeover}");
     let done = out.lines().find(|line| line.starts_with("== done:")).unwrap_or_else(|| panic!("{out}"));

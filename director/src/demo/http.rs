@@ -122,6 +122,8 @@ pub struct LoadStats {
     /// Set by [`LoadStats::mark`] (the failover): from then on, the first success of a request *sent* after it.
     pub mark: Option<Instant>,
     pub first_success_after_mark: Option<Instant>,
+    /// The outage the mark caused: the longest gap between successes from the mark until that first success.
+    pub outage_after_mark: Option<Duration>,
 }
 
 impl LoadStats {
@@ -132,6 +134,7 @@ impl LoadStats {
         self.gaps.restart();
         self.mark = Some(now);
         self.first_success_after_mark = None;
+        self.outage_after_mark = None;
     }
 
     fn success(&mut self, sent: Instant, now: Instant) {
@@ -139,6 +142,7 @@ impl LoadStats {
         self.gaps.success(now);
         if self.mark.is_some_and(|mark| sent >= mark) && self.first_success_after_mark.is_none() {
             self.first_success_after_mark = Some(now);
+            self.outage_after_mark = Some(self.gaps.longest(now));
         }
     }
 }
@@ -279,8 +283,11 @@ mod tests {
         stats.success(ms(200), ms(210));
         stats.success(ms(220), ms(230));
         assert_eq!(stats.first_success_after_mark, Some(ms(210)));
-        assert_eq!(stats.gaps.longest(ms(230)), Duration::from_millis(180));
-        assert_eq!(stats.succeeded, 4);
+        assert_eq!(stats.outage_after_mark, Some(Duration::from_millis(180)));
+        stats.success(ms(500), ms(700));
+        assert_eq!(stats.gaps.longest(ms(700)), Duration::from_millis(470), "a later gap");
+        assert_eq!(stats.outage_after_mark, Some(Duration::from_millis(180)), "is not the failover's");
+        assert_eq!(stats.succeeded, 5);
     }
 
     #[test]

@@ -26,6 +26,8 @@ use anyhow::{bail, Context, Result};
 use crate::certs::{self, Role};
 use crate::control::{call, Request, Response};
 use crate::control_plane::ServiceView;
+use crate::ha::runtime::{HaCommand, HaView};
+use crate::ha::State;
 use http::{Capacity, Load, LoadStats};
 use netns::Playground;
 
@@ -34,6 +36,7 @@ const VIP_PORT: u16 = 80;
 const CLIENT_CIDR: &str = "10.0.0.21/24";
 const AGENT_PORT: u16 = 7946;
 const METRICS_PORT: u16 = 9469;
+const HEARTBEAT_PORT: u16 = 7947;
 /// Configured weight of every real server: equal, so that what differs is what the directors learn.
 const WEIGHT: u32 = 100;
 /// How long setup steps (a director starting, ARP resolution, the first answer) may take.
@@ -66,8 +69,9 @@ const REAL_SERVERS: [RealServer; 3] = [
     },
 ];
 
-/// The two directors.
-const DIRECTORS: [(&str, Ipv4Addr); 2] = [("d1", Ipv4Addr::new(10, 0, 0, 2)), ("d2", Ipv4Addr::new(10, 0, 0, 3))];
+/// The two directors: name, address, HA node id and priority (d1 is preferred, so it starts as MASTER).
+const DIRECTORS: [(&str, Ipv4Addr, u32, u32); 2] =
+    [("d1", Ipv4Addr::new(10, 0, 0, 2), 1, 200), ("d2", Ipv4Addr::new(10, 0, 0, 3), 2, 100)];
 
 /// `fulcrum-director demo` options.
 #[derive(Debug, Clone)]
@@ -104,6 +108,9 @@ pub fn run(options: &DemoOptions) -> Result<Outcome> {
 struct Director {
     name: &'static str,
     ip: Ipv4Addr,
+    node_id: u32,
+    priority: u32,
+    peer: Ipv4Addr,
     netns: String,
     config: PathBuf,
     socket: PathBuf,
@@ -148,7 +155,10 @@ impl Interrupt {
     }
 }
 
-/// Polls `check` every 50 ms until it returns true, failing after `timeout` or on an interrupt.
+/// How often waits poll.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `check` every [`POLL`] until it returns true, failing after `timeout` or on an interrupt.
 async fn wait_for(
     what: &str,
     timeout: Duration,
@@ -166,7 +176,7 @@ async fn wait_for(
         if Instant::now() > deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -187,11 +197,24 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
     let work = playground.work().to_path_buf();
     let client_ns = playground.add_host("client", CLIENT_CIDR)?;
     let mut directors = Vec::new();
-    for (name, ip) in DIRECTORS {
+    for (i, (name, ip, node_id, priority)) in DIRECTORS.into_iter().enumerate() {
         let netns = playground.add_host(name, &format!("{ip}/24"))?;
         let (config, socket) = (work.join(format!("{name}.toml")), work.join(format!("{name}.sock")));
-        directors.push(Director { name, ip, netns, config, socket, process: None, killed: false });
+        let peer = DIRECTORS[1 - i].1;
+        directors.push(Director {
+            name,
+            ip,
+            node_id,
+            priority,
+            peer,
+            netns,
+            config,
+            socket,
+            process: None,
+            killed: false,
+        });
     }
+    write_ha_key(&work.join("ha.key"))?;
     let pki = work.join("pki");
     certs::create_ca(&pki, "Fulcrum demo CA", 2, false)?;
     for director in &directors {
@@ -221,15 +244,29 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
             .with_context(|| format!("writing {}", config.display()))?;
     }
     for director in &directors {
-        std::fs::write(&director.config, director_config(director, &pki))
+        std::fs::write(&director.config, director_config(director, &pki, &work.join("ha.key")))
             .with_context(|| format!("writing {}", director.config.display()))?;
     }
 
-    println!("== starting director d1, then the agents (d2 stands by)");
-    let first = start_director(&mut playground, &exe, &mut directors[0], &interrupt).await?;
-    if !first {
+    println!("== starting the director pair d1 (priority 200) and d2 (100), then the agents");
+    for director in directors.iter_mut() {
+        if !start_director(&mut playground, &exe, director, &interrupt).await? {
+            return Ok(interrupted());
+        }
+    }
+    let mut master = None;
+    let elected = wait_for("the pair to elect a MASTER", SETUP_TIMEOUT, &interrupt, || {
+        let states: Vec<Option<State>> =
+            directors.iter().map(|d| ha_blocking(&d.socket).ok().map(|view| view.status.state)).collect();
+        master = states.iter().position(|state| *state == Some(State::Master));
+        Ok(master.is_some() && states.iter().all(|s| matches!(s, Some(State::Master | State::Backup))))
+    })
+    .await?;
+    if !elected {
         return Ok(interrupted());
     }
+    let active = master.context("no MASTER")?;
+    println!("== {} is MASTER, {} BACKUP", directors[active].name, directors[1 - active].name);
     for server in REAL_SERVERS {
         let config = work.join(format!("{}-agent.toml", server.name));
         let config = config.to_str().context("the work directory's path is not UTF-8")?;
@@ -240,8 +277,8 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
             &["--config", config],
         )?;
     }
-    let resolved = wait_for("d1 to resolve every real server's MAC address", SETUP_TIMEOUT, &interrupt, || {
-        Ok(list_blocking(&directors[0].socket)
+    let resolved = wait_for("the MASTER to resolve every real server's MAC address", SETUP_TIMEOUT, &interrupt, || {
+        Ok(list_blocking(&directors[active].socket)
             .map(|services| services.iter().all(|s| s.servers.iter().all(|server| server.mac.is_some())))
             .unwrap_or(false))
     })
@@ -271,7 +308,7 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
     }
 
     println!(
-        "== load: {} req/s from {} clients to {VIP}:{VIP_PORT} for {} s; d1 is killed at {} s",
+        "== load: {} req/s from {} clients to {VIP}:{VIP_PORT} for {} s; the MASTER is killed at {} s",
         options.rate,
         options.clients,
         options.seconds,
@@ -304,7 +341,11 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
         }
         let now = Instant::now();
         if killed_at.is_none() && now >= kill_at {
-            let active = 0;
+            // The MASTER now (it may have changed, e.g. after a heartbeat loss on a very busy machine).
+            let active = directors
+                .iter()
+                .position(|d| ha_blocking(&d.socket).is_ok_and(|view| view.status.state == State::Master))
+                .unwrap_or(active);
             let index = directors[active].process.context("the active director has no process")?;
             let pid = playground.process(index).child.id();
             playground.process(index).child.kill().context("killing the active director")?;
@@ -313,14 +354,23 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
             load.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).mark(now);
             killed_at = Some(now);
             println!(
-                "\n== t={}s: kill -9 {} (pid {pid}), the active director",
+                "\n== t={}s: kill -9 {} (pid {pid}), the MASTER",
                 now.duration_since(start).as_secs(),
                 directors[active].name
             );
-            // Without a heartbeat pair, the standby is started now (a cold standby).
-            if !start_director(&mut playground, &exe, &mut directors[1], &interrupt).await? {
+            let survivor = &directors[1 - active];
+            let promoted = wait_for(&format!("{} to become MASTER", survivor.name), SETUP_TIMEOUT, &interrupt, || {
+                Ok(ha_blocking(&survivor.socket).is_ok_and(|view| view.status.state == State::Master))
+            })
+            .await?;
+            if !promoted {
                 return Ok(interrupted());
             }
+            println!(
+                "== {} is MASTER {} ms after the kill (its peer's heartbeats stopped; seen on its control socket)",
+                survivor.name,
+                now.elapsed().as_millis()
+            );
         }
         for (i, director) in directors.iter().enumerate() {
             if let (Some(index), false) = (director.process, director.killed) {
@@ -330,13 +380,15 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
         let stats = load.stats();
         let views = directors_views(&directors).await;
         print!("{}", render(now.duration_since(start), &stats, &views, &directors));
-        if let (Some(at), Some(back), false) = (killed_at, stats.first_success_after_mark, takeover_reported) {
+        if let (Some(at), Some(back), Some(outage), false) =
+            (killed_at, stats.first_success_after_mark, stats.outage_after_mark, takeover_reported)
+        {
             takeover_reported = true;
             println!(
-                "== takeover: a request sent after the kill was answered {} ms after it; client outage (longest \
-                 gap between successful requests): {} ms",
+                "== takeover: the first request sent after the kill was answered {} ms after it; client outage \
+                 (longest gap between answers): {} ms",
                 back.duration_since(at).as_millis(),
-                stats.gaps.longest(Instant::now()).as_millis()
+                outage.as_millis()
             );
         }
         if now >= end {
@@ -345,16 +397,18 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
     }
     let stats = load.stats();
     let Some(at) = killed_at else { bail!("the run ended before the failover") };
-    if stats.first_success_after_mark.is_none() {
+    let Some(outage) = stats.outage_after_mark else {
         bail!(
             "no takeover: the client got no answer in the {:.1} s after the active director was killed",
             Instant::now().duration_since(at).as_secs_f64()
         );
-    }
+    };
     println!(
-        "== done: {} requests answered, {} failed; outage at the failover: {} ms; tearing the playground down",
+        "== done: {} requests answered, {} failed; outage at the failover: {} ms (longest gap between answers \
+         after it: {} ms); tearing the playground down",
         stats.succeeded,
         stats.failed,
+        outage.as_millis(),
         stats.gaps.longest(Instant::now()).as_millis()
     );
     Ok(Outcome::Finished)
@@ -406,18 +460,30 @@ async fn start_director(
 /// `fulcrumctl list` from a synchronous check (a short-lived runtime on this thread is not allowed inside the
 /// demo's runtime, so the socket is spoken to with std).
 fn list_blocking(socket: &Path) -> Result<Vec<ServiceView>> {
+    match ask_blocking(socket, &Request::List)? {
+        Response::Services { services } => Ok(services),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn ask_blocking(socket: &Path, request: &Request) -> Result<Response> {
     use std::io::{BufRead, BufReader, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = serde_json::to_vec(&Request::List)?;
+    let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply)?;
-    match serde_json::from_str(&reply)? {
-        Response::Services { services } => Ok(services),
+    Ok(serde_json::from_str(&reply)?)
+}
+
+/// `fulcrumctl ha status` from a synchronous check.
+fn ha_blocking(socket: &Path) -> Result<HaView> {
+    match ask_blocking(socket, &Request::Ha { ha: HaCommand::Status })? {
+        Response::Ha { ha } => Ok(*ha),
         other => bail!("unexpected answer {other:?}"),
     }
 }
@@ -427,7 +493,7 @@ fn list_blocking(socket: &Path) -> Result<Vec<ServiceView>> {
 enum DirectorView {
     NotStarted,
     Killed,
-    Up(Vec<ServiceView>),
+    Up { services: Vec<ServiceView>, ha: Option<Box<HaView>> },
     Unreachable(String),
 }
 
@@ -439,11 +505,18 @@ async fn directors_views(directors: &[Director]) -> Vec<DirectorView> {
         } else if director.process.is_none() {
             DirectorView::NotStarted
         } else {
-            match tokio::time::timeout(Duration::from_millis(500), call(&director.socket, &Request::List)).await {
-                Ok(Ok(Response::Services { services })) => DirectorView::Up(services),
-                Ok(Ok(other)) => DirectorView::Unreachable(format!("unexpected answer {other:?}")),
-                Ok(Err(e)) => DirectorView::Unreachable(format!("{e:#}")),
-                Err(_) => DirectorView::Unreachable("no answer in 500 ms".into()),
+            let ask = |request| tokio::time::timeout(Duration::from_millis(500), call(&director.socket, request));
+            match (ask(&Request::List).await, ask(&Request::Ha { ha: HaCommand::Status }).await) {
+                (Ok(Ok(Response::Services { services })), ha) => {
+                    let ha = match ha {
+                        Ok(Ok(Response::Ha { ha })) => Some(ha),
+                        _ => None,
+                    };
+                    DirectorView::Up { services, ha }
+                }
+                (Ok(Ok(other)), _) => DirectorView::Unreachable(format!("unexpected answer {other:?}")),
+                (Ok(Err(e)), _) => DirectorView::Unreachable(format!("{e:#}")),
+                (Err(_), _) => DirectorView::Unreachable("no answer in 500 ms".into()),
             }
         };
         views.push(view);
@@ -456,7 +529,7 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n-- t={:>3}s  client: {} answered, {} failed, longest gap {} ms",
+        "\n-- t={:>3}s  client: {} answered, {} failed, longest gap between answers {} ms",
         elapsed.as_secs(),
         stats.succeeded,
         stats.failed,
@@ -469,11 +542,24 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
             DirectorView::NotStarted => "standby (not started)".to_string(),
             DirectorView::Killed => "KILLED".to_string(),
             DirectorView::Unreachable(why) => format!("unreachable: {why}"),
-            DirectorView::Up(services) => {
-                if active.is_none() {
+            DirectorView::Up { services, ha: None } => {
+                active = active.or(Some(services));
+                "standalone, serving".to_string()
+            }
+            DirectorView::Up { services, ha: Some(ha) } => {
+                if ha.serving {
                     active = Some(services);
                 }
-                "ACTIVE, serving the VIP".to_string()
+                let state = crate::ha::runtime::state_name(ha.status.state).to_uppercase();
+                let peer = match &ha.status.peer {
+                    Some(peer) if peer.alive => "peer alive",
+                    _ => "peer lost",
+                };
+                format!(
+                    "{state}{}, heartbeat every {} ms, {peer}",
+                    if ha.serving { " serving the VIP" } else { "" },
+                    ha.status.period.as_millis()
+                )
             }
         };
         states.push(format!("{} {}: {state}", director.name, director.ip));
@@ -513,9 +599,26 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
     out
 }
 
+/// The pair's shared heartbeat key: 32 random bytes, readable by root only.
+fn write_ha_key(path: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut key))
+        .context("reading /dev/urandom")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(&key))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// A director's configuration: agents, control socket and metrics on its own address, the data plane on its
-/// LAN interface, one direct-routing service.
-fn director_config(director: &Director, pki: &Path) -> String {
+/// LAN interface, one direct-routing service, and its side of the heartbeat pair.
+fn director_config(director: &Director, pki: &Path, ha_key: &Path) -> String {
     let mut config = format!(
         r#"name = "{name}"
 
@@ -542,6 +645,23 @@ busy_poll_us = 0
 [dataplane.timeouts]
 tcp_time_wait_s = 5
 
+# The pair: heartbeats on the LAN. The period adapts to the load between 20 ms and 200 ms; three lost
+# heartbeats are ridden out, the fourth fails over.
+[ha]
+node_id = {node_id}
+priority = {priority}
+key_file = "{key}"
+period_min_ms = 20
+period_max_ms = 200
+tolerance = 3
+init_hold_ms = 1000
+high_load_pps = 2000
+high_load_connections = 200
+
+[[ha.path]]
+local = "{ip}:{HEARTBEAT_PORT}"
+peer = "{peer}:{HEARTBEAT_PORT}"
+
 [[service]]
 vip = "{VIP}"
 port = {VIP_PORT}
@@ -551,6 +671,10 @@ scheduler = "df"
         ip = director.ip,
         pki = pki.display(),
         socket = director.socket.display(),
+        node_id = director.node_id,
+        priority = director.priority,
+        key = ha_key.display(),
+        peer = director.peer,
     );
     for server in REAL_SERVERS {
         let _ =
@@ -580,7 +704,7 @@ timeout_ms = 2000
 "#,
         pki = pki.display(),
     );
-    for (director, director_ip) in DIRECTORS {
+    for (director, director_ip, _, _) in DIRECTORS {
         let _ = write!(config, "\n[[director]]\nname = \"{director}\"\naddress = \"{director_ip}:{AGENT_PORT}\"\n");
     }
     config
@@ -594,9 +718,12 @@ mod tests {
     fn directors(work: &Path) -> Vec<Director> {
         DIRECTORS
             .iter()
-            .map(|&(name, ip)| Director {
+            .map(|&(name, ip, node_id, priority)| Director {
                 name,
                 ip,
+                node_id,
+                priority,
+                peer: ip,
                 netns: format!("fdemo1-{name}"),
                 config: work.join(format!("{name}.toml")),
                 socket: work.join(format!("{name}.sock")),
@@ -610,13 +737,16 @@ mod tests {
     fn the_generated_configurations_are_valid() {
         let work = tempfile::tempdir().unwrap();
         let pki = work.path().join("pki");
+        let key = work.path().join("ha.key");
+        write_ha_key(&key).unwrap();
         certs::create_ca(&pki, "test", 1, false).unwrap();
         for director in directors(work.path()) {
             certs::issue(&pki, Role::Director, director.name, &[], 1, false).unwrap();
-            let text = director_config(&director, &pki);
+            let text = director_config(&director, &pki, &key);
             let config = DirectorConfig::from_text(&director.config, &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
             assert_eq!(config.services.len(), 1);
             assert_eq!(config.services[0].servers.len(), REAL_SERVERS.len());
+            assert_eq!(config.ha.map(|ha| ha.node_id), Some(director.node_id));
         }
         for server in REAL_SERVERS {
             certs::issue(&pki, Role::Agent, server.name, &[], 1, false).unwrap();
@@ -634,10 +764,10 @@ mod tests {
         directors[0].killed = true;
         let mut stats = LoadStats { succeeded: 10, failed: 2, ..LoadStats::default() };
         stats.served_by.insert("rs2".into(), 7);
-        let views = vec![DirectorView::Killed, DirectorView::Up(Vec::new())];
+        let views = vec![DirectorView::Killed, DirectorView::Up { services: Vec::new(), ha: None }];
         let table = render(Duration::from_secs(7), &stats, &views, &directors);
         assert!(table.contains("t=  7s  client: 10 answered, 2 failed"), "{table}");
-        assert!(table.contains("d1 10.0.0.2: KILLED | d2 10.0.0.3: ACTIVE"), "{table}");
+        assert!(table.contains("d1 10.0.0.2: KILLED | d2 10.0.0.3: standalone, serving"), "{table}");
         let rs2 = table.lines().find(|l| l.contains("rs2 10.0.0.12")).unwrap();
         assert!(rs2.contains("50/s") && rs2.trim_end().ends_with(" 7"), "{rs2}");
     }
