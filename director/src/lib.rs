@@ -10,6 +10,7 @@ pub mod control_plane;
 pub mod dataplane;
 pub mod demo;
 pub mod feedback;
+pub mod feedback_runtime;
 pub mod flow;
 pub mod ha;
 pub mod health;
