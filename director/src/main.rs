@@ -52,11 +52,11 @@ enum Command {
         /// How long the load runs; the active director is killed half-way.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Requests per second the client aims at (the three servers together serve about 175).
-        #[arg(long, default_value_t = 120)]
+        /// Requests per second the client aims at (the three servers together serve 280).
+        #[arg(long, default_value_t = 180)]
         rate: u32,
         /// Concurrent client connections.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 24)]
         clients: u32,
     },
     /// The demo's real server: a minimal HTTP/1.1 responder of limited capacity (started by `demo`).

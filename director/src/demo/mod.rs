@@ -50,22 +50,23 @@ struct RealServer {
     capacity: Capacity,
 }
 
-/// Unequal capacities: 25, 50 and 100 requests/s.
+/// Unequal capacities, 40, 80 and 160 requests/s: the same service time, so that an idle server of each kind
+/// answers as fast, but 1, 2 and 4 requests at a time. What tells them apart is how they cope with load.
 const REAL_SERVERS: [RealServer; 3] = [
     RealServer {
         name: "rs1",
         ip: Ipv4Addr::new(10, 0, 0, 11),
-        capacity: Capacity { service_time: Duration::from_millis(40), concurrency: 1 },
+        capacity: Capacity { service_time: Duration::from_millis(25), concurrency: 1 },
     },
     RealServer {
         name: "rs2",
         ip: Ipv4Addr::new(10, 0, 0, 12),
-        capacity: Capacity { service_time: Duration::from_millis(40), concurrency: 2 },
+        capacity: Capacity { service_time: Duration::from_millis(25), concurrency: 2 },
     },
     RealServer {
         name: "rs3",
         ip: Ipv4Addr::new(10, 0, 0, 13),
-        capacity: Capacity { service_time: Duration::from_millis(20), concurrency: 2 },
+        capacity: Capacity { service_time: Duration::from_millis(25), concurrency: 4 },
     },
 ];
 
@@ -78,7 +79,7 @@ const DIRECTORS: [(&str, Ipv4Addr, u32, u32); 2] =
 pub struct DemoOptions {
     /// How long the load runs; the active director is killed half-way.
     pub seconds: u64,
-    /// Requests per second the client aims at (the servers together serve about 175).
+    /// Requests per second the client aims at (the servers together serve 280).
     pub rate: u32,
     /// Concurrent client connections.
     pub clients: u32,
@@ -287,6 +288,16 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
         return Ok(interrupted());
     }
 
+    // Load only once every server is checked healthy, so that no request meets an empty pool.
+    let healthy = wait_for("the MASTER's health checks to pass", SETUP_TIMEOUT, &interrupt, || {
+        Ok(list_blocking(&directors[active].socket)
+            .map(|services| services.iter().all(|s| s.servers.iter().all(|server| server.health != "down")))
+            .unwrap_or(false))
+    })
+    .await?;
+    if !healthy {
+        return Ok(interrupted());
+    }
     let load = Load {
         target: SocketAddr::from((VIP, VIP_PORT)),
         clients: options.clients,
@@ -567,7 +578,7 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
     let _ = writeln!(out, "   directors: {}", states.join(" | "));
     let _ = writeln!(
         out,
-        "   {:<14} {:>9} {:>6} {:>9} {:>6} {:>9} {:>6} {:>6} {:>7}",
+        "   {:<14} {:>9} {:>6} {:>9} {:>6} {:>9} {:>6} {:>6} {:>7}  health",
         "server", "capacity", "weight", "effective", "CPU%", "resp(ms)", "active", "inact", "served"
     );
     let servers = active.and_then(|services| services.first()).map(|service| service.servers.as_slice());
@@ -582,9 +593,10 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
         let active_conns = view.map_or_else(dash, |v| v.active_connections.to_string());
         let inactive = view.map_or_else(dash, |v| v.inactive_connections.to_string());
         let served = stats.served_by.get(server.name).copied().unwrap_or(0);
+        let health = view.map_or("-", |v| v.health.as_str());
         let _ = writeln!(
             out,
-            "   {:<14} {:>9} {:>6} {:>9} {:>6} {:>9} {:>6} {:>6} {:>7}",
+            "   {:<14} {:>9} {:>6} {:>9} {:>6} {:>9} {:>6} {:>6} {:>7}  {}",
             format!("{} {}", server.name, server.ip),
             format!("{:.0}/s", server.capacity.requests_per_second()),
             weight,
@@ -593,7 +605,8 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
             resp,
             active_conns,
             inactive,
-            served
+            served,
+            health
         );
     }
     out
@@ -666,6 +679,24 @@ peer = "{peer}:{HEARTBEAT_PORT}"
 vip = "{VIP}"
 port = {VIP_PORT}
 scheduler = "df"
+
+# Weights follow the agents' reports. CPU is left out: the demo's real servers share this machine's CPUs, so
+# their agents all report the same (host-wide) figure. What differs is how fast each one answers.
+[service.feedback]
+period_ms = 500
+cpu = 0.0
+pressure = 0.0
+response_time = 0.7
+connections = 0.3
+half_life_ms = 2000
+max_step = 0.15
+
+[service.health]
+kind = "http"
+path = "/"
+interval_ms = 1000
+timeout_ms = 1000
+slow_start_s = 3
 "#,
         name = director.name,
         ip = director.ip,
@@ -769,6 +800,6 @@ mod tests {
         assert!(table.contains("t=  7s  client: 10 answered, 2 failed"), "{table}");
         assert!(table.contains("d1 10.0.0.2: KILLED | d2 10.0.0.3: standalone, serving"), "{table}");
         let rs2 = table.lines().find(|l| l.contains("rs2 10.0.0.12")).unwrap();
-        assert!(rs2.contains("50/s") && rs2.trim_end().ends_with(" 7"), "{rs2}");
+        assert!(rs2.contains("80/s") && rs2.trim_end().ends_with(" 7  -"), "{rs2}");
     }
 }
