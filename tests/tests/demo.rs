@@ -53,8 +53,12 @@ fn a_short_demo_shows_the_servers_survives_the_failover_and_cleans_up() -> Resul
     let before = out.split("kill -9").next().unwrap_or_default();
     let last_table = before.rsplit("-- t=").next().unwrap_or_default();
     for line in last_table.lines().filter(|line| line.contains(" 10.0.0.1")) {
-        let served: u64 = line.split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or(0);
+        // … served, health: the last two columns.
+        let mut columns = line.split_whitespace().rev();
+        let health = columns.next().unwrap_or_default();
+        let served: u64 = columns.next().and_then(|n| n.parse().ok()).unwrap_or(0);
         assert!(served > 0, "a server answered nothing before the failover: {line}\n{out}");
+        assert!(["up", "slow-start"].contains(&health), "a server is not healthy: {line}\n{out}");
     }
     // The failover: the active director is killed, the other one serves, and the outage was measured.
     assert!(out.contains("kill -9 d1"), "{out}");

@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -221,6 +222,9 @@ impl Playground {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().with_context(|| format!("opening {}", log.display()))?;
         let child = Command::new("ip")
+            // A process group of its own: Ctrl-C in the terminal reaches the demo only, which then stops
+            // everything in order (and tells the interrupt from a crash).
+            .process_group(0)
             .args(["netns", "exec", ns])
             .arg(program)
             .args(args)
