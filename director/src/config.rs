@@ -545,6 +545,10 @@ pub struct HaSection {
     /// While MASTER, re-send gratuitous ARPs every this many seconds; 0: only on becoming MASTER.
     #[serde(default)]
     pub garp_refresh_s: u32,
+    /// After handing mastership over (demotion, preemption), keep forwarding this long (ms) for clients
+    /// whose ARP caches still point here; 0 stops at once.
+    #[serde(default = "default_ha_handover_drain_ms")]
+    pub handover_drain_ms: u32,
     /// A program run (no shell) with the new state (`master`, `backup`, `fault`) as its argument.
     pub notify: Option<PathBuf>,
     /// The forwarding load at which the MASTER's period reaches `period_min_ms`.
@@ -585,6 +589,9 @@ fn default_ha_tiebreaker_timeout_ms() -> u32 {
 }
 fn default_ha_tiebreaker_interval_ms() -> u32 {
     1000
+}
+fn default_ha_handover_drain_ms() -> u32 {
+    500
 }
 fn default_ha_high_load_pps() -> u64 {
     50_000
@@ -644,6 +651,7 @@ impl HaSection {
             ("init_hold_ms", self.init_hold_ms, 0..=600_000),
             ("preempt_delay_ms", self.preempt_delay_ms, 0..=3_600_000),
             ("garp_refresh_s", self.garp_refresh_s, 0..=86_400),
+            ("handover_drain_ms", self.handover_drain_ms, 0..=60_000),
         ] {
             if !range.contains(&value) {
                 return Err(invalid(&at(key), format!("{value} is outside {}..={}", range.start(), range.end())));

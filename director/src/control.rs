@@ -160,3 +160,23 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
     let reply = lines.next_line().await?.context("the director closed the control socket without answering")?;
     serde_json::from_str(&reply).with_context(|| format!("unreadable answer from the director: {reply}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ha_commands_on_a_standalone_director_say_so() {
+        let config: crate::config::DirectorConfig =
+            toml::from_str("name = \"d1\"\n[agents]\nca = \"/ca.pem\"\ncert = \"/d1.pem\"\nkey = \"/d1.key\"\n")
+                .expect("a minimal config");
+        let (control, _changes) = ControlPlane::new(config, 1);
+        let handles = Handles { agents: AgentRegistry::default(), control: Arc::new(control), ha: None };
+        let request: Request = serde_json::from_str(r#"{"command":"ha","ha":"status"}"#).expect("the wire form");
+        let Request::Ha { ha } = request else { panic!("not an HA request: {request:?}") };
+        match handle_ha(ha, &handles).await {
+            Response::Error { message } => assert!(message.contains("no [ha] section"), "{message}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}

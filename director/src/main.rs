@@ -284,6 +284,13 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         }
     }
     info!("shutting down");
+    if let Some(ha) = &ha {
+        // A MASTER hands over to its peer first, so a planned stop loses no traffic.
+        match ha.hand_over(std::time::Duration::from_secs(3)).await {
+            Ok(()) => info!("HA: handed over (or nothing to hand over)"),
+            Err(e) => warn!("HA: stopping without a handover: {e:#}"),
+        }
+    }
     listener.close();
     feedback_task.abort();
     let _ = feedback_task.await;
@@ -319,8 +326,11 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
                 || new.control != old.control
                 || new.metrics != old.metrics
                 || new.name != old.name
+                || new.ha != old.ha
             {
-                warn!("listener, control, metrics and name settings change only on restart; services were reloaded");
+                warn!(
+                    "listener, control, metrics, name and [ha] settings change only on restart; services were reloaded"
+                );
             }
             control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");

@@ -3,7 +3,10 @@
 //! tiebreaker answers, sends what it polls out, and applies its [`Action`]s to the data plane:
 //!
 //! - `BecomeMaster` → `Dataplane::set_serving(true)` (the engine sends its gratuitous-ARP burst);
-//!   `BecomeBackup`/`EnterFault` → `set_serving(false)` at once.
+//!   `EnterFault` and `BecomeBackup` → `set_serving(false)` at once, except after a handover (the peer
+//!   took over while we were MASTER and alive: demotion, or the peer promoted or preempting), where
+//!   forwarding goes on for `handover_drain_ms` so clients still sending to our MAC are not dropped
+//!   before the new MASTER's gratuitous ARPs reach them (make-before-break).
 //! - `SendGratuitousArp` → `Dataplane::announce()`; while MASTER, also every `garp_refresh_s`.
 //! - `CheckTiebreaker` → ICMP echo to every tiebreaker (a raw socket: the director runs as root for its
 //!   AF_PACKET rings anyway), answered with `tiebreaker_result` — reachable when any answers.
@@ -96,6 +99,33 @@ impl HaHandle {
         let (reply, answer) = oneshot::channel();
         self.events.send(Event::Command { command, reply }).await.context("the HA task has stopped")?;
         answer.await.context("the HA task has stopped")
+    }
+
+    /// On shutdown: a MASTER with a live peer hands over (demote, make-before-break) and returns once it
+    /// has stopped serving, so stopping a director loses no traffic. Returns at once otherwise (nobody
+    /// to hand over to), and gives up after `timeout`.
+    pub async fn hand_over(&self, timeout: Duration) -> Result<()> {
+        let view = self.command(HaCommand::Status).await?;
+        let peer_alive = view.status.peer.as_ref().is_some_and(|p| p.alive);
+        if view.status.state != State::Master || !peer_alive {
+            return Ok(());
+        }
+        self.command(HaCommand::Demote).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tick.tick().await;
+            let view = self.latest();
+            if !view.serving {
+                return Ok(());
+            }
+            if !view.status.peer.as_ref().is_some_and(|p| p.alive) {
+                anyhow::bail!("the peer went away during the handover");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("the peer did not take over within {timeout:?}");
+            }
+        }
     }
 
     /// The status as of the loop's last turn (no round trip: for scrapes).
@@ -199,9 +229,13 @@ pub struct HaRuntime {
     /// The tiebreaker check whose answer the machine waits for (older answers are late: ignored).
     check: u64,
     next_garp_refresh: Option<Instant>,
+    /// After a handover, when to stop forwarding (see `handover_drain_ms`).
+    drain_until: Option<Instant>,
     last_load: (Instant, u64),
     /// Datagrams the receive tasks dropped because the loop's queue was full.
     overflows: Arc<AtomicU64>,
+    /// Notify runs that could not start or exited unsuccessfully.
+    notify_failures: Arc<AtomicU64>,
 }
 
 impl HaRuntime {
@@ -240,8 +274,10 @@ impl HaRuntime {
             shell: ShellCounters::default(),
             check: 0,
             next_garp_refresh: None,
+            drain_until: None,
             last_load: (now, packets),
             overflows: Arc::new(AtomicU64::new(0)),
+            notify_failures: Arc::new(AtomicU64::new(0)),
         };
         runtime.publish();
         Ok((runtime, HaHandle { events: sender, latest }))
@@ -299,6 +335,13 @@ impl HaRuntime {
                     if self.next_garp_refresh.is_some_and(|t| now >= t) {
                         self.announce();
                     }
+                    if self.drain_until.is_some_and(|t| now >= t) {
+                        self.drain_until = None;
+                        if self.ha.state() != State::Master {
+                            self.dataplane.set_serving(false);
+                            info!("HA: handover drain over, not serving");
+                        }
+                    }
                     self.ha.handle_timeout(now);
                     self.drive(now).await;
                 }
@@ -315,7 +358,7 @@ impl HaRuntime {
     fn wake_at(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let machine = self.ha.poll_timeout().unwrap_or(far);
-        self.next_garp_refresh.map_or(machine, |t| t.min(machine))
+        [self.next_garp_refresh, self.drain_until].into_iter().flatten().fold(machine, Instant::min)
     }
 
     /// Sends what the machine has to send and applies its actions.
@@ -347,18 +390,30 @@ impl HaRuntime {
     fn apply(&mut self, action: Action) {
         match action {
             Action::BecomeMaster { reason } => {
+                self.drain_until = None;
                 self.dataplane.set_serving(true);
                 self.count_transition(State::Master, reason);
                 self.next_garp_refresh = self.garp_refresh().map(|every| Instant::now() + every);
                 warn!(reason = reason_name(reason), "HA: MASTER, serving the VIPs");
             }
             Action::BecomeBackup { reason } => {
-                self.dataplane.set_serving(false);
                 self.count_transition(State::Backup, reason);
                 self.next_garp_refresh = None;
-                warn!(reason = reason_name(reason), "HA: BACKUP, not serving");
+                let drain = Duration::from_millis(self.section.handover_drain_ms.into());
+                let serving = self.dataplane.serving.load(Ordering::Relaxed);
+                // Not after a lost dual-master contest: two directors answering ARP is what that ends.
+                if serving && reason == Reason::HandedOver && !drain.is_zero() {
+                    // Make-before-break: the new MASTER is serving; clients whose ARP caches still
+                    // point here keep being forwarded until its gratuitous ARPs have reached them.
+                    self.drain_until = Some(Instant::now() + drain);
+                    warn!(reason = reason_name(reason), drain_ms = drain.as_millis() as u64, "HA: BACKUP, draining");
+                } else {
+                    self.dataplane.set_serving(false);
+                    warn!(reason = reason_name(reason), "HA: BACKUP, not serving");
+                }
             }
             Action::EnterFault { reason } => {
+                self.drain_until = None;
                 self.dataplane.set_serving(false);
                 self.count_transition(State::Fault, reason);
                 self.next_garp_refresh = None;
@@ -418,16 +473,23 @@ impl HaRuntime {
         command.arg(state_name(state)).stdin(std::process::Stdio::null()).kill_on_drop(false);
         match command.spawn() {
             Ok(mut child) => {
+                let failures = Arc::clone(&self.notify_failures);
                 tokio::spawn(async move {
                     match child.wait().await {
                         Ok(status) if status.success() => debug!(program = %program.display(), "HA: notify done"),
-                        Ok(status) => warn!(program = %program.display(), %status, "HA: notify failed"),
-                        Err(e) => warn!(program = %program.display(), error = %e, "HA: notify failed"),
+                        Ok(status) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(program = %program.display(), %status, "HA: notify failed");
+                        }
+                        Err(e) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(program = %program.display(), error = %e, "HA: notify failed");
+                        }
                     }
                 });
             }
             Err(e) => {
-                self.shell.notify_failures += 1;
+                self.notify_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(program = %program.display(), error = %e, "HA: cannot run notify");
             }
         }
@@ -448,7 +510,11 @@ impl HaRuntime {
             paths: self.section.paths.iter().map(|p| format!("{} -> {}", p.local, p.peer)).collect(),
             tiebreakers: self.section.tiebreakers.iter().map(ToString::to_string).collect(),
             serving: self.dataplane.serving.load(Ordering::Relaxed),
-            shell: ShellCounters { receive_overflows: self.overflows.load(Ordering::Relaxed), ..self.shell.clone() },
+            shell: ShellCounters {
+                receive_overflows: self.overflows.load(Ordering::Relaxed),
+                notify_failures: self.notify_failures.load(Ordering::Relaxed),
+                ..self.shell.clone()
+            },
         }
     }
 
@@ -503,7 +569,7 @@ pub async fn any_reachable(targets: &[Ipv4Addr], budget: Duration) -> bool {
     match tokio::time::timeout(budget, ping_any(targets)).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
-            warn!(error = %e, "HA: tiebreaker check failed");
+            debug!(error = %e, "HA: tiebreaker check failed");
             false
         }
         Err(_) => false,
@@ -527,6 +593,7 @@ async fn ping_any(targets: &[Ipv4Addr]) -> Result<()> {
     let socket = unsafe { AsyncFd::register(OwnedFd::from_raw_fd(fd)) }
         .map_err(|e| anyhow::anyhow!("registering the ICMP socket: {e}"))?;
     let id = (random_boot_id() & 0xffff) as u16;
+    let mut sent_any = false;
     for (seq, target) in targets.iter().enumerate() {
         let request = echo_request(id, seq as u16);
         let addr = sockaddr(*target);
@@ -543,7 +610,13 @@ async fn ping_any(targets: &[Ipv4Addr]) -> Result<()> {
         };
         if sent < 0 {
             debug!(%target, error = %std::io::Error::last_os_error(), "HA: tiebreaker echo not sent");
+        } else {
+            sent_any = true;
         }
+    }
+    if !sent_any {
+        // No route to any of them (unreachable, prohibited): that is the answer, no need to wait.
+        anyhow::bail!("no echo request could be sent to any tiebreaker");
     }
     let mut buffer = [0u8; 1500];
     loop {
