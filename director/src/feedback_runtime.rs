@@ -384,6 +384,10 @@ pub fn spawn(
                 }
                 Some(outcome) = results.recv() => {
                     core.record(outcome.at, outcome.service, (outcome.address, outcome.port), outcome.result);
+                    // Results that arrived together are applied together: one recomputation for all.
+                    while let Ok(outcome) = results.try_recv() {
+                        core.record(outcome.at, outcome.service, (outcome.address, outcome.port), outcome.result);
+                    }
                 }
             }
             let snapshot = table.load();
