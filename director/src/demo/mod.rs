@@ -547,6 +547,7 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
         stats.gaps.longest(Instant::now()).as_millis()
     );
     let mut active = None;
+    let mut serving = None;
     let mut states = Vec::new();
     for (director, view) in directors.iter().zip(views) {
         let state = match view {
@@ -555,11 +556,13 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
             DirectorView::Unreachable(why) => format!("unreachable: {why}"),
             DirectorView::Up { services, ha: None } => {
                 active = active.or(Some(services));
+                serving = serving.or(Some(director));
                 "standalone, serving".to_string()
             }
             DirectorView::Up { services, ha: Some(ha) } => {
                 if ha.serving {
                     active = Some(services);
+                    serving = Some(director);
                 }
                 let state = crate::ha::runtime::state_name(ha.status.state).to_uppercase();
                 let peer = match &ha.status.peer {
@@ -608,6 +611,9 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
             served,
             health
         );
+    }
+    if let Some(director) = serving {
+        let _ = writeln!(out, "   metrics: ip netns exec {} curl -s {}", director.netns, director.metrics_url());
     }
     out
 }
@@ -797,6 +803,7 @@ mod tests {
         stats.served_by.insert("rs2".into(), 7);
         let views = vec![DirectorView::Killed, DirectorView::Up { services: Vec::new(), ha: None }];
         let table = render(Duration::from_secs(7), &stats, &views, &directors);
+        assert!(table.contains("metrics: ip netns exec fdemo1-d2 curl -s http://10.0.0.3:9469/metrics"), "{table}");
         assert!(table.contains("t=  7s  client: 10 answered, 2 failed"), "{table}");
         assert!(table.contains("d1 10.0.0.2: KILLED | d2 10.0.0.3: standalone, serving"), "{table}");
         let rs2 = table.lines().find(|l| l.contains("rs2 10.0.0.12")).unwrap();
