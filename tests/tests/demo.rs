@@ -65,9 +65,14 @@ fn a_short_demo_shows_the_servers_survives_the_failover_and_cleans_up() -> Resul
     assert!(out.contains("== d2 is MASTER"), "{out}");
     assert!(out.contains("d1 10.0.0.2: KILLED | d2 10.0.0.3: MASTER serving the VIP"), "{out}");
     let takeover = out.lines().find(|line| line.starts_with("== takeover:")).unwrap_or_else(|| panic!("{out}"));
-    assert!(takeover.contains("client outage"), "{takeover}");
+    let outage_ms = |line: &str| -> u64 {
+        let after = line.split("outage ").nth(1).unwrap_or_else(|| panic!("no outage in {line:?}"));
+        after.split(" ms").next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line:?}"))
+    };
+    // Measured, and bounded by what the run could see: half of the 12 s run follows the kill.
+    assert!(outage_ms(takeover) < 6000, "{takeover}");
     let done = out.lines().find(|line| line.starts_with("== done:")).unwrap_or_else(|| panic!("{out}"));
-    assert!(done.contains("outage at the failover"), "{done}");
+    assert_eq!(outage_ms(done), outage_ms(takeover), "{done}");
     assert_gone(pid)
 }
 

@@ -396,8 +396,8 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
         {
             takeover_reported = true;
             println!(
-                "== takeover: the first request sent after the kill was answered {} ms after it; client outage \
-                 (longest gap between answers): {} ms",
+                "== takeover: outage {} ms (from the kill to the first answer to a request sent after it); longest \
+                 gap between any two answers {} ms (answers already under way come straight from the servers)",
                 back.duration_since(at).as_millis(),
                 outage.as_millis()
             );
@@ -408,17 +408,18 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
     }
     let stats = load.stats();
     let Some(at) = killed_at else { bail!("the run ended before the failover") };
-    let Some(outage) = stats.outage_after_mark else {
+    let (Some(outage), Some(back)) = (stats.outage_after_mark, stats.first_success_after_mark) else {
         bail!(
             "no takeover: the client got no answer in the {:.1} s after the active director was killed",
             Instant::now().duration_since(at).as_secs_f64()
         );
     };
     println!(
-        "== done: {} requests answered, {} failed; outage at the failover: {} ms (longest gap between answers \
-         after it: {} ms); tearing the playground down",
+        "== done: {} requests answered, {} failed; failover outage {} ms (longest gap between answers {} ms at \
+         the failover, {} ms since); tearing the playground down",
         stats.succeeded,
         stats.failed,
+        back.duration_since(at).as_millis(),
         outage.as_millis(),
         stats.gaps.longest(Instant::now()).as_millis()
     );
