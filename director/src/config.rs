@@ -29,6 +29,8 @@ pub struct DirectorConfig {
     pub dataplane: Option<DataplaneConfig>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// Connection synchronisation with the peer director.
+    pub sync: Option<SyncSection>,
     /// The director pair; without it the director is standalone and always serves.
     pub ha: Option<HaSection>,
 }
@@ -479,6 +481,12 @@ impl DirectorConfig {
             service.feedback.check(i)?;
             service.health.check(i, service)?;
         }
+        if let Some(sync) = &self.sync {
+            if self.dataplane.is_none() {
+                return Err(invalid(&[KeyStep::Key("sync")], "connection sync needs a [dataplane] section"));
+            }
+            sync.check()?;
+        }
         Ok(())
     }
 
@@ -495,6 +503,122 @@ impl DirectorConfig {
 
     fn real_servers(&self) -> impl Iterator<Item = (&ServiceConfig, &RealServerConfig)> {
         self.services.iter().flat_map(|service| service.servers.iter().map(move |server| (service, server)))
+    }
+}
+
+// ----- [sync]: connection synchronisation -----
+
+/// Shortest accepted sync key.
+pub const MIN_SYNC_KEY_LEN: usize = crate::sync::frame::MIN_KEY_LEN;
+
+/// The `[sync]` section: streaming connection-table changes to the peer director (see `sync`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// TCP address the peer connects to, to send us its changes.
+    pub listen: SocketAddr,
+    /// The peer's `listen` address: we connect there to send ours.
+    pub peer: SocketAddr,
+    /// The shared HMAC-SHA256 key: a file of at least 16 bytes, used as is, not readable by group or others.
+    pub key_file: PathBuf,
+    /// Records per second sent at most; changes beyond that coalesce (the latest state of a connection wins).
+    #[serde(default = "default_sync_max_rate")]
+    pub max_rate: u32,
+    /// Most records per frame.
+    #[serde(default = "default_sync_batch_records")]
+    pub batch_records: u32,
+    /// Longest a change waits for a frame to fill, ms.
+    #[serde(default = "default_sync_batch_ms")]
+    pub batch_ms: u32,
+    /// While serving, every live connection is sent again once per this period (renews the peer's timeouts
+    /// and repairs changes lost to a full ring), seconds.
+    #[serde(default = "default_sync_refresh_s")]
+    pub refresh_s: u32,
+    /// Capacity of each worker's rings (changes out, records in), records.
+    #[serde(default = "default_sync_ring_records")]
+    pub ring_records: u32,
+}
+
+fn default_sync_max_rate() -> u32 {
+    100_000
+}
+fn default_sync_batch_records() -> u32 {
+    1024
+}
+fn default_sync_batch_ms() -> u32 {
+    10
+}
+fn default_sync_refresh_s() -> u32 {
+    60
+}
+fn default_sync_ring_records() -> u32 {
+    65_536
+}
+
+impl SyncSection {
+    fn check(&self) -> Result<(), Invalid> {
+        let at = |key: &'static str| [KeyStep::Key("sync"), KeyStep::Key(key)];
+        if self.peer == self.listen {
+            return Err(invalid(&at("peer"), "the peer's address must not be our own listen address"));
+        }
+        if self.peer.ip().is_unspecified() || self.peer.port() == 0 {
+            return Err(invalid(&at("peer"), format!("{} cannot be connected to", self.peer)));
+        }
+        if !(100..=10_000_000).contains(&self.max_rate) {
+            return Err(invalid(&at("max_rate"), format!("{} is outside 100..=10000000", self.max_rate)));
+        }
+        let max_records = crate::sync::frame::MAX_RECORDS as u32;
+        if !(1..=max_records).contains(&self.batch_records) {
+            return Err(invalid(&at("batch_records"), format!("{} is outside 1..={max_records}", self.batch_records)));
+        }
+        if !(1..=1000).contains(&self.batch_ms) {
+            return Err(invalid(&at("batch_ms"), format!("{} is outside 1..=1000", self.batch_ms)));
+        }
+        if !(1..=86_400).contains(&self.refresh_s) {
+            return Err(invalid(&at("refresh_s"), format!("{} is outside 1..=86400", self.refresh_s)));
+        }
+        if !(1024..=(1 << 24)).contains(&self.ring_records) {
+            return Err(invalid(&at("ring_records"), format!("{} is outside 1024..={}", self.ring_records, 1 << 24)));
+        }
+        self.read_key().map_err(|message| invalid(&at("key_file"), message))?;
+        Ok(())
+    }
+
+    /// The key file's bytes; refused when shorter than [`MIN_SYNC_KEY_LEN`] or readable by group or others.
+    pub fn read_key(&self) -> Result<Vec<u8>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.key_file;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} has mode {mode:04o}: the key must not be readable by others (chmod 600)",
+                path.display()
+            ));
+        }
+        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if key.len() < MIN_SYNC_KEY_LEN {
+            return Err(format!(
+                "{} holds {} bytes; the key needs at least {MIN_SYNC_KEY_LEN}",
+                path.display(),
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
+
+    /// The sync task's settings (the key read from `key_file`).
+    pub fn settings(&self) -> Result<crate::sync::runtime::SyncSettings, String> {
+        Ok(crate::sync::runtime::SyncSettings {
+            listen: self.listen,
+            peer: self.peer,
+            key: self.read_key()?,
+            outbox: crate::sync::outbox::OutboxConfig {
+                batch_records: self.batch_records as usize,
+                batch_interval: std::time::Duration::from_millis(self.batch_ms.into()),
+                max_rate: self.max_rate,
+            },
+        })
     }
 }
 
@@ -1227,5 +1351,56 @@ mod tests {
         let pki = Pki::new();
         let text = ha_config(&pki, "").replace("[dataplane]\ninterface = \"eth0\"\n", "");
         assert_eq!(refused(&text).key, "ha", "a pair without a data plane has nothing to fail over");
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn with_sync(sync: &str) -> (tempfile::TempDir, Result<DirectorConfig, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "d1.pem", "d1.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let key = dir.path().join("sync.key");
+        std::fs::write(&key, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let d = dir.path().display();
+        let text = format!(
+            "name = \"d1\"\n[agents]\nca = \"{d}/ca.pem\"\ncert = \"{d}/d1.pem\"\nkey = \"{d}/d1.key\"\n\n[dataplane]\ninterface = \"eth0\"\n\n[sync]\nlisten = \"10.0.0.2:7950\"\npeer = \"10.0.0.3:7950\"\nkey_file = \"{d}/sync.key\"\n{sync}"
+        );
+        let result = DirectorConfig::from_text(Path::new("/etc/fulcrum/director.toml"), &text);
+        (dir, result)
+    }
+
+    #[test]
+    fn a_sync_section_loads_with_defaults() {
+        let (_dir, config) = with_sync("");
+        let sync = config.unwrap().sync.unwrap();
+        assert_eq!((sync.max_rate, sync.batch_records, sync.batch_ms, sync.refresh_s), (100_000, 1024, 10, 60));
+        assert_eq!(sync.settings().unwrap().key, b"0123456789abcdef0123");
+    }
+
+    #[test]
+    fn bad_sync_values_name_line_and_key() {
+        let (_dir, result) = with_sync("batch_records = 5000\n");
+        let err = result.unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (14, "sync.batch_records"), "{err}");
+        let (_dir, result) = with_sync("max_rate = 1\n");
+        assert_eq!(result.unwrap_err().key, "sync.max_rate");
+        let (_dir, result) = with_sync("peer_address = \"x\"\n");
+        assert_eq!(result.unwrap_err().key, "sync.peer_address");
+        let (dir, _) = with_sync("");
+        std::fs::set_permissions(dir.path().join("sync.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let d = dir.path().display();
+        let err = DirectorConfig::from_text(
+            Path::new("/etc/fulcrum/director.toml"),
+            &format!("name = \"d1\"\n[agents]\nca = \"{d}/ca.pem\"\ncert = \"{d}/d1.pem\"\nkey = \"{d}/d1.key\"\n\n[dataplane]\ninterface = \"eth0\"\n\n[sync]\nlisten = \"10.0.0.2:7950\"\npeer = \"10.0.0.3:7950\"\nkey_file = \"{d}/sync.key\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "sync.key_file", "{err}");
+        assert!(err.message.contains("chmod 600"), "{err}");
     }
 }

@@ -29,6 +29,8 @@ pub enum Request {
     List,
     /// Change a service or real server.
     Edit { edit: Edit },
+    /// Connection sync with the peer director.
+    Sync,
     /// The director pair: status, promote, demote or release.
     Ha { ha: HaCommand },
 }
@@ -39,6 +41,7 @@ pub enum Response {
     Agents { agents: Vec<AgentView> },
     Services { services: Vec<ServiceView> },
     Done { message: String },
+    Sync { status: crate::sync::SyncStatus },
     Ha { ha: Box<HaView> },
     Error { message: String },
 }
@@ -48,6 +51,8 @@ pub enum Response {
 pub struct Handles {
     pub agents: AgentRegistry,
     pub control: Arc<ControlPlane>,
+    /// Connection sync, when configured.
+    pub sync: Option<Arc<crate::sync::SyncShared>>,
     /// The HA task; `None` for a standalone director (no `[ha]`).
     pub ha: Option<HaHandle>,
 }
@@ -123,6 +128,10 @@ fn handle(request: Request, handles: &Handles) -> Response {
             agents: handles.agents.snapshot(Instant::now()).into_iter().map(|(_, view)| view).collect(),
         },
         Request::List => Response::Services { services: handles.control.list(&handles.agents, Instant::now()) },
+        Request::Sync => match &handles.sync {
+            Some(sync) => Response::Sync { status: sync.status() },
+            None => Response::Error { message: "connection sync is not configured ([sync])".into() },
+        },
         Request::Edit { edit } => match handles.control.edit(edit) {
             Ok(message) => {
                 tracing::info!(%message, "configuration edited through the control socket");
@@ -171,7 +180,7 @@ mod tests {
             toml::from_str("name = \"d1\"\n[agents]\nca = \"/ca.pem\"\ncert = \"/d1.pem\"\nkey = \"/d1.key\"\n")
                 .expect("a minimal config");
         let (control, _changes) = ControlPlane::new(config, 1);
-        let handles = Handles { agents: AgentRegistry::default(), control: Arc::new(control), ha: None };
+        let handles = Handles { agents: AgentRegistry::default(), control: Arc::new(control), sync: None, ha: None };
         let request: Request = serde_json::from_str(r#"{"command":"ha","ha":"status"}"#).expect("the wire form");
         let Request::Ha { ha } = request else { panic!("not an HA request: {request:?}") };
         match handle_ha(ha, &handles).await {

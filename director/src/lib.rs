@@ -16,5 +16,6 @@ pub mod ha;
 pub mod health;
 pub mod metrics_endpoint;
 pub mod sched;
+pub mod sync;
 pub mod tls;
 pub mod wire;

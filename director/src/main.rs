@@ -17,6 +17,7 @@ use fulcrum_director::dataplane::{counters, Dataplane};
 use fulcrum_director::demo;
 use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
+use fulcrum_director::sync;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -218,10 +219,27 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let (control_plane, config_rx) = ControlPlane::new(config.clone(), workers);
     let control_plane = Arc::new(control_plane);
 
+    let (sync_shared, sync_workers, sync_task) = start_sync_hub(&config);
     let dataplane = match &config.dataplane {
         // A member of a pair starts not serving (INIT): the HA task decides.
-        Some(dataplane) => Some(Arc::new(Dataplane::start(dataplane, control_plane.table(), config.ha.is_none())?)),
+        Some(dataplane) => Some(Arc::new(Dataplane::start_with_sync(
+            dataplane,
+            control_plane.table(),
+            config.ha.is_none(),
+            sync_workers,
+        )?)),
         None => None,
+    };
+    let _sync_task = match (&config.sync, sync_task) {
+        (Some(section), Some(ports)) => {
+            let settings = section.settings().map_err(|e| anyhow::anyhow!("sync.key_file: {e}"))?;
+            Some(
+                sync::runtime::start(settings, ports)
+                    .await
+                    .with_context(|| format!("starting sync on {}", section.listen))?,
+            )
+        }
+        _ => None,
     };
     let (ha_task, ha) = match (&config.ha, &dataplane) {
         (Some(section), Some(dataplane)) => {
@@ -245,7 +263,12 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
-        Handles { agents: registry.clone(), control: Arc::clone(&control_plane), ha: ha.clone() },
+        Handles {
+            agents: registry.clone(),
+            control: Arc::clone(&control_plane),
+            ha: ha.clone(),
+            sync: sync_shared.clone(),
+        },
     )?;
     info!(name = %config.name, socket = %config.control.socket.display(), "director running");
 
@@ -263,10 +286,14 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let metrics_task = config.metrics.listen.map(|listen| {
         let registry = registry.clone();
         let (dataplane, table, ha) = (dataplane.clone(), control_plane.table(), ha.clone());
+        let sync_shared = sync_shared.clone();
         let collect: metrics_endpoint::Collector = Arc::new(move || {
             registry.publish_metrics(Instant::now());
             if let Some(ha) = &ha {
                 ha.publish_metrics();
+            }
+            if let Some(sync) = &sync_shared {
+                sync.publish();
             }
             if let Some(dataplane) = &dataplane {
                 counters::publish(&dataplane.counters, &table.load());
@@ -315,6 +342,16 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         dataplane.stop();
     }
     Ok(())
+}
+
+/// The rings between the workers and the sync task, when `[sync]` is configured (with a data plane).
+type SyncParts = (Option<Arc<sync::SyncShared>>, Option<(Vec<sync::WorkerPort>, Duration)>, Option<sync::TaskPorts>);
+
+fn start_sync_hub(config: &DirectorConfig) -> SyncParts {
+    let (Some(section), Some(dataplane)) = (&config.sync, &config.dataplane) else { return (None, None, None) };
+    let (shared, workers, task) = sync::hub(dataplane.workers as usize, section.ring_records as usize);
+    let refresh = Duration::from_secs(section.refresh_s.into());
+    (Some(shared), Some((workers, refresh)), Some(task))
 }
 
 /// Re-reads the config. A bad file is refused and the running config stays.

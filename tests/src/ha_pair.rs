@@ -25,6 +25,8 @@ use crate::{abort_wait, require_root, wait_until, workspace_bin, ChildGuard, Hos
 pub const VIP: &str = "10.0.0.100";
 pub const UDP_PORT: u16 = 9000;
 pub const TIEBREAKER_IP: &str = "10.0.0.1";
+/// The TCP echo service behind the VIP ([`PairOptions::tcp_echo`]).
+pub const TCP_ECHO_PORT: u16 = 7000;
 const POLL: Duration = Duration::from_millis(20);
 
 /// How the pair is built.
@@ -39,13 +41,16 @@ pub struct PairOptions {
     pub init_hold_ms: u32,
     /// Extra `[ha]` lines.
     pub extra_ha: String,
-    /// Real servers behind NAT (10.0.1.0/24) instead of DR: their gateway [`NAT_GATEWAY`] is a VIP of the
-    /// pair (a service with no servers), so it moves with mastership like the client-facing VIP.
-    pub nat: bool,
+    /// How the directors reach the real servers: `dr` (servers on the LAN, VIP on their lo) or `nat` (servers
+    /// on 10.0.1.0/24 on the same wire, their default route via the VIP, which follows the MASTER).
+    pub forward: &'static str,
+    /// Forwarding workers per director.
+    pub workers: u32,
+    /// A `[sync]` section: each director listens on its address, port 7950, and connects to the other's.
+    pub sync: bool,
+    /// A TCP echo service (`tcp_echo`) on each real server, balanced at [`TCP_ECHO_PORT`].
+    pub tcp_echo: bool,
 }
-
-/// The NAT real servers' default gateway: an address only the MASTER answers ARP for.
-pub const NAT_GATEWAY: &str = "10.0.1.1";
 
 impl Default for PairOptions {
     fn default() -> Self {
@@ -55,7 +60,10 @@ impl Default for PairOptions {
             high_load_pps: 500,
             init_hold_ms: 1000,
             extra_ha: String::new(),
-            nat: false,
+            forward: "dr",
+            workers: 1,
+            sync: false,
+            tcp_echo: false,
         }
     }
 }
@@ -143,6 +151,8 @@ pub struct Pair {
     pub directors: [PairDirector; 2],
     pub client: Host,
     pub servers: Vec<(Host, Nginx, ChildGuard)>,
+    /// The TCP echo processes ([`PairOptions::tcp_echo`]).
+    pub tcp_echoes: Vec<ChildGuard>,
     pub tiebreaker: Option<Host>,
     pub work: tempfile::TempDir,
     pub bed: Testbed,
@@ -163,33 +173,34 @@ impl Pair {
             d1.attach(&hb, "hb0", "10.9.0.2/24")?;
             d2.attach(&hb, "hb0", "10.9.0.3/24")?;
         }
-        if options.nat {
-            d1.add_address("10.0.1.2/24", "eth0")?;
-            d2.add_address("10.0.1.3/24", "eth0")?;
-        }
-        let server_ip =
-            |i: usize| if options.nat { format!("10.0.1.{}", 11 + i) } else { format!("10.0.0.{}", 11 + i) };
         let mut servers = Vec::new();
+        let mut tcp_echoes = Vec::new();
+        let nat = options.forward == "nat";
+        let server_ip = |i: usize| if nat { format!("10.0.1.{}", 11 + i) } else { format!("10.0.0.{}", 11 + i) };
         for i in 0..2 {
             let host = bed.add_host(&format!("rs{}", i + 1), &format!("{}/24", server_ip(i)))?;
-            // DR: the VIP on lo, never answering ARP for it, and the echo answers from the VIP. NAT: replies
-            // go back through the pair's floating gateway.
-            let echo_at = if options.nat {
-                host.set_default_route(NAT_GATEWAY)?;
-                format!("{}:{UDP_PORT}", server_ip(i))
+            // NAT: the servers answer through the MASTER, reached as the VIP (on-link although off-subnet).
+            let echo_ip = if nat { "0.0.0.0" } else { VIP };
+            if nat {
+                host.ip_cmd(&["route", "replace", "default", "via", VIP, "dev", "eth0", "onlink"])?;
             } else {
                 host.add_address(&format!("{VIP}/32"), "lo")?;
                 for scope in ["all", "eth0"] {
                     host.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
                     host.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
                 }
-                format!("{VIP}:{UDP_PORT}")
-            };
+            }
             let nginx = host.start_nginx(80)?;
             let mut echo = Command::new(workspace_bin("udp_echo"));
-            echo.arg(echo_at);
+            echo.arg(format!("{echo_ip}:{UDP_PORT}"));
             let echo = host.spawn(echo)?;
             host.wait_udp_listening(UDP_PORT, Duration::from_secs(10))?;
+            if options.tcp_echo {
+                let mut tcp = Command::new(workspace_bin("tcp_echo"));
+                tcp.arg(format!("{echo_ip}:{TCP_ECHO_PORT}"));
+                tcp_echoes.push(host.spawn(tcp)?);
+                host.wait_tcp_listening(TCP_ECHO_PORT, Duration::from_secs(10))?;
+            }
             servers.push((host, nginx, echo));
         }
 
@@ -199,6 +210,9 @@ impl Pair {
         let key = work.path().join("ha.key");
         std::fs::write(&key, "fulcrum test pair shared key 0123456789")?;
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let sync_key = work.path().join("sync.key");
+        std::fs::write(&sync_key, "fulcrum test pair connection-sync key 0123456789")?;
+        std::fs::set_permissions(&sync_key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let mut directors = Vec::new();
         for (i, host) in [d1, d2].into_iter().enumerate() {
             let name = format!("d{}", i + 1);
@@ -212,7 +226,7 @@ impl Pair {
             let socket = work.path().join(format!("{name}.sock"));
             let tiebreakers = if options.tiebreaker { format!("[\"{TIEBREAKER_IP}\"]") } else { "[]".to_string() };
             let mut config = format!(
-                "name = \"{name}\"\n\n[agents]\nlisten = \"{ip}:7946\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\n\n[control]\nsocket = \"{s}\"\n\n[metrics]\nlisten = \"{ip}:9469\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = 1\nring_frames = 128\nconnection_capacity = 65536\n\n[ha]\nnode_id = {node}\npriority = {priority}\nkey_file = \"{k}\"\ninit_hold_ms = {hold}\nhigh_load_pps = {pps}\ntiebreakers = {tiebreakers}\n{extra}\n[[ha.path]]\nlocal = \"{local}\"\npeer = \"{peer}\"\n",
+                "name = \"{name}\"\n\n[agents]\nlisten = \"{ip}:7946\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\n\n[control]\nsocket = \"{s}\"\n\n[metrics]\nlisten = \"{ip}:9469\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\nring_frames = 128\nconnection_capacity = 65536\n\n[ha]\nnode_id = {node}\npriority = {priority}\nkey_file = \"{k}\"\ninit_hold_ms = {hold}\nhigh_load_pps = {pps}\ntiebreakers = {tiebreakers}\n{extra}\n[[ha.path]]\nlocal = \"{local}\"\npeer = \"{peer}\"\n",
                 p = pki.display(),
                 s = socket.display(),
                 k = key.display(),
@@ -221,27 +235,34 @@ impl Pair {
                 hold = options.init_hold_ms,
                 pps = options.high_load_pps,
                 extra = options.extra_ha,
+                workers = options.workers,
             );
-            for service in ["port = 80\nprotocol = \"tcp\"", &format!("port = {UDP_PORT}\nprotocol = \"udp\"")] {
+            if options.sync {
+                config.push_str(&format!(
+                    "\n[sync]\nlisten = \"{ip}:7950\"\npeer = \"10.0.0.{}:7950\"\nkey_file = \"{}\"\n",
+                    3 - i,
+                    sync_key.display()
+                ));
+            }
+            let tcp_echo = format!("port = {TCP_ECHO_PORT}\nprotocol = \"tcp\"");
+            let echo_service = options.tcp_echo.then_some(tcp_echo.as_str());
+            let udp = format!("port = {UDP_PORT}\nprotocol = \"udp\"");
+            for service in ["port = 80\nprotocol = \"tcp\"", udp.as_str()].into_iter().chain(echo_service) {
                 config.push_str(&format!("\n[[service]]\nvip = \"{VIP}\"\n{service}\nscheduler = \"rr\"\n"));
                 for rs in 0..servers.len() {
                     config.push_str(&format!(
                         "\n[[service.server]]\naddress = \"{}\"\nforward = \"{}\"\n",
                         server_ip(rs),
-                        if options.nat { "nat" } else { "dr" }
+                        options.forward
                     ));
                 }
-            }
-            if options.nat {
-                // The gateway as a VIP with no servers: answered (ARP) by the MASTER only, nothing forwarded.
-                config.push_str(&format!("\n[[service]]\nvip = \"{NAT_GATEWAY}\"\nport = 9\nprotocol = \"udp\"\n"));
             }
             let config_path = work.path().join(format!("{name}.toml"));
             std::fs::write(&config_path, config)?;
             directors.push(PairDirector { name, host, ip, socket, config: config_path, process: None });
         }
         let directors: [PairDirector; 2] = directors.try_into().map_err(|_| anyhow::anyhow!("two directors"))?;
-        let mut pair = Pair { directors, client, servers, tiebreaker, work, bed };
+        let mut pair = Pair { directors, client, servers, tcp_echoes, tiebreaker, work, bed };
         for director in &mut pair.directors {
             director.start()?;
         }

@@ -31,6 +31,7 @@ pub mod loadgen;
 pub mod netns;
 pub mod nginx;
 pub mod process;
+pub mod tcp_streams;
 pub mod udp_probe;
 pub mod wait;
 

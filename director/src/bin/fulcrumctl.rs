@@ -45,6 +45,12 @@ enum Command {
     /// Add, edit, drain or delete a real server.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Connection sync with the peer director: connections up, records sent, received, applied, dropped.
+    Sync {
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The director pair: state, peer, heartbeats; hand mastership over or take it.
     Ha {
         #[command(subcommand)]
@@ -215,10 +221,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Agents { .. } => ask(Request::Agents)?,
         Command::Service(command) => ask(Request::Edit { edit: service_edit(command) })?,
         Command::Server(command) => ask(Request::Edit { edit: server_edit(command)? })?,
+        Command::Sync { .. } => ask(Request::Sync)?,
         Command::Ha { command } => ask(Request::Ha { ha: command.command() })?,
     };
     let json = match &cli.command {
-        Command::List { json } | Command::Agents { json } => *json,
+        Command::List { json } | Command::Agents { json } | Command::Sync { json } => *json,
         Command::Ha { command } => command.json(),
         Command::Service(_) | Command::Server(_) => false,
     };
@@ -228,6 +235,19 @@ fn run(cli: Cli) -> Result<()> {
         Response::Services { services } if json => println!("{}", serde_json::to_string_pretty(&services)?),
         Response::Services { services } => print!("{}", services_table(&services)),
         Response::Done { message } => println!("{message}"),
+        Response::Sync { status } if json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Response::Sync { status } => println!(
+            "sync: sending {} receiving {}; records sent {} received {} applied {} dropped {}; full tables sent {} received {}; lag {:.3} s",
+            if status.sending_connected { "up" } else { "down" },
+            if status.receiving_connected { "up" } else { "down" },
+            status.records_sent,
+            status.records_received,
+            status.records_applied,
+            status.records_dropped,
+            status.full_tables_sent,
+            status.full_tables_received,
+            status.lag_seconds,
+        ),
         Response::Ha { ha } if json => println!("{}", serde_json::to_string_pretty(&ha)?),
         Response::Ha { ha } => print!("{}", ha_table(&ha)),
         Response::Error { message } => bail!("the director refused: {message}"),

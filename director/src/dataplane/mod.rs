@@ -31,6 +31,8 @@ use counters::WorkerCounters;
 use engine::{Engine, EngineConfig};
 use table::ServiceTable;
 
+use crate::sync::WorkerPort;
+
 /// The running workers.
 pub struct Dataplane {
     stop: Arc<AtomicBool>,
@@ -48,6 +50,21 @@ pub struct Dataplane {
 impl Dataplane {
     /// Opens one ring per worker on the interface, joined in one fanout group, and starts the workers.
     pub fn start(config: &DataplaneConfig, table: Arc<ArcSwap<ServiceTable>>, serving: bool) -> Result<Dataplane> {
+        Self::start_with_sync(config, table, serving, None)
+    }
+
+    /// [`start`](Self::start), with each worker connected to connection sync: one [`WorkerPort`] per worker
+    /// (from [`crate::sync::hub`]) and the refresh period.
+    pub fn start_with_sync(
+        config: &DataplaneConfig,
+        table: Arc<ArcSwap<ServiceTable>>,
+        serving: bool,
+        sync: Option<(Vec<WorkerPort>, Duration)>,
+    ) -> Result<Dataplane> {
+        let (mut sync_ports, refresh) = match sync {
+            Some((ports, refresh)) => (ports.into_iter(), refresh),
+            None => (Vec::new().into_iter(), Duration::ZERO),
+        };
         let interface = &config.interface;
         let vips = table.load().vips.clone();
         netif::check_kernel_hands_off(interface, &vips)?;
@@ -85,6 +102,9 @@ impl Dataplane {
             };
             let mut engine =
                 Engine::new(engine_config, Arc::clone(&table), Arc::clone(&counters), Arc::clone(&serving), now)?;
+            if let Some(port) = sync_ports.next() {
+                engine.attach_sync(port, refresh, now);
+            }
             engine.watch_announcements(Arc::clone(&announce));
             let (stop, thread_counters) = (Arc::clone(&stop), Arc::clone(&counters));
             let thread = std::thread::Builder::new()
