@@ -37,6 +37,7 @@ const CLIENT_CIDR: &str = "10.0.0.21/24";
 const AGENT_PORT: u16 = 7946;
 const METRICS_PORT: u16 = 9469;
 const HEARTBEAT_PORT: u16 = 7947;
+const SYNC_PORT: u16 = 7950;
 /// Configured weight of every real server: equal, so that what differs is what the directors learn.
 const WEIGHT: u32 = 100;
 /// How long setup steps (a director starting, ARP resolution, the first answer) may take.
@@ -215,7 +216,8 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
             killed: false,
         });
     }
-    write_ha_key(&work.join("ha.key"))?;
+    write_key(&work.join("ha.key"))?;
+    write_key(&work.join("sync.key"))?;
     let pki = work.join("pki");
     certs::create_ca(&pki, "Fulcrum demo CA", 2, false)?;
     for director in &directors {
@@ -245,7 +247,7 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
             .with_context(|| format!("writing {}", config.display()))?;
     }
     for director in &directors {
-        std::fs::write(&director.config, director_config(director, &pki, &work.join("ha.key")))
+        std::fs::write(&director.config, director_config(director, &pki, &work))
             .with_context(|| format!("writing {}", director.config.display()))?;
     }
 
@@ -619,8 +621,8 @@ fn render(elapsed: Duration, stats: &LoadStats, views: &[DirectorView], director
     out
 }
 
-/// The pair's shared heartbeat key: 32 random bytes, readable by root only.
-fn write_ha_key(path: &Path) -> Result<()> {
+/// A key the pair shares (heartbeats, connection sync): 32 random bytes, readable by root only.
+fn write_key(path: &Path) -> Result<()> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let mut key = [0u8; 32];
@@ -637,8 +639,9 @@ fn write_ha_key(path: &Path) -> Result<()> {
 }
 
 /// A director's configuration: agents, control socket and metrics on its own address, the data plane on its
-/// LAN interface, one direct-routing service, and its side of the heartbeat pair.
-fn director_config(director: &Director, pki: &Path, ha_key: &Path) -> String {
+/// LAN interface, one direct-routing service, its side of the heartbeat pair and of the connection sync (keys
+/// `ha.key` and `sync.key` in `keys`).
+fn director_config(director: &Director, pki: &Path, keys: &Path) -> String {
     let mut config = format!(
         r#"name = "{name}"
 
@@ -682,6 +685,14 @@ high_load_connections = 200
 local = "{ip}:{HEARTBEAT_PORT}"
 peer = "{peer}:{HEARTBEAT_PORT}"
 
+# Connection sync: the BACKUP keeps a copy of the MASTER's connection table, so connections open at the
+# failover go on through the new MASTER.
+[sync]
+listen = "{ip}:{SYNC_PORT}"
+peer = "{peer}:{SYNC_PORT}"
+key_file = "{keys}/sync.key"
+batch_ms = 5
+
 [[service]]
 vip = "{VIP}"
 port = {VIP_PORT}
@@ -711,7 +722,8 @@ slow_start_s = 3
         socket = director.socket.display(),
         node_id = director.node_id,
         priority = director.priority,
-        key = ha_key.display(),
+        key = keys.join("ha.key").display(),
+        keys = keys.display(),
         peer = director.peer,
     );
     for server in REAL_SERVERS {
@@ -756,12 +768,13 @@ mod tests {
     fn directors(work: &Path) -> Vec<Director> {
         DIRECTORS
             .iter()
-            .map(|&(name, ip, node_id, priority)| Director {
+            .enumerate()
+            .map(|(i, &(name, ip, node_id, priority))| Director {
                 name,
                 ip,
                 node_id,
                 priority,
-                peer: ip,
+                peer: DIRECTORS[1 - i].1,
                 netns: format!("fdemo1-{name}"),
                 config: work.join(format!("{name}.toml")),
                 socket: work.join(format!("{name}.sock")),
@@ -775,16 +788,17 @@ mod tests {
     fn the_generated_configurations_are_valid() {
         let work = tempfile::tempdir().unwrap();
         let pki = work.path().join("pki");
-        let key = work.path().join("ha.key");
-        write_ha_key(&key).unwrap();
+        write_key(&work.path().join("ha.key")).unwrap();
+        write_key(&work.path().join("sync.key")).unwrap();
         certs::create_ca(&pki, "test", 1, false).unwrap();
         for director in directors(work.path()) {
             certs::issue(&pki, Role::Director, director.name, &[], 1, false).unwrap();
-            let text = director_config(&director, &pki, &key);
+            let text = director_config(&director, &pki, work.path());
             let config = DirectorConfig::from_text(&director.config, &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
             assert_eq!(config.services.len(), 1);
             assert_eq!(config.services[0].servers.len(), REAL_SERVERS.len());
             assert_eq!(config.ha.map(|ha| ha.node_id), Some(director.node_id));
+            assert!(config.sync.is_some());
         }
         for server in REAL_SERVERS {
             certs::issue(&pki, Role::Agent, server.name, &[], 1, false).unwrap();
