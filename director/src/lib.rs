@@ -16,6 +16,7 @@ pub mod ha;
 pub mod health;
 pub mod metrics_endpoint;
 pub mod sched;
+pub mod sd_notify;
 pub mod sync;
 pub mod tls;
 pub mod wire;
