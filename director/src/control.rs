@@ -180,7 +180,7 @@ mod tests {
             toml::from_str("name = \"d1\"\n[agents]\nca = \"/ca.pem\"\ncert = \"/d1.pem\"\nkey = \"/d1.key\"\n")
                 .expect("a minimal config");
         let (control, _changes) = ControlPlane::new(config, 1);
-        let handles = Handles { agents: AgentRegistry::default(), control: Arc::new(control), ha: None, sync: None };
+        let handles = Handles { agents: AgentRegistry::default(), control: Arc::new(control), sync: None, ha: None };
         let request: Request = serde_json::from_str(r#"{"command":"ha","ha":"status"}"#).expect("the wire form");
         let Request::Ha { ha } = request else { panic!("not an HA request: {request:?}") };
         match handle_ha(ha, &handles).await {

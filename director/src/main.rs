@@ -16,6 +16,7 @@ use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::dataplane::{counters, Dataplane};
 use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
+use fulcrum_director::sd_notify::{self, Watchdog};
 use fulcrum_director::sync;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -197,6 +198,9 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
             }
         })
     });
+    // Dynamic feedback and health checks: the one writer of effective weights after start.
+    let feedback_task =
+        fulcrum_director::feedback_runtime::spawn(Arc::clone(&control_plane), config_rx.clone(), registry.clone());
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
@@ -239,15 +243,24 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         tokio::spawn(metrics_endpoint::serve(listen, metrics, collect))
     });
     info!(%endpoint, "accepting agents");
+    sd_notify::notify(&[sd_notify::State::Ready]);
 
+    // The main loop feeds systemd's watchdog itself, so a loop that is stuck gets the director restarted.
+    let mut watchdog = Watchdog::from_env();
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => reload(path, &control_plane),
+            _ = watchdog.due() => watchdog.feed(),
+            _ = sighup.recv() => {
+                sd_notify::notify(&[sd_notify::State::Reloading]);
+                reload(path, &control_plane);
+                sd_notify::notify(&[sd_notify::State::Ready]);
+            }
         }
     }
     info!("shutting down");
+    sd_notify::notify(&[sd_notify::State::Stopping]);
     if let Some(ha) = &ha {
         // A MASTER hands over to its peer first, so a planned stop loses no traffic.
         match ha.hand_over(std::time::Duration::from_secs(3)).await {
@@ -256,6 +269,8 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         }
     }
     listener.close();
+    feedback_task.abort();
+    let _ = feedback_task.await;
     accept.abort();
     control_task.abort();
     if let Some(task) = &metrics_task {

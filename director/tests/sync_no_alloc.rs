@@ -114,6 +114,8 @@ fn engine(serving: bool, now: Instant) -> (Engine, TaskPorts, Arc<AtomicBool>) {
             weight: 1,
             forward: ForwardMethod::Nat,
         }],
+        feedback: Default::default(),
+        health: Default::default(),
     };
     let table = Arc::new(ArcSwap::from_pointee(TableBuilder::new(1).build(&[service])));
     for server in table.load().servers.iter().flatten() {
