@@ -24,11 +24,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cgroup;
 pub mod cmd;
 pub mod loadgen;
 pub mod netns;
 pub mod nginx;
 pub mod process;
+pub mod quota;
 pub mod wait;
 
 #[cfg(test)]
