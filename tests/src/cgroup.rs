@@ -198,11 +198,13 @@ impl CpuCgroup {
     }
 
     /// Moves a process and all its descendants (e.g. an nginx master and its workers) into the cgroup.
+    ///
+    /// The parent moves first: a child it forks from then on is born in the cgroup, and every child forked
+    /// before is found by the scan that follows.
     pub fn add_process_tree(&self, pid: u32) -> Result<()> {
-        let mut tree = vec![pid];
-        tree.extend(descendants(pid)?);
-        for p in tree {
-            self.add_process(p)?;
+        self.add_process(pid)?;
+        for child in descendants(pid)? {
+            self.add_process(child)?;
         }
         Ok(())
     }
