@@ -72,6 +72,15 @@ pub struct AgentView {
     pub last_report: Option<LoadReport>,
 }
 
+/// One agent as the feedback task sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentLatest {
+    pub real_server: IpAddr,
+    pub connected: bool,
+    /// The newest report and when it arrived.
+    pub report: Option<(LoadReport, Instant)>,
+}
+
 /// Latest report per real server, shared by the listener, the control socket and the metrics endpoint.
 ///
 /// A plain mutex: it is touched once per report and once per query, never on the packet path.
@@ -164,6 +173,20 @@ impl AgentRegistry {
                         last_report: r.last_report.as_ref().map(|(report, _)| report.clone()),
                     };
                     (*server, view)
+                })
+                .collect()
+        })
+    }
+
+    /// Each agent's connection state and newest report with its receipt time: the feedback task's input.
+    pub fn latest(&self) -> Vec<AgentLatest> {
+        self.with(|records| {
+            records
+                .iter()
+                .map(|(server, r)| AgentLatest {
+                    real_server: *server,
+                    connected: r.connected,
+                    report: r.last_report.clone(),
                 })
                 .collect()
         })

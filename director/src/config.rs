@@ -197,6 +197,12 @@ pub struct ServiceConfig {
     /// Accept non-SYN TCP packets without a connection entry.
     #[serde(default)]
     pub sloppy: bool,
+    /// `[service.feedback]`: the dynamic-feedback blender.
+    #[serde(default)]
+    pub feedback: FeedbackSettings,
+    /// `[service.health]`: health checks, quorum and sorry server.
+    #[serde(default)]
+    pub health: HealthSettings,
     #[serde(default, rename = "server")]
     pub servers: Vec<RealServerConfig>,
 }
@@ -462,6 +468,8 @@ impl DirectorConfig {
                     return Err(invalid(&at("port"), "port 0 cannot be served"));
                 }
             }
+            service.feedback.check(i)?;
+            service.health.check(i, service)?;
         }
         Ok(())
     }
@@ -479,6 +487,319 @@ impl DirectorConfig {
 
     fn real_servers(&self) -> impl Iterator<Item = (&ServiceConfig, &RealServerConfig)> {
         self.services.iter().flat_map(|service| service.servers.iter().map(move |server| (service, server)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dynamic feedback and health checks: `[service.feedback]` and `[service.health]`.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `[service.feedback]`: the dynamic-feedback blender of one service (see `crate::feedback` for each formula).
+/// Every key has a default; `enabled` defaults to on for `df` services only, so that `wlc` stays `wlc` and `df`
+/// differs from it exactly by the feedback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackSettings {
+    /// Blend agent reports into the effective weight; absent: on for `scheduler = "df"`, off otherwise.
+    pub enabled: Option<bool>,
+    /// How often the weights are recomputed, in milliseconds (a new report is used at the next period).
+    pub period_ms: u32,
+    /// Coefficients of the aggregate load; ≥ 0, summing to 1.
+    pub cpu: f64,
+    pub response_time: f64,
+    pub pressure: f64,
+    pub connections: f64,
+    /// `A`, in units of the configured weight.
+    pub gain: f64,
+    /// Largest step per period, as a share of the current weight.
+    pub max_step: f64,
+    /// Half-life of the metrics' moving averages, milliseconds (0: no smoothing).
+    pub half_life_ms: u32,
+    /// A server whose newest report is older than this falls back to its configured weight.
+    pub stale_after_ms: u32,
+    /// … and older than this is marked down (weight 0).
+    pub down_after_ms: u32,
+    /// Consecutive agent probe failures that mark a server down (0: never).
+    pub down_probe_failures: u32,
+}
+
+impl Default for FeedbackSettings {
+    fn default() -> FeedbackSettings {
+        let b = crate::feedback::BlenderConfig::default();
+        FeedbackSettings {
+            enabled: None,
+            period_ms: 500,
+            cpu: b.coefficients.cpu,
+            response_time: b.coefficients.response_time,
+            pressure: b.coefficients.pressure,
+            connections: b.coefficients.connections,
+            gain: b.gain,
+            max_step: b.max_step,
+            half_life_ms: b.half_life.as_millis() as u32,
+            stale_after_ms: b.stale_after.as_millis() as u32,
+            down_after_ms: b.down_after.as_millis() as u32,
+            down_probe_failures: b.down_probe_failures,
+        }
+    }
+}
+
+impl FeedbackSettings {
+    /// Whether the blender runs for a service with this scheduler.
+    pub fn is_enabled(&self, scheduler: Scheduler) -> bool {
+        self.enabled.unwrap_or(scheduler == Scheduler::Df)
+    }
+
+    /// The blender's configuration (the keys not exposed keep the blender's defaults).
+    pub fn blender_config(&self) -> crate::feedback::BlenderConfig {
+        use std::time::Duration;
+        crate::feedback::BlenderConfig {
+            coefficients: crate::feedback::Coefficients {
+                cpu: self.cpu,
+                response_time: self.response_time,
+                pressure: self.pressure,
+                connections: self.connections,
+            },
+            gain: self.gain,
+            max_step: self.max_step,
+            half_life: Duration::from_millis(self.half_life_ms.into()),
+            stale_after: Duration::from_millis(self.stale_after_ms.into()),
+            down_after: Duration::from_millis(self.down_after_ms.into()),
+            down_probe_failures: self.down_probe_failures,
+            ..crate::feedback::BlenderConfig::default()
+        }
+    }
+
+    fn check(&self, service: usize) -> Result<(), Invalid> {
+        use crate::feedback::ConfigError as E;
+        let at = |key: &'static str| {
+            [KeyStep::Key("service"), KeyStep::Index(service), KeyStep::Key("feedback"), KeyStep::Key(key)]
+        };
+        if !(50..=60_000).contains(&self.period_ms) {
+            return Err(invalid(&at("period_ms"), format!("{} ms is outside 50..=60000", self.period_ms)));
+        }
+        for (key, ms) in [
+            ("half_life_ms", self.half_life_ms),
+            ("stale_after_ms", self.stale_after_ms),
+            ("down_after_ms", self.down_after_ms),
+        ] {
+            if ms > 3_600_000 {
+                return Err(invalid(&at(key), format!("{ms} ms is outside 0..=3600000")));
+            }
+        }
+        match self.blender_config().validate() {
+            Ok(()) => Ok(()),
+            Err(E::Coefficients(_)) => Err(invalid(
+                &at("cpu"),
+                format!(
+                    "coefficients cpu, response_time, pressure, connections must be >= 0 and sum to 1 (they sum to {})",
+                    self.cpu + self.response_time + self.pressure + self.connections
+                ),
+            )),
+            Err(E::OutOfRange { field, value, range }) => {
+                let key = match field {
+                    "gain" => "gain",
+                    "max_step" => "max_step",
+                    _ => "enabled",
+                };
+                Err(invalid(&at(key), format!("{value} is outside {range}")))
+            }
+            Err(E::DownBeforeStale) => Err(invalid(&at("down_after_ms"), "must be longer than stale_after_ms")),
+        }
+    }
+}
+
+/// Active health check kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// No active check: the checks count as passing (the agent may still be required).
+    #[default]
+    None,
+    /// A TCP connect to the real server's own address and port.
+    Tcp,
+    /// `GET path` over HTTP/1.0: a status in `status`, and `body` in the body when set.
+    Http,
+}
+
+/// Whether the agent's liveness is a second health signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentLiveness {
+    #[default]
+    Ignored,
+    /// The agent must be connected with a report at most `agent_max_age_ms` old.
+    Required,
+}
+
+/// What happens to a failed server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Weight 0: no new connections; established ones continue.
+    #[default]
+    Quiesce,
+    /// Taken out of scheduling altogether; established ones continue.
+    Remove,
+}
+
+/// `[service.health]`: health checks of every real server of a service, its quorum and its sorry server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    pub kind: HealthCheckKind,
+    /// Port checked on each real server's own address; absent: the server's port.
+    pub port: Option<u16>,
+    /// HTTP: the path requested.
+    pub path: String,
+    /// HTTP: the Host header; absent: the real server's address.
+    pub host: Option<String>,
+    /// HTTP: accepted statuses, `"200"` or `"200-399"`.
+    pub status: String,
+    /// HTTP: a substring the body must contain.
+    pub body: Option<String>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive successes that bring a server up, failures that take it down.
+    pub rise: u32,
+    pub fall: u32,
+    pub on_failure: OnFailure,
+    /// Weight ramp after recovery, seconds (0: straight to full weight).
+    pub slow_start_s: u32,
+    pub agent: AgentLiveness,
+    pub agent_max_age_ms: u32,
+    /// Serving servers the service needs; below it new connections go to the sorry server.
+    pub quorum: u32,
+    /// Extra servers needed to regain a lost quorum.
+    pub hysteresis: u32,
+    /// Where new connections go below quorum.
+    pub sorry_server: Option<SocketAddr>,
+    pub sorry_forward: ForwardMethod,
+}
+
+impl Default for HealthSettings {
+    fn default() -> HealthSettings {
+        HealthSettings {
+            kind: HealthCheckKind::None,
+            port: None,
+            path: "/".to_string(),
+            host: None,
+            status: "200-399".to_string(),
+            body: None,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+            on_failure: OnFailure::Quiesce,
+            slow_start_s: 10,
+            agent: AgentLiveness::Ignored,
+            agent_max_age_ms: 5000,
+            quorum: 1,
+            hysteresis: 0,
+            sorry_server: None,
+            sorry_forward: ForwardMethod::Dr,
+        }
+    }
+}
+
+impl HealthSettings {
+    /// Whether any health signal is configured; without one every server counts as healthy.
+    pub fn is_checked(&self) -> bool {
+        self.kind != HealthCheckKind::None || self.agent == AgentLiveness::Required
+    }
+
+    /// The accepted HTTP status range.
+    pub fn status_range(&self) -> Option<std::ops::RangeInclusive<u16>> {
+        let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+        let (low, high) = match self.status.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => (parse(&self.status)?, parse(&self.status)?),
+        };
+        (low <= high).then_some(low..=high)
+    }
+
+    /// The health state machine's configuration (flap damping keeps its defaults).
+    pub fn health_config(&self) -> crate::health::HealthConfig {
+        use std::time::Duration;
+        crate::health::HealthConfig {
+            rise: self.rise,
+            fall: self.fall,
+            on_failure: match self.on_failure {
+                OnFailure::Quiesce => crate::health::FailureAction::Quiesce,
+                OnFailure::Remove => crate::health::FailureAction::Remove,
+            },
+            slow_start: Duration::from_secs(self.slow_start_s.into()),
+            agent: match self.agent {
+                AgentLiveness::Ignored => crate::health::AgentPolicy::Ignored,
+                AgentLiveness::Required => crate::health::AgentPolicy::Required {
+                    max_report_age: Duration::from_millis(self.agent_max_age_ms.into()),
+                },
+            },
+            ..crate::health::HealthConfig::default()
+        }
+    }
+
+    fn check(&self, service: usize, config: &ServiceConfig) -> Result<(), Invalid> {
+        let at = |key: &'static str| {
+            [KeyStep::Key("service"), KeyStep::Index(service), KeyStep::Key("health"), KeyStep::Key(key)]
+        };
+        if self.port == Some(0) {
+            return Err(invalid(&at("port"), "port 0 cannot be checked"));
+        }
+        if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(&at("path"), format!("{:?} is not an absolute path without spaces", self.path)));
+        }
+        if self.host.as_ref().is_some_and(|h| h.is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control())) {
+            return Err(invalid(&at("host"), "must be a host name without spaces"));
+        }
+        if self.status_range().is_none() {
+            return Err(invalid(
+                &at("status"),
+                format!("{:?} is not a status or range of statuses within 100-599 (e.g. \"200-399\")", self.status),
+            ));
+        }
+        if self.body.as_ref().is_some_and(|b| b.is_empty() || b.len() > 1024) {
+            return Err(invalid(&at("body"), "must be 1 to 1024 bytes long"));
+        }
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(invalid(&at("interval_ms"), format!("{} ms is outside 100..=3600000", self.interval_ms)));
+        }
+        if !(10..=60_000).contains(&self.timeout_ms) || self.timeout_ms > self.interval_ms {
+            return Err(invalid(
+                &at("timeout_ms"),
+                format!("{} ms is outside 10..=60000 or longer than interval_ms", self.timeout_ms),
+            ));
+        }
+        for (key, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&value) {
+                return Err(invalid(&at(key), format!("{value} is outside 1..=100")));
+            }
+        }
+        if self.slow_start_s > 3600 {
+            return Err(invalid(&at("slow_start_s"), format!("{} s is outside 0..=3600", self.slow_start_s)));
+        }
+        if !(100..=3_600_000).contains(&self.agent_max_age_ms) {
+            return Err(invalid(
+                &at("agent_max_age_ms"),
+                format!("{} ms is outside 100..=3600000", self.agent_max_age_ms),
+            ));
+        }
+        if self.quorum > 10_000 || self.hysteresis > 10_000 {
+            let key = if self.quorum > 10_000 { "quorum" } else { "hysteresis" };
+            return Err(invalid(&at(key), "is outside 0..=10000"));
+        }
+        if let Some(sorry) = self.sorry_server {
+            let ip = sorry.ip();
+            if ip.is_unspecified() || ip.is_multicast() || ip == config.vip || sorry.port() == 0 {
+                return Err(invalid(&at("sorry_server"), format!("{sorry} cannot be a sorry server")));
+            }
+            if ip.is_ipv4() != config.vip.is_ipv4() {
+                return Err(invalid(&at("sorry_server"), "must be of the VIP's address family"));
+            }
+            if config.servers.iter().any(|s| s.address == ip && s.port_for(config) == sorry.port()) {
+                return Err(invalid(&at("sorry_server"), format!("{sorry} is already a real server of this service")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -554,6 +875,54 @@ mod tests {
 
         let err = refused(&pki.config(&WEB.replace("10.0.0.12", "10.0.0.11").replace("port = 8080\n", "")));
         assert!(err.message.contains("duplicate real server"), "{err}");
+    }
+
+    #[test]
+    fn feedback_and_health_keys_have_defaults_and_named_errors() {
+        let pki = Pki::new();
+        let config = load(&pki.config(WEB)).unwrap();
+        let service = &config.services[0];
+        assert!(!service.feedback.is_enabled(Scheduler::Wlc) && service.feedback.is_enabled(Scheduler::Df));
+        assert_eq!(service.feedback.period_ms, 500);
+        assert!(!service.health.is_checked(), "no health signal unless configured");
+        assert_eq!(service.health.status_range(), Some(200..=399));
+
+        let with = |section: &str| pki.config(&WEB.replace("port = 80\n", &format!("port = 80\n{section}\n")));
+        let config = load(&with(
+            "[service.health]\nkind = \"http\"\npath = \"/health\"\nstatus = \"200\"\nbody = \"ok\"\nsorry_server = \"10.0.0.50:80\"\n[service.feedback]\nenabled = true\ncpu = 1.0\nresponse_time = 0.0\npressure = 0.0",
+        ))
+        .unwrap();
+        let service = &config.services[0];
+        assert_eq!((service.health.kind, service.health.status_range()), (HealthCheckKind::Http, Some(200..=200)));
+        assert!(service.feedback.is_enabled(Scheduler::Wlc));
+
+        for (section, line, key, what) in [
+            ("[service.health]\nkind = \"icmp\"", 4, "service[0].health.kind", "unknown variant"),
+            ("[service.health]\nstatus = \"299-200\"", 4, "service[0].health.status", "not a status"),
+            ("[service.health]\nrise = 0", 4, "service[0].health.rise", "outside 1..=100"),
+            ("[service.health]\ntimeout_ms = 5000", 4, "service[0].health.timeout_ms", "longer than interval_ms"),
+            (
+                "[service.health]\nsorry_server = \"10.0.0.11:80\"",
+                4,
+                "service[0].health.sorry_server",
+                "already a real server",
+            ),
+            ("[service.health]\non_failure = \"explode\"", 4, "service[0].health.on_failure", "unknown variant"),
+            ("[service.feedback]\ncpu = 0.9", 4, "service[0].feedback.cpu", "sum to 1"),
+            ("[service.feedback]\nperiod_ms = 10", 4, "service[0].feedback.period_ms", "outside 50..=60000"),
+            (
+                "[service.feedback]\ndown_after_ms = 1000",
+                4,
+                "service[0].feedback.down_after_ms",
+                "longer than stale_after",
+            ),
+            ("[service.feedback]\nmax_step = 2.0", 4, "service[0].feedback.max_step", "outside (0, 1]"),
+            ("[service.feedback]\nperiod = 10", 4, "service[0].feedback.period", "unknown field"),
+        ] {
+            let err = refused(&with(section));
+            assert_eq!((err.line, err.key.as_str()), (line + 7, key), "{section}: {err}");
+            assert!(err.message.contains(what), "{section}: {err}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod control;
 pub mod control_plane;
 pub mod dataplane;
 pub mod feedback;
+pub mod feedback_runtime;
 pub mod flow;
 pub mod ha;
 pub mod health;

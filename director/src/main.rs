@@ -170,6 +170,9 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
             }
         })
     });
+    // Dynamic feedback and health checks: the one writer of effective weights after start.
+    let feedback_task =
+        fulcrum_director::feedback_runtime::spawn(Arc::clone(&control_plane), config_rx.clone(), registry.clone());
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
@@ -210,6 +213,8 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     }
     info!("shutting down");
     listener.close();
+    feedback_task.abort();
+    let _ = feedback_task.await;
     accept.abort();
     control_task.abort();
     if let Some(task) = &metrics_task {

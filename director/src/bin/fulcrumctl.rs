@@ -232,7 +232,7 @@ fn services_table(services: &[ServiceView]) -> String {
     let mut out = format!("Fulcrum {} virtual servers\n", env!("CARGO_PKG_VERSION"));
     out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
     out.push_str(&format!(
-        "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8}\n",
+        "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8} {}\n",
         "RemoteAddress:Port",
         "Forward",
         "Weight",
@@ -241,7 +241,8 @@ fn services_table(services: &[ServiceView]) -> String {
         "InActConn",
         "CPU%",
         "Resp(ms)",
-        "Age(ms)"
+        "Age(ms)",
+        "Health"
     ));
     for service in services {
         let key = service.service;
@@ -260,7 +261,7 @@ fn services_table(services: &[ServiceView]) -> String {
         for server in &service.servers {
             let dash = || "-".to_string();
             out.push_str(&format!(
-                "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8}\n",
+                "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8} {}\n",
                 format!("{}:{}", server.address, server.port),
                 forward_name(server.forward),
                 server.weight,
@@ -270,6 +271,7 @@ fn services_table(services: &[ServiceView]) -> String {
                 server.cpu_bp.map_or_else(dash, |bp| format!("{:.1}", f64::from(bp) / 100.0)),
                 server.response_time_us.map_or_else(dash, |us| format!("{:.2}", f64::from(us) / 1000.0)),
                 server.report_age_ms.map_or_else(dash, |ms| ms.to_string()),
+                server.health,
             ));
         }
     }

@@ -235,6 +235,8 @@ impl Engine {
             );
             view.active = state.active();
             view.inactive = state.inactive();
+            view.response_time_norm = state.response_time_norm.load(Ordering::Relaxed);
+            view.cpu_norm = state.cpu_norm.load(Ordering::Relaxed);
             runtime.views.push(view);
         }
         let input =

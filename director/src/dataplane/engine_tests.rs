@@ -48,6 +48,8 @@ fn service(forward: ForwardMethod, weights: &[u32], scheduler: Scheduler) -> Ser
         scheduler,
         persistence_s: 0,
         sloppy: false,
+        feedback: Default::default(),
+        health: Default::default(),
         servers: weights
             .iter()
             .enumerate()
