@@ -61,6 +61,11 @@ const GAP: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A weight within this fraction of its final value counts as settled.
 const SETTLE_BAND: f64 = 0.10;
+/// Closed connections leave the director's table after 1 s instead of LVS's 2 minutes. The client reuses its
+/// ports (thousands of new connections per second over 64 k ports): a SYN that finds its 5-tuple still in the
+/// table is forwarded to that entry's server without being scheduled, which would make every scheduler repeat
+/// the placement of earlier runs.
+const TIMEOUTS: &str = "[dataplane.timeouts]\ntcp_fin_wait_s = 1\ntcp_time_wait_s = 1\ntcp_close_s = 1\n";
 /// The longest antagonist half-cycle.
 const MAX_ANTAGONIST_PERIOD: Duration = Duration::from_secs(30);
 
@@ -408,6 +413,8 @@ struct RunResult {
     settle: Settle,
     /// Requests each nginx logged during the run.
     served: Vec<u64>,
+    /// Connections the director scheduled to each server during the run.
+    scheduled: Vec<u64>,
     samples: Vec<Sample>,
 }
 
@@ -607,12 +614,32 @@ impl Bed {
     }
 
     /// The scheduler and the configured weights for `sched`, given the quotas in force.
-    fn configure(&self, sched: Sched, quotas: &[f64]) -> Result<()> {
+    ///
+    /// Through `wlc` first: with feedback off every effective weight returns to its configured value, and only
+    /// once they all have is the scheduler switched, so that its state is built from those weights. (`wrr`
+    /// computes its cycle from the effective weights at a rebuild; switching straight from `df` would build it
+    /// from df's leftover weights, which the feedback task resets only after the switch.)
+    fn configure(&mut self, sched: Sched, quotas: &[f64]) -> Result<()> {
         let service = format!("{VIP}:{HTTP_PORT}");
-        self.fulcrumctl(&["service", "edit", &service, "-s", sched.director_scheduler()])?;
+        self.fulcrumctl(&["service", "edit", &service, "-s", "wlc"])?;
+        let mut weights = Vec::new();
         for (i, &q) in quotas.iter().enumerate() {
             let weight = if sched == Sched::WrrOracle { Plan::oracle_weight(q) } else { self.plan.weight };
             self.fulcrumctl(&["server", "edit", &service, &server_ip(i), "-w", &weight.to_string()])?;
+            weights.push(u64::from(weight));
+        }
+        let socket = self.socket.clone();
+        wait_for("effective weights back to the configured ones", Duration::from_secs(10), &mut self.director, || {
+            let list = fulcrumctl_json(&socket, &["list", "--json"])?;
+            let servers = list.as_array().and_then(|s| s.first()).and_then(|s| s["servers"].as_array()).cloned();
+            Ok(servers.is_some_and(|servers| {
+                (0..weights.len()).all(|i| {
+                    servers.iter().any(|s| s["address"] == server_ip(i).as_str() && s["effective_weight"] == weights[i])
+                })
+            }))
+        })?;
+        if sched.director_scheduler() != "wlc" {
+            self.fulcrumctl(&["service", "edit", &service, "-s", sched.director_scheduler()])?;
         }
         Ok(())
     }
@@ -650,6 +677,26 @@ impl Bed {
         Ok(Sample { t, effective_weights, cpu, quota: quota.to_vec(), antagonist })
     }
 
+    /// `connections_total` of every server, from `fulcrumctl list --json`.
+    fn connections_total(&self) -> Result<Vec<u64>> {
+        let list = fulcrumctl_json(&self.socket, &["list", "--json"])?;
+        let servers = list
+            .as_array()
+            .and_then(|s| s.first())
+            .and_then(|s| s["servers"].as_array())
+            .context("fulcrumctl list --json: no service")?;
+        (0..self.servers.len())
+            .map(|i| {
+                let ip = server_ip(i);
+                servers
+                    .iter()
+                    .find(|s| s["address"] == ip.as_str())
+                    .and_then(|s| s["connections_total"].as_u64())
+                    .with_context(|| format!("fulcrumctl list --json: no connections_total for {ip}"))
+            })
+            .collect()
+    }
+
     /// One run: scheduler set, load started, the scenario played while sampling, everything restored.
     fn run_once(&mut self, sched: Sched, load: Load, duration: Duration) -> Result<RunResult> {
         log(format!("{} · {} {} · {} s", sched.name(), load.kind(), load.label(), duration.as_secs()));
@@ -661,6 +708,7 @@ impl Bed {
         self.configure(sched, &quota)?;
         std::thread::sleep(GAP);
         let timeline = Timeline::new(duration);
+        let scheduled_before = self.connections_total()?;
         let loader = self.start_load(load, duration)?;
         let t0 = Instant::now();
         let mut antagonist: Option<ChildGuard> = None;
@@ -686,7 +734,9 @@ impl Bed {
         }
         drop(antagonist);
         let measured = loader.join().map_err(|_| anyhow!("the load generator thread panicked"))?;
-        let served = self.servers.iter().map(|s| count_lines(&s.nginx().dir().join("access.log"))).collect();
+        let served: Vec<u64> = self.servers.iter().map(|s| count_lines(&s.nginx().dir().join("access.log"))).collect();
+        let scheduled: Vec<u64> =
+            self.connections_total()?.iter().zip(&scheduled_before).map(|(a, b)| a.saturating_sub(*b)).collect();
         self.restore()?;
         if let Some(e) = scenario_error {
             return Err(e.context("playing the scenario"));
@@ -706,17 +756,19 @@ impl Bed {
             changes_per_min: weight_changes(&samples) as f64 / minutes,
             settle: settling_time(&samples, from, to),
             served,
+            scheduled,
             measured,
             samples,
         };
         log(format!(
-            "  {:.0} req/s, p99 {} ms, errors {:.2} %, CPU CV {}, settle {}, served {:?}",
+            "  {:.0} req/s, p99 {} ms, errors {:.2} %, CPU CV {}, settle {}, served {:?}, scheduled {:?}",
             result.measured.throughput,
             fmt_opt(result.measured.p99_ms, 1),
             result.measured.error_ratio * 100.0,
             fmt_opt(result.cpu_cv, 2),
             result.settle.show(),
             result.served,
+            result.scheduled,
         ));
         Ok(result)
     }
@@ -884,7 +936,7 @@ fn server_ip(i: usize) -> String {
 
 fn director_config(pki_dir: &Path, socket: &Path, plan: &Plan) -> String {
     let mut text = format!(
-        "name = \"d1\"\n\n[agents]\nlisten = \"{DIRECTOR_IP}:{AGENT_PORT}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\n\n[[service]]\nvip = \"{VIP}\"\nport = {HTTP_PORT}\nscheduler = \"wlc\"\n",
+        "name = \"d1\"\n\n[agents]\nlisten = \"{DIRECTOR_IP}:{AGENT_PORT}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\n\n{TIMEOUTS}\n[[service]]\nvip = \"{VIP}\"\nport = {HTTP_PORT}\nscheduler = \"wlc\"\n",
         ca = pki_dir.join("ca.pem").display(),
         cert = pki_dir.join("d1.pem").display(),
         key = pki_dir.join("d1.key").display(),
