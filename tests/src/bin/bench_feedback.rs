@@ -1187,8 +1187,9 @@ fn render(
         "Errors: requests without a 2xx/3xx response within 2 s (closed loop: wrk's connect/read/write/timeout \
          errors and bad statuses; open loop: counted from the intended send time). Latency percentiles are over \
          the good responses; the closed loop's are wrk's (coordinated omission included), the open loop's are not.",
-        "Between runs: quotas restored, the antagonist stopped, a 3 s idle pause; df's weights start each run from \
-         wherever the idle pause left them.",
+        "Between runs: quotas restored, the antagonist stopped, the scheduler switched through wlc (so every \
+         effective weight is back to its configured value and df's blender starts afresh), a 3 s idle pause. The \
+         director's FIN/TIME-WAIT/CLOSE timeouts are 1 s, so a reused client port is scheduled anew.",
     ];
     for m in method {
         let _ = writeln!(s, "- {m}");
