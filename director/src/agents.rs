@@ -380,6 +380,13 @@ async fn serve_agent(
         }
         match frame.message {
             AgentMessage::Report(report) => {
+                // A reload may have removed the server since the Hello: its reports would feed nothing.
+                if !hello.ports.iter().any(|port| config.borrow().has_real_server(server, *port)) {
+                    break SessionEnd::Refused(
+                        RejectReason::UnknownRealServer,
+                        format!("real server {server} is no longer configured on this director"),
+                    );
+                }
                 let seq = report.seq;
                 registry.report(server, report, Instant::now());
                 let ack = DirectorMessage::Ack(Ack { seq, instructions: instructions(&config.borrow(), server) });

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,7 +14,11 @@ use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
 use fulcrum_director::control::{ControlServer, Handles};
 use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::dataplane::{counters, Dataplane};
+use fulcrum_director::demo;
+use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
+use fulcrum_director::sd_notify::{self, Watchdog};
+use fulcrum_director::sync;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -44,6 +48,33 @@ enum Command {
     /// Create the cluster CA and issue director and agent certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Build a throw-away playground of network namespaces (two directors, three real servers with agents, a
+    /// client), show live what the directors see, kill the active one half-way; needs root.
+    Demo {
+        /// How long the load runs; the active director is killed half-way.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Requests per second the client aims at (the three servers together serve 280).
+        #[arg(long, default_value_t = 180)]
+        rate: u32,
+        /// Concurrent client connections.
+        #[arg(long, default_value_t = 24)]
+        clients: u32,
+    },
+    /// The demo's real server: a minimal HTTP/1.1 responder of limited capacity (started by `demo`).
+    DemoServer {
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: std::net::SocketAddr,
+        /// Name it answers with (`served by NAME`).
+        #[arg(long)]
+        name: String,
+        /// Time each request takes.
+        #[arg(long, default_value_t = 20)]
+        service_time_ms: u64,
+        /// Requests served at once; more wait for a slot.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +127,38 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Demo { seconds, rate, clients } => {
+            match demo::run(&demo::DemoOptions { seconds, rate, clients }) {
+                Ok(demo::Outcome::Finished) => ExitCode::SUCCESS,
+                // As a shell reports a command ended by SIGINT.
+                Ok(demo::Outcome::Interrupted) => ExitCode::from(130),
+                Err(e) => {
+                    eprintln!("demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DemoServer { listen, name, service_time_ms, concurrency } => {
+            let capacity = demo::http::Capacity { service_time: Duration::from_millis(service_time_ms), concurrency };
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    runtime.block_on(async {
+                        let listener =
+                            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                        demo::http::serve(listener, name, capacity).await
+                    })
+                });
+            match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo-server: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Certs(command) => match run_certs(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -157,9 +220,34 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let (control_plane, config_rx) = ControlPlane::new(config.clone(), workers);
     let control_plane = Arc::new(control_plane);
 
+    let (sync_shared, sync_workers, sync_task) = start_sync_hub(&config);
     let dataplane = match &config.dataplane {
-        Some(dataplane) => Some(Arc::new(Dataplane::start(dataplane, control_plane.table(), true)?)),
+        // A member of a pair starts not serving (INIT): the HA task decides.
+        Some(dataplane) => Some(Arc::new(Dataplane::start_with_sync(
+            dataplane,
+            control_plane.table(),
+            config.ha.is_none(),
+            sync_workers,
+        )?)),
         None => None,
+    };
+    let _sync_task = match (&config.sync, sync_task) {
+        (Some(section), Some(ports)) => {
+            let settings = section.settings().map_err(|e| anyhow::anyhow!("sync.key_file: {e}"))?;
+            Some(
+                sync::runtime::start(settings, ports)
+                    .await
+                    .with_context(|| format!("starting sync on {}", section.listen))?,
+            )
+        }
+        _ => None,
+    };
+    let (ha_task, ha) = match (&config.ha, &dataplane) {
+        (Some(section), Some(dataplane)) => {
+            let (runtime, handle) = HaRuntime::bind(section, Arc::clone(dataplane)).await?;
+            (Some(tokio::spawn(runtime.run())), Some(handle))
+        }
+        _ => (None, None),
     };
     // Every publication may change the VIP set the steering program must know.
     let follow_task = dataplane.as_ref().map(|dataplane| {
@@ -176,7 +264,12 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
-        Handles { agents: registry.clone(), control: Arc::clone(&control_plane) },
+        Handles {
+            agents: registry.clone(),
+            control: Arc::clone(&control_plane),
+            ha: ha.clone(),
+            sync: sync_shared.clone(),
+        },
     )?;
     info!(name = %config.name, socket = %config.control.socket.display(), "director running");
 
@@ -193,9 +286,16 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let control_task = tokio::spawn(control.run());
     let metrics_task = config.metrics.listen.map(|listen| {
         let registry = registry.clone();
-        let (dataplane, table) = (dataplane.clone(), control_plane.table());
+        let (dataplane, table, ha) = (dataplane.clone(), control_plane.table(), ha.clone());
+        let sync_shared = sync_shared.clone();
         let collect: metrics_endpoint::Collector = Arc::new(move || {
             registry.publish_metrics(Instant::now());
+            if let Some(ha) = &ha {
+                ha.publish_metrics();
+            }
+            if let Some(sync) = &sync_shared {
+                sync.publish();
+            }
             if let Some(dataplane) = &dataplane {
                 counters::publish(&dataplane.counters, &table.load());
             }
@@ -203,15 +303,31 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         tokio::spawn(metrics_endpoint::serve(listen, metrics, collect))
     });
     info!(%endpoint, "accepting agents");
+    sd_notify::notify(&[sd_notify::State::Ready]);
 
+    // The main loop feeds systemd's watchdog itself, so a loop that is stuck gets the director restarted.
+    let mut watchdog = Watchdog::from_env();
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => reload(path, &control_plane),
+            _ = watchdog.due() => watchdog.feed(),
+            _ = sighup.recv() => {
+                sd_notify::notify(&[sd_notify::State::Reloading]);
+                reload(path, &control_plane);
+                sd_notify::notify(&[sd_notify::State::Ready]);
+            }
         }
     }
     info!("shutting down");
+    sd_notify::notify(&[sd_notify::State::Stopping]);
+    if let Some(ha) = &ha {
+        // A MASTER hands over to its peer first, so a planned stop loses no traffic.
+        match ha.hand_over(std::time::Duration::from_secs(3)).await {
+            Ok(()) => info!("HA: handed over (or nothing to hand over)"),
+            Err(e) => warn!("HA: stopping without a handover: {e:#}"),
+        }
+    }
     listener.close();
     feedback_task.abort();
     let _ = feedback_task.await;
@@ -222,6 +338,10 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     }
     if let Some(task) = follow_task {
         task.abort();
+    }
+    if let Some(task) = ha_task {
+        task.abort();
+        let _ = task.await;
     }
     // Dropping the control task removes the socket file.
     let _ = control_task.await;
@@ -234,6 +354,16 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     Ok(())
 }
 
+/// The rings between the workers and the sync task, when `[sync]` is configured (with a data plane).
+type SyncParts = (Option<Arc<sync::SyncShared>>, Option<(Vec<sync::WorkerPort>, Duration)>, Option<sync::TaskPorts>);
+
+fn start_sync_hub(config: &DirectorConfig) -> SyncParts {
+    let (Some(section), Some(dataplane)) = (&config.sync, &config.dataplane) else { return (None, None, None) };
+    let (shared, workers, task) = sync::hub(dataplane.workers as usize, section.ring_records as usize);
+    let refresh = Duration::from_secs(section.refresh_s.into());
+    (Some(shared), Some((workers, refresh)), Some(task))
+}
+
 /// Re-reads the config. A bad file is refused and the running config stays.
 fn reload(path: &Path, control_plane: &ControlPlane) {
     match DirectorConfig::load(path) {
@@ -243,8 +373,14 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
                 || new.control != old.control
                 || new.metrics != old.metrics
                 || new.name != old.name
+                || new.ha != old.ha
             {
-                warn!("listener, control, metrics and name settings change only on restart; services were reloaded");
+                warn!(
+                    "listener, control, metrics, name and [ha] settings change only on restart; services were reloaded"
+                );
+            }
+            if new.sync != old.sync {
+                warn!("[sync] settings change only on restart");
             }
             control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");

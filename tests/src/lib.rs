@@ -24,13 +24,18 @@
 //! # Ok(()) }
 //! ```
 
+pub mod arp_watch;
 pub mod cgroup;
 pub mod cmd;
+pub mod ha_pair;
 pub mod loadgen;
 pub mod netns;
 pub mod nginx;
+pub mod pki;
 pub mod process;
 pub mod quota;
+pub mod tcp_streams;
+pub mod udp_probe;
 pub mod wait;
 
 #[cfg(test)]
@@ -47,6 +52,7 @@ pub use netns::{
     Testbed,
 };
 pub use nginx::Nginx;
+pub use pki::Pki;
 pub use process::ChildGuard;
 pub use wait::{abort_wait, wait_until, PollResult};
 

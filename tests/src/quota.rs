@@ -3,65 +3,29 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use fulcrum_tests::quota::{Pki, QuotaServer};
+//! use fulcrum_tests::pki::Pki;
+//! use fulcrum_tests::quota::QuotaServer;
 //! use fulcrum_tests::Testbed;
 //!
 //! # fn main() -> anyhow::Result<()> {
 //! let tb = Testbed::new("quota")?;
 //! let rs = tb.add_host("rs1", "10.0.0.11/24")?;
-//! let pki = Pki::new("d1", "10.0.0.2".parse()?, &["rs1"])?;
+//! let pki = Pki::new(&[("d1", "10.0.0.2".parse()?)], &["rs1"])?;
 //! let mut server = QuotaServer::start(&rs, 80, 0.1, Duration::from_millis(20))?;   // 10 % of one core
 //! server.start_agent(&pki, "d1", "10.0.0.2:7946".parse()?, 500)?;
 //! let _antagonist = server.start_antagonist()?;                                      // burns the same quota
 //! # Ok(()) }
 //! ```
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::cgroup::{netns_command_keeping_mounts, CpuCgroup};
+use crate::pki::Pki;
 use crate::{try_workspace_bin, ChildGuard, Host, Nginx};
-
-/// A cluster CA with one director's and some agents' certificates, made by `fulcrum-director certs`.
-pub struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    pub fn new(director: &str, director_ip: Ipv4Addr, agents: &[&str]) -> Result<Pki> {
-        let dir = tempfile::Builder::new().prefix("fulcrum-pki-").tempdir().context("creating a PKI dir")?;
-        let d = dir.path().to_str().context("non-UTF-8 temp path")?.to_string();
-        let ip = director_ip.to_string();
-        certs(&["ca", "--dir", &d])?;
-        certs(&["issue", "--dir", &d, "--role", "director", "--name", director, "--ip", &ip])?;
-        for agent in agents {
-            certs(&["issue", "--dir", &d, "--role", "agent", "--name", agent])?;
-        }
-        Ok(Pki { dir })
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// `ca.pem`, `<name>.pem`, `<name>.key`.
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-}
-
-fn certs(args: &[&str]) -> Result<()> {
-    let bin = try_workspace_bin("fulcrum-director")?;
-    let out = crate::run_unchecked(Command::new(&bin).arg("certs").args(args))?;
-    if !out.status.success() {
-        bail!("fulcrum-director certs {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
 
 /// nginx in a cgroup of its own with a CPU quota, and optionally an agent reporting that cgroup.
 ///

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fulcrum_tests::quota::{Pki, QuotaServer};
+use fulcrum_tests::pki::Pki;
+use fulcrum_tests::quota::QuotaServer;
 use fulcrum_tests::{abort_wait, require_root, wait_until, workspace_bin, ChildGuard, Host, Testbed};
 use serde_json::Value;
 
@@ -61,7 +62,7 @@ fn an_agent_in_a_quota_cgroup_reports_cpu_relative_to_the_quota() -> Result<()> 
     let bed = Testbed::new("fbench")?;
     let dir1 = bed.add_host("dir1", &format!("{DIRECTOR_IP}/24"))?;
     let rs1 = bed.add_host("rs1", "10.0.0.11/24")?;
-    let pki = Pki::new("d1", DIRECTOR_IP.parse()?, &["rs1"])?;
+    let pki = Pki::new(&[("d1", DIRECTOR_IP.parse()?)], &["rs1"])?;
     let work = tempfile::tempdir()?;
 
     let mut server = QuotaServer::start(&rs1, 80, CORES, PERIOD)?;

@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec};
-use fulcrum_tests::quota::{Pki, QuotaServer};
+use fulcrum_tests::pki::Pki;
+use fulcrum_tests::quota::QuotaServer;
 use fulcrum_tests::{in_netns, require_root, try_workspace_bin, ChildGuard, Host, Testbed};
 use serde_json::Value;
 
@@ -534,7 +535,7 @@ impl Bed {
         }
         let names: Vec<String> = hosts.iter().map(|h| h.name().to_string()).collect();
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let pki = Pki::new("d1", DIRECTOR_IP.parse()?, &name_refs)?;
+        let pki = Pki::new(&[("d1", DIRECTOR_IP.parse()?)], &name_refs)?;
         let work = tempfile::Builder::new().prefix("fulcrum-fbench-").tempdir()?;
 
         let socket = work.path().join("director.sock");
