@@ -25,6 +25,7 @@
 //! ```
 
 pub mod arp_watch;
+pub mod cgroup;
 pub mod cmd;
 pub mod ha_pair;
 pub mod loadgen;
@@ -32,6 +33,7 @@ pub mod netns;
 pub mod nginx;
 pub mod pki;
 pub mod process;
+pub mod quota;
 pub mod tcp_streams;
 pub mod udp_probe;
 pub mod wait;

@@ -1,0 +1,1375 @@
+//! The dynamic-feedback benchmark (not a test): unequal real servers, a capacity change and a CPU antagonist,
+//! and how well each scheduler spreads the load.
+//!
+//! A client (10.0.0.1), a director (10.0.0.2, AF_PACKET data plane, `forward = "dr"`) and N real servers
+//! (10.0.0.11 …, default four), each a real nginx confined to a CFS quota cgroup (default 5 %, 10 %, 20 % and
+//! 20 % of one core, in 20 ms periods) with a `fulcrum-agent` reporting that cgroup's CPU (relative to the
+//! quota) and an HTTP probe. Every server has the same configured weight. In **every** run:
+//!
+//! - at half time the last server's quota halves (its capacity halves);
+//! - a CPU antagonist (a busy loop in the cgroup of the second-to-last server) switches on and off every
+//!   `P = min(30 s, run / 3)`, phased so that the interval after the halving is quiet for `P / 2`: in a 120 s
+//!   run it burns during 15–45 s and 75–105 s, the quota halves at 60 s.
+//!
+//! Schedulers compared: `rr`, `wlc`, `p2c` (power of two choices, least connection), `df` (dynamic feedback)
+//! and `wrr-oracle` (`wrr` with the quotas' ratio as weights, changed when the quota changes: it knows the
+//! capacities but not the antagonist). One director runs throughout; each run sets the scheduler (and the
+//! weights) with `fulcrumctl`, restores the quotas afterwards, and pauses so connections close and the
+//! feedback weights relax.
+//!
+//! Load, new connection per request (`Connection: close`, so the scheduler decides every request):
+//! 1. closed loop, `wrk` at each concurrency (default 50 … 800): its best throughput over every scheduler is
+//!    the cluster's measured capacity;
+//! 2. open loop at 50 %, 70 % and 90 % of that capacity ([`fulcrum_tests::loadgen`]: fixed rate, latency from
+//!    each request's intended send time, so queueing is not hidden).
+//!
+//! Per run: throughput, p50/p99/p99.9 latency, error rate, the CPU spread over the servers (coefficient of
+//! variation of each cgroup's use relative to its quota, read from the cgroups), effective-weight changes per
+//! minute and the settling time after the halving (time until every effective weight, read from
+//! `fulcrumctl list --json` every 250 ms, stays within 10 % of its value at the end of the quiet interval).
+//! Prints Markdown tables and the verdicts against the targets (df p99 ≤ 0.7 × wlc, ≤ p2c, ≤ 1.1 ×
+//! wrr-oracle; settled within 5 s); `--csv` and `--timeline-csv` keep the data for the plot
+//! (`bench/feedback` draws it). Needs root.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec};
+use fulcrum_tests::pki::Pki;
+use fulcrum_tests::quota::QuotaServer;
+use fulcrum_tests::{in_netns, require_root, try_workspace_bin, ChildGuard, Host, Testbed};
+use serde_json::Value;
+
+const CLIENT_IP: &str = "10.0.0.1";
+const DIRECTOR_IP: &str = "10.0.0.2";
+const VIP: &str = "10.0.0.100";
+const HTTP_PORT: u16 = 80;
+const AGENT_PORT: u16 = 7946;
+const AGENT_INTERVAL_MS: u64 = 500;
+/// How often the scenario is checked (quota change, antagonist switch).
+const TICK: Duration = Duration::from_millis(50);
+/// How often effective weights and cgroup CPU are sampled during a run.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Idle pause between runs: connections close, the antagonist's effect fades, feedback weights relax.
+const GAP: Duration = Duration::from_secs(3);
+/// Each request is abandoned (an error) this long after it was sent (open loop: after its intended send time).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A weight within this fraction of its final value counts as settled.
+const SETTLE_BAND: f64 = 0.10;
+/// Closed connections leave the director's table after 1 s instead of LVS's 2 minutes. The client reuses its
+/// ports (thousands of new connections per second over 64 k ports): a SYN that finds its 5-tuple still in the
+/// table is forwarded to that entry's server without being scheduled, which would make every scheduler repeat
+/// the placement of earlier runs.
+const TIMEOUTS: &str = "[dataplane.timeouts]\ntcp_fin_wait_s = 1\ntcp_time_wait_s = 1\ntcp_close_s = 1\n";
+/// The longest antagonist half-cycle.
+const MAX_ANTAGONIST_PERIOD: Duration = Duration::from_secs(30);
+
+#[derive(Parser, Debug)]
+#[command(about = "Fulcrum dynamic-feedback benchmark: unequal real servers, rr/wlc/p2c/df/wrr-oracle (needs root)")]
+struct Args {
+    /// The short version (about 4 minutes): concurrency 50,400 for 8 s, open loop at 70 % for 30 s. Flags given
+    /// explicitly still win.
+    #[arg(long)]
+    quick: bool,
+    /// Schedulers, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "rr,wlc,p2c,df,wrr-oracle")]
+    schedulers: Vec<Sched>,
+    /// Closed-loop wrk concurrencies [default: 50,100,200,400,800; quick: 50,400].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: Option<Vec<u32>>,
+    /// Seconds per closed-loop run [default: 30; quick: 8].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(4..=3600))]
+    closed_seconds: Option<u64>,
+    /// Open-loop rates, in % of the measured capacity [default: 50,70,90; quick: 70].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=200))]
+    levels: Option<Vec<u32>>,
+    /// Seconds per open-loop run [default: 120; quick: 30].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(6..=3600))]
+    seconds: Option<u64>,
+    /// CPU quota of each real server, in % of one core. The last one halves at half time of every run; the
+    /// antagonist runs in the second-to-last.
+    #[arg(long, value_delimiter = ',', default_value = "5,10,20,20")]
+    quotas: Vec<f64>,
+    /// CFS period of the quotas, ms (a quota must come to at least 1 ms per period).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    period_ms: u64,
+    /// The configured weight of every server (wrr-oracle excepted). Larger gives the feedback finer steps.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    weight: u32,
+    /// Director forwarding workers.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
+    /// Use this capacity (requests/s) for the open-loop levels instead of the closed loop's best.
+    #[arg(long)]
+    capacity: Option<f64>,
+    /// Write one line per run here (CSV).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write every sample (effective weight and CPU per server over time) here (CSV).
+    #[arg(long)]
+    timeline_csv: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Sched {
+    Rr,
+    Wlc,
+    P2c,
+    Df,
+    WrrOracle,
+}
+
+impl Sched {
+    fn name(self) -> &'static str {
+        match self {
+            Sched::Rr => "rr",
+            Sched::Wlc => "wlc",
+            Sched::P2c => "p2c",
+            Sched::Df => "df",
+            Sched::WrrOracle => "wrr-oracle",
+        }
+    }
+
+    /// The director's scheduler name.
+    fn director_scheduler(self) -> &'static str {
+        match self {
+            Sched::WrrOracle => "wrr",
+            other => other.name(),
+        }
+    }
+}
+
+/// The settings after `--quick` and the defaults are applied.
+#[derive(Clone, Debug)]
+struct Plan {
+    schedulers: Vec<Sched>,
+    concurrency: Vec<u32>,
+    closed: Duration,
+    levels: Vec<u32>,
+    open: Duration,
+    /// Cores per server.
+    quotas: Vec<f64>,
+    period: Duration,
+    weight: u32,
+    workers: u32,
+    quick: bool,
+}
+
+impl Plan {
+    fn from_args(args: &Args) -> Result<Plan> {
+        let quick = args.quick;
+        let mut schedulers = Vec::new();
+        for &s in &args.schedulers {
+            if !schedulers.contains(&s) {
+                schedulers.push(s);
+            }
+        }
+        if args.quotas.len() < 2 || args.quotas.len() > 9 {
+            bail!("--quotas: give 2 to 9 servers' quotas, not {}", args.quotas.len());
+        }
+        let period = Duration::from_millis(args.period_ms);
+        let quotas: Vec<f64> = args.quotas.iter().map(|q| q / 100.0).collect();
+        for (i, &q) in quotas.iter().enumerate() {
+            fulcrum_tests::cgroup::quota_us(q, period).with_context(|| format!("--quotas: server {}", i + 1))?;
+        }
+        // The last server's quota halves mid-run: that must be possible too.
+        let last = quotas.len() - 1;
+        fulcrum_tests::cgroup::quota_us(quotas[last] / 2.0, period)
+            .with_context(|| format!("--quotas: server {} halved mid-run", last + 1))?;
+        Ok(Plan {
+            schedulers,
+            concurrency: args.concurrency.clone().unwrap_or_else(|| {
+                if quick {
+                    vec![50, 400]
+                } else {
+                    vec![50, 100, 200, 400, 800]
+                }
+            }),
+            closed: Duration::from_secs(args.closed_seconds.unwrap_or(if quick { 8 } else { 30 })),
+            levels: args.levels.clone().unwrap_or_else(|| if quick { vec![70] } else { vec![50, 70, 90] }),
+            open: Duration::from_secs(args.seconds.unwrap_or(if quick { 30 } else { 120 })),
+            quotas,
+            period,
+            weight: args.weight,
+            workers: args.workers,
+            quick,
+        })
+    }
+
+    fn servers(&self) -> usize {
+        self.quotas.len()
+    }
+
+    /// The server whose quota halves mid-run.
+    fn changing(&self) -> usize {
+        self.servers() - 1
+    }
+
+    /// The server with the antagonist.
+    fn antagonist(&self) -> usize {
+        self.servers() - 2
+    }
+
+    /// wrr-oracle's weight for a quota: per-mille of a core, so the ratio is the quotas' ratio.
+    fn oracle_weight(cores: f64) -> u32 {
+        ((cores * 1000.0).round() as u32).max(1)
+    }
+}
+
+/// When the scenario's events happen in a run of `duration`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Timeline {
+    duration: Duration,
+    /// The antagonist's half-cycle: on for `period`, off for `period`.
+    period: Duration,
+}
+
+impl Timeline {
+    fn new(duration: Duration) -> Timeline {
+        Timeline { duration, period: MAX_ANTAGONIST_PERIOD.min(duration / 3) }
+    }
+
+    fn halving_at(&self) -> Duration {
+        self.duration / 2
+    }
+
+    /// Whether the antagonist burns at `t`: on during `[D/2 + P/2 + 2kP, D/2 + 3P/2 + 2kP)` for every integer
+    /// `k`, so it switches `P/2` before and after the halving, never with it.
+    fn antagonist_on(&self, t: Duration) -> bool {
+        if t >= self.duration {
+            return false;
+        }
+        let p = self.period.as_secs_f64();
+        let x = t.as_secs_f64() - (self.halving_at().as_secs_f64() + p / 2.0);
+        x.rem_euclid(2.0 * p) < p
+    }
+
+    /// From the halving to the antagonist's next switch: where the settling time is measured.
+    fn quiet_window(&self) -> (Duration, Duration) {
+        (self.halving_at(), (self.halving_at() + self.period / 2).min(self.duration))
+    }
+}
+
+/// One reading during a run.
+#[derive(Clone, Debug, PartialEq)]
+struct Sample {
+    /// Since the run's start.
+    t: Duration,
+    effective_weights: Vec<u32>,
+    /// Cumulative CPU time of each server's cgroup.
+    cpu: Vec<Duration>,
+    /// Each server's quota in force, cores.
+    quota: Vec<f64>,
+    antagonist: bool,
+}
+
+/// How the effective weights behaved after the capacity change.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Settle {
+    /// Within the band from this long after the change on.
+    After(Duration),
+    /// Still outside the band at the end of the quiet interval.
+    NotSettled { window: Duration },
+    /// Too few samples in the window to tell.
+    Unknown,
+}
+
+impl Settle {
+    fn seconds(self) -> Option<f64> {
+        match self {
+            Settle::After(d) => Some(d.as_secs_f64()),
+            _ => None,
+        }
+    }
+
+    fn show(self) -> String {
+        match self {
+            Settle::After(d) => format!("{:.1}", d.as_secs_f64()),
+            Settle::NotSettled { window } => format!("> {:.0}", window.as_secs_f64()),
+            Settle::Unknown => "–".to_string(),
+        }
+    }
+}
+
+/// Settling time: samples in `[from, to)`; the final weights are the mean over the window's last second; the
+/// weights have settled at the first sample from which every later one in the window is within
+/// [`SETTLE_BAND`] of the final weights, for every server.
+fn settling_time(samples: &[Sample], from: Duration, to: Duration) -> Settle {
+    let window: Vec<&Sample> = samples.iter().filter(|s| s.t >= from && s.t < to).collect();
+    if window.len() < 2 {
+        return Settle::Unknown;
+    }
+    let last_t = window[window.len() - 1].t;
+    let tail: Vec<&&Sample> = window.iter().filter(|s| s.t + Duration::from_secs(1) > last_t).collect();
+    let servers = window[0].effective_weights.len();
+    let finals: Vec<f64> = (0..servers)
+        .map(|i| tail.iter().map(|s| f64::from(s.effective_weights[i])).sum::<f64>() / tail.len() as f64)
+        .collect();
+    let within = |s: &Sample| {
+        s.effective_weights.iter().zip(&finals).all(|(&w, &f)| (f64::from(w) - f).abs() <= SETTLE_BAND * f)
+    };
+    // The first index from which all are within.
+    let mut first = None;
+    for (i, s) in window.iter().enumerate().rev() {
+        if within(s) {
+            first = Some(i);
+        } else {
+            break;
+        }
+    }
+    match first {
+        Some(i) => Settle::After(window[i].t.saturating_sub(from)),
+        None => Settle::NotSettled { window: to.saturating_sub(from) },
+    }
+}
+
+/// Each server's CPU use relative to its quota over the run: Σ Δcpu / Σ Δt × quota.
+fn cpu_utilisation(samples: &[Sample]) -> Vec<f64> {
+    let Some(first) = samples.first() else { return Vec::new() };
+    let n = first.cpu.len();
+    let mut used = vec![0.0; n];
+    let mut allowed = vec![0.0; n];
+    for pair in samples.windows(2) {
+        let dt = pair[1].t.saturating_sub(pair[0].t).as_secs_f64();
+        for i in 0..n {
+            used[i] += pair[1].cpu[i].saturating_sub(pair[0].cpu[i]).as_secs_f64();
+            allowed[i] += dt * pair[0].quota[i];
+        }
+    }
+    used.iter().zip(&allowed).map(|(u, a)| if *a > 0.0 { u / a } else { 0.0 }).collect()
+}
+
+/// Standard deviation over mean (population); `None` for no values or a zero mean.
+fn coefficient_of_variation(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if mean <= 0.0 {
+        return None;
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    Some(var.sqrt() / mean)
+}
+
+/// Changes of any server's effective weight between consecutive samples (one per server that changed).
+fn weight_changes(samples: &[Sample]) -> u64 {
+    samples
+        .windows(2)
+        .map(|p| p[0].effective_weights.iter().zip(&p[1].effective_weights).filter(|(a, b)| a != b).count() as u64)
+        .sum()
+}
+
+/// What drove a run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Load {
+    Closed { concurrency: u32 },
+    Open { percent: u32, rate: f64 },
+}
+
+impl Load {
+    fn kind(&self) -> &'static str {
+        match self {
+            Load::Closed { .. } => "closed",
+            Load::Open { .. } => "open",
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Load::Closed { concurrency } => format!("c={concurrency}"),
+            Load::Open { percent, .. } => format!("{percent} %"),
+        }
+    }
+}
+
+/// What the load generator measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Measured {
+    /// Good responses per second.
+    throughput: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    p999_ms: Option<f64>,
+    /// Requests without a good response over requests attempted.
+    error_ratio: f64,
+    error_detail: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+struct RunResult {
+    sched: Sched,
+    load: Load,
+    measured: Measured,
+    cpu_cv: Option<f64>,
+    cpu_util: Vec<f64>,
+    changes_per_min: f64,
+    settle: Settle,
+    /// Requests each nginx logged during the run.
+    served: Vec<u64>,
+    /// Connections the director scheduled to each server during the run.
+    scheduled: Vec<u64>,
+    samples: Vec<Sample>,
+}
+
+/// A run, or why it failed.
+struct Outcome {
+    sched: Sched,
+    load: Load,
+    result: std::result::Result<RunResult, String>,
+}
+
+impl Outcome {
+    fn ok(&self) -> Option<&RunResult> {
+        self.result.as_ref().ok()
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("bench_feedback: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("[feedback] {}", msg.as_ref());
+}
+
+fn run(args: &Args) -> Result<()> {
+    require_root();
+    let plan = Plan::from_args(args)?;
+    for tool in ["wrk", "curl", "timeout", "nsenter"] {
+        which(tool).with_context(|| format!("{tool} is not installed (bench/feedback installs what is needed)"))?;
+    }
+    raise_nofile_limit();
+    let started = Instant::now();
+    let mut bed = Bed::new(&plan)?;
+    let mut closed: Vec<Outcome> = Vec::new();
+    for &concurrency in &plan.concurrency {
+        for &sched in &plan.schedulers {
+            let load = Load::Closed { concurrency };
+            let result = bed.run_once(sched, load, plan.closed).map_err(|e| short_reason(&e));
+            closed.push(Outcome { sched, load, result });
+        }
+    }
+    let capacity = match args.capacity {
+        Some(c) if c > 0.0 => c,
+        Some(c) => bail!("--capacity must be positive, not {c}"),
+        None => closed
+            .iter()
+            .filter_map(Outcome::ok)
+            .map(|r| r.measured.throughput)
+            .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))))
+            .filter(|c| *c > 0.0)
+            .context("no closed-loop run completed a request: no capacity to base the open loop on")?,
+    };
+    log(format!("measured capacity: {capacity:.0} requests/s"));
+    let mut open: Vec<Outcome> = Vec::new();
+    for &percent in &plan.levels {
+        for &sched in &plan.schedulers {
+            let load = Load::Open { percent, rate: capacity * f64::from(percent) / 100.0 };
+            let result = bed.run_once(sched, load, plan.open).map_err(|e| short_reason(&e));
+            open.push(Outcome { sched, load, result });
+        }
+    }
+    let notes = std::mem::take(&mut bed.notes);
+    drop(bed);
+    if let Some(path) = &args.csv {
+        write_file(path, &runs_csv(&closed, &open))?;
+    }
+    if let Some(path) = &args.timeline_csv {
+        write_file(path, &timeline_csv(&closed, &open))?;
+    }
+    print!("{}", render(&plan, capacity, args.capacity.is_some(), &closed, &open, &notes, started.elapsed()));
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The testbed and its long-running processes. Field order: processes stop before the namespaces go.
+struct Bed {
+    director: ChildGuard,
+    servers: Vec<QuotaServer>,
+    client: Host,
+    socket: PathBuf,
+    plan: Plan,
+    wrk_script: PathBuf,
+    notes: Vec<String>,
+    _pki: Pki,
+    _work: tempfile::TempDir,
+    _director_host: Host,
+    _tb: Testbed,
+}
+
+impl Bed {
+    fn new(plan: &Plan) -> Result<Bed> {
+        let n = plan.servers();
+        log(format!("building the testbed: client, director, {n} real servers (nginx in quota cgroups, agents)"));
+        let tb = Testbed::new("fbench")?;
+        let client = tb.add_host("client", &format!("{CLIENT_IP}/24"))?;
+        let director_host = tb.add_host("director", &format!("{DIRECTOR_IP}/24"))?;
+        let hosts: Vec<Host> = (0..n)
+            .map(|i| tb.add_host(&format!("rs{}", i + 1), &format!("{}/24", server_ip(i))))
+            .collect::<Result<_>>()?;
+        // Many short connections: the whole port range, and TIME-WAIT ports reused.
+        client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        // Direct routing: the VIP on lo of every real server, never answered or announced by ARP.
+        for rs in &hosts {
+            rs.add_address(&format!("{VIP}/32"), "lo")?;
+            for dev in ["all", "eth0"] {
+                rs.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
+                rs.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
+            }
+        }
+        let names: Vec<String> = hosts.iter().map(|h| h.name().to_string()).collect();
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let pki = Pki::new(&[("d1", DIRECTOR_IP.parse()?)], &name_refs)?;
+        let work = tempfile::Builder::new().prefix("fulcrum-fbench-").tempdir()?;
+
+        let socket = work.path().join("director.sock");
+        let config = work.path().join("director.toml");
+        write_file(&config, &director_config(pki.dir(), &socket, plan))?;
+        let director_bin = try_workspace_bin("fulcrum-director")?;
+        let check =
+            fulcrum_tests::run_unchecked(Command::new(&director_bin).arg("check-config").arg("--config").arg(&config))?;
+        if !check.status.success() {
+            bail!("director config refused: {}", String::from_utf8_lossy(&check.stderr).trim());
+        }
+        let mut cmd = Command::new(&director_bin);
+        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", "warn");
+        let mut director = director_host.spawn(cmd)?;
+        wait_for("the director's control socket", Duration::from_secs(15), &mut director, || Ok(socket.exists()))?;
+
+        let mut servers = Vec::new();
+        for (rs, &cores) in hosts.iter().zip(&plan.quotas) {
+            let mut server = QuotaServer::start(rs, HTTP_PORT, cores, plan.period)?;
+            server.start_agent(&pki, "d1", format!("{DIRECTOR_IP}:{AGENT_PORT}").parse()?, AGENT_INTERVAL_MS)?;
+            servers.push(server);
+        }
+        let wrk_script = work.path().join("report.lua");
+        write_file(&wrk_script, WRK_SCRIPT)?;
+        let mut bed = Bed {
+            director,
+            servers,
+            client,
+            socket,
+            plan: plan.clone(),
+            wrk_script,
+            notes: Vec::new(),
+            _pki: pki,
+            _work: work,
+            _director_host: director_host,
+            _tb: tb,
+        };
+        bed.wait_ready()?;
+        log(format!("testbed {} ready", bed._tb.prefix()));
+        Ok(bed)
+    }
+
+    /// Every agent reporting a CPU sample, and a request through the VIP answered by a real server.
+    fn wait_ready(&mut self) -> Result<()> {
+        let socket = self.socket.clone();
+        let n = self.servers.len();
+        wait_for("every agent reporting its cgroup's CPU", Duration::from_secs(30), &mut self.director, || {
+            let agents = fulcrumctl_json(&socket, &["agents", "--json"])?;
+            let reporting = agents
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|a| {
+                            a["connected"] == true
+                                && a["last_report"]["cpu"]["source"].as_str().is_some_and(|s| s.starts_with("Cgroup"))
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+            Ok(reporting == n)
+        })?;
+        let client = self.client.clone();
+        let url = format!("http://{VIP}/");
+        wait_for("an answer through the VIP", Duration::from_secs(15), &mut self.director, || {
+            let out = client.run_unchecked(&["curl", "-sS", "--max-time", "2", &url])?;
+            Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("host=rs"))
+        })
+    }
+
+    fn fulcrumctl(&self, args: &[&str]) -> Result<()> {
+        let bin = try_workspace_bin("fulcrumctl")?;
+        let out = fulcrum_tests::run_unchecked(Command::new(bin).arg("--socket").arg(&self.socket).args(args))?;
+        if !out.status.success() {
+            bail!("fulcrumctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// The scheduler and the configured weights for `sched`, given the quotas in force.
+    ///
+    /// Through `wlc` first: with feedback off every effective weight returns to its configured value, and only
+    /// once they all have is the scheduler switched, so that its state is built from those weights. (`wrr`
+    /// computes its cycle from the effective weights at a rebuild; switching straight from `df` would build it
+    /// from df's leftover weights, which the feedback task resets only after the switch.)
+    fn configure(&mut self, sched: Sched, quotas: &[f64]) -> Result<()> {
+        let service = format!("{VIP}:{HTTP_PORT}");
+        self.fulcrumctl(&["service", "edit", &service, "-s", "wlc"])?;
+        let mut weights = Vec::new();
+        for (i, &q) in quotas.iter().enumerate() {
+            let weight = if sched == Sched::WrrOracle { Plan::oracle_weight(q) } else { self.plan.weight };
+            self.fulcrumctl(&["server", "edit", &service, &server_ip(i), "-w", &weight.to_string()])?;
+            weights.push(u64::from(weight));
+        }
+        let socket = self.socket.clone();
+        wait_for("effective weights back to the configured ones", Duration::from_secs(10), &mut self.director, || {
+            let list = fulcrumctl_json(&socket, &["list", "--json"])?;
+            let servers = list.as_array().and_then(|s| s.first()).and_then(|s| s["servers"].as_array()).cloned();
+            Ok(servers.is_some_and(|servers| {
+                (0..weights.len()).all(|i| {
+                    servers.iter().any(|s| s["address"] == server_ip(i).as_str() && s["effective_weight"] == weights[i])
+                })
+            }))
+        })?;
+        if sched.director_scheduler() != "wlc" {
+            self.fulcrumctl(&["service", "edit", &service, "-s", sched.director_scheduler()])?;
+        }
+        Ok(())
+    }
+
+    /// Back to the start of a run: full quotas, no antagonist (the caller dropped it), empty access logs.
+    fn restore(&self) -> Result<()> {
+        for (server, &q) in self.servers.iter().zip(&self.plan.quotas) {
+            server.set_quota(q)?;
+            // nginx logs every request; keep its temp dir small over long runs.
+            let log = server.nginx().dir().join("access.log");
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&log) {
+                let _ = f.set_len(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn sample(&self, t: Duration, quota: &[f64], antagonist: bool) -> Result<Sample> {
+        let list = fulcrumctl_json(&self.socket, &["list", "--json"])?;
+        let servers = list
+            .as_array()
+            .and_then(|s| s.first())
+            .and_then(|s| s["servers"].as_array())
+            .context("fulcrumctl list --json: no service")?;
+        let mut effective_weights = Vec::new();
+        for i in 0..self.servers.len() {
+            let ip = server_ip(i);
+            let s = servers
+                .iter()
+                .find(|s| s["address"] == ip.as_str())
+                .with_context(|| format!("fulcrumctl list --json: no server {ip}"))?;
+            effective_weights.push(s["effective_weight"].as_u64().context("effective_weight")? as u32);
+        }
+        let cpu = self.servers.iter().map(|s| s.cgroup().usage()).collect::<Result<Vec<_>>>()?;
+        Ok(Sample { t, effective_weights, cpu, quota: quota.to_vec(), antagonist })
+    }
+
+    /// `connections_total` of every server, from `fulcrumctl list --json`.
+    fn connections_total(&self) -> Result<Vec<u64>> {
+        let list = fulcrumctl_json(&self.socket, &["list", "--json"])?;
+        let servers = list
+            .as_array()
+            .and_then(|s| s.first())
+            .and_then(|s| s["servers"].as_array())
+            .context("fulcrumctl list --json: no service")?;
+        (0..self.servers.len())
+            .map(|i| {
+                let ip = server_ip(i);
+                servers
+                    .iter()
+                    .find(|s| s["address"] == ip.as_str())
+                    .and_then(|s| s["connections_total"].as_u64())
+                    .with_context(|| format!("fulcrumctl list --json: no connections_total for {ip}"))
+            })
+            .collect()
+    }
+
+    /// One run: scheduler set, load started, the scenario played while sampling, everything restored.
+    fn run_once(&mut self, sched: Sched, load: Load, duration: Duration) -> Result<RunResult> {
+        log(format!("{} · {} {} · {} s", sched.name(), load.kind(), load.label(), duration.as_secs()));
+        if let Some(status) = self.director.try_wait()? {
+            bail!("the director exited with {status}: {}", self.director.output_tails());
+        }
+        self.restore()?;
+        let mut quota = self.plan.quotas.clone();
+        self.configure(sched, &quota)?;
+        std::thread::sleep(GAP);
+        let timeline = Timeline::new(duration);
+        let scheduled_before = self.connections_total()?;
+        let loader = self.start_load(load, duration)?;
+        let t0 = Instant::now();
+        let mut antagonist: Option<ChildGuard> = None;
+        let mut halved = false;
+        let mut samples = Vec::new();
+        let mut next_sample = Duration::ZERO;
+        let mut scenario_error = None;
+        while !loader.is_finished() {
+            let t = t0.elapsed();
+            if let Err(e) = self.play(sched, &timeline, t, &mut quota, &mut halved, &mut antagonist) {
+                scenario_error.get_or_insert(e);
+            }
+            if t >= next_sample && t <= duration {
+                match self.sample(t, &quota, antagonist.is_some()) {
+                    Ok(s) => samples.push(s),
+                    Err(e) => {
+                        scenario_error.get_or_insert(e);
+                    }
+                }
+                next_sample += SAMPLE_EVERY;
+            }
+            std::thread::sleep(TICK);
+        }
+        drop(antagonist);
+        let measured = loader.join().map_err(|_| anyhow!("the load generator thread panicked"))?;
+        let served: Vec<u64> = self.servers.iter().map(|s| count_lines(&s.nginx().dir().join("access.log"))).collect();
+        let scheduled: Vec<u64> =
+            self.connections_total()?.iter().zip(&scheduled_before).map(|(a, b)| a.saturating_sub(*b)).collect();
+        self.restore()?;
+        if let Some(e) = scenario_error {
+            return Err(e.context("playing the scenario"));
+        }
+        let measured = measured?;
+        if let Some(detail) = &measured.error_detail {
+            self.notes.push(format!("{} {} {}: {detail}", sched.name(), load.kind(), load.label()));
+        }
+        let cpu_util = cpu_utilisation(&samples);
+        let minutes = duration.as_secs_f64() / 60.0;
+        let (from, to) = timeline.quiet_window();
+        let result = RunResult {
+            sched,
+            load,
+            cpu_cv: coefficient_of_variation(&cpu_util),
+            cpu_util,
+            changes_per_min: weight_changes(&samples) as f64 / minutes,
+            settle: settling_time(&samples, from, to),
+            served,
+            scheduled,
+            measured,
+            samples,
+        };
+        log(format!(
+            "  {:.0} req/s, p99 {} ms, errors {:.2} %, CPU CV {}, settle {}, served {:?}, scheduled {:?}",
+            result.measured.throughput,
+            fmt_opt(result.measured.p99_ms, 1),
+            result.measured.error_ratio * 100.0,
+            fmt_opt(result.cpu_cv, 2),
+            result.settle.show(),
+            result.served,
+            result.scheduled,
+        ));
+        Ok(result)
+    }
+
+    /// Applies the scenario at time `t` of the run: the halving once, the antagonist on or off.
+    fn play(
+        &self,
+        sched: Sched,
+        timeline: &Timeline,
+        t: Duration,
+        quota: &mut [f64],
+        halved: &mut bool,
+        antagonist: &mut Option<ChildGuard>,
+    ) -> Result<()> {
+        let changing = self.plan.changing();
+        if !*halved && t >= timeline.halving_at() {
+            *halved = true;
+            quota[changing] = self.plan.quotas[changing] / 2.0;
+            self.servers[changing].set_quota(quota[changing])?;
+            if sched == Sched::WrrOracle {
+                let weight = Plan::oracle_weight(quota[changing]).to_string();
+                self.fulcrumctl(&[
+                    "server",
+                    "edit",
+                    &format!("{VIP}:{HTTP_PORT}"),
+                    &server_ip(changing),
+                    "-w",
+                    &weight,
+                ])?;
+            }
+        }
+        let want = timeline.antagonist_on(t);
+        if want && antagonist.is_none() {
+            *antagonist = Some(self.servers[self.plan.antagonist()].start_antagonist()?);
+        } else if !want && antagonist.is_some() {
+            *antagonist = None;
+        }
+        Ok(())
+    }
+
+    fn start_load(&self, load: Load, duration: Duration) -> Result<JoinHandle<Result<Measured>>> {
+        let client = self.client.clone();
+        let script = self.wrk_script.clone();
+        Ok(std::thread::spawn(move || match load {
+            Load::Closed { concurrency } => closed_loop(&client, &script, concurrency, duration),
+            Load::Open { rate, .. } => open_loop(&client, rate, duration),
+        }))
+    }
+}
+
+/// wrk's `done` hook: one line with what the report table needs, p99.9 included.
+const WRK_SCRIPT: &str = r#"done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("FULCRUM_WRK %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+fn closed_loop(client: &Host, script: &Path, concurrency: u32, duration: Duration) -> Result<Measured> {
+    let secs = duration.as_secs();
+    let limit = (secs + 20).to_string();
+    let url = format!("http://{VIP}/");
+    let conns = concurrency.to_string();
+    let d = format!("{secs}s");
+    let timeout = format!("{}s", REQUEST_TIMEOUT.as_secs());
+    let script = script.to_str().context("non-UTF-8 temp path")?;
+    let args = [
+        "timeout",
+        "-k",
+        "5",
+        &limit,
+        "wrk",
+        "-t1",
+        "-c",
+        &conns,
+        "-d",
+        &d,
+        "--timeout",
+        &timeout,
+        "-H",
+        "Connection: close",
+        "-s",
+        script,
+        &url,
+    ];
+    let out = client.run_unchecked(&args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk exited with {}: {}", out.status, last_line(&String::from_utf8_lossy(&out.stderr)));
+    }
+    parse_wrk_report(&stdout)
+}
+
+/// The `FULCRUM_WRK` line of [`WRK_SCRIPT`].
+fn parse_wrk_report(out: &str) -> Result<Measured> {
+    let line = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("FULCRUM_WRK "))
+        .with_context(|| format!("no FULCRUM_WRK line in wrk's output: {}", last_line(out)))?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("bad FULCRUM_WRK line {line:?}"))?;
+    let [requests, duration_us, connect, read, write, status, timeout, p50, p99, p999] = v[..] else {
+        bail!("FULCRUM_WRK line {line:?}: want 10 numbers");
+    };
+    if duration_us <= 0.0 {
+        bail!("wrk ran for no time");
+    }
+    let good = (requests - status).max(0.0);
+    let failed = connect + read + write + timeout;
+    let attempted = requests + failed;
+    let errors = failed + status;
+    let ms = |us: f64| (requests > 0.0).then_some(us / 1000.0);
+    Ok(Measured {
+        throughput: good / (duration_us / 1e6),
+        p50_ms: ms(p50),
+        p99_ms: ms(p99),
+        p999_ms: ms(p999),
+        error_ratio: if attempted > 0.0 { errors / attempted } else { 1.0 },
+        error_detail: (errors > 0.0).then(|| {
+            format!(
+                "{errors:.0} of {attempted:.0} requests failed (connect {connect:.0}, read {read:.0}, write {write:.0}, timeout {timeout:.0}, status {status:.0})"
+            )
+        }),
+    })
+}
+
+fn open_loop(client: &Host, rate: f64, duration: Duration) -> Result<Measured> {
+    let addr: SocketAddr = format!("{VIP}:{HTTP_PORT}").parse()?;
+    let mut spec = LoadSpec::new(addr, rate, duration, ConnectionMode::NewConnection);
+    spec.timeout = REQUEST_TIMEOUT;
+    let report = in_netns(client.netns(), move || loadgen::run(&spec))?;
+    let ms = |d: Duration| (report.latency.count > 0).then_some(d.as_secs_f64() * 1e3);
+    let e = report.error_counts;
+    Ok(Measured {
+        throughput: report.ok as f64 / duration.as_secs_f64(),
+        p50_ms: ms(report.latency.p50),
+        p99_ms: ms(report.latency.p99),
+        p999_ms: ms(report.latency.p999),
+        error_ratio: report.errors() as f64 / report.scheduled.max(1) as f64,
+        error_detail: (e.total() > 0).then(|| {
+            format!(
+                "{} of {} requests failed (connect {}, io {}, status {}, timeout {})",
+                e.total(),
+                report.scheduled,
+                e.connect,
+                e.io,
+                e.status,
+                e.timeout
+            )
+        }),
+    })
+}
+
+fn count_lines(path: &Path) -> u64 {
+    std::fs::read(path).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+}
+
+fn server_ip(i: usize) -> String {
+    format!("10.0.0.{}", 11 + i)
+}
+
+fn director_config(pki_dir: &Path, socket: &Path, plan: &Plan) -> String {
+    let mut text = format!(
+        "name = \"d1\"\n\n[agents]\nlisten = \"{DIRECTOR_IP}:{AGENT_PORT}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\n\n{TIMEOUTS}\n[[service]]\nvip = \"{VIP}\"\nport = {HTTP_PORT}\nscheduler = \"wlc\"\n",
+        ca = pki_dir.join("ca.pem").display(),
+        cert = pki_dir.join("d1.pem").display(),
+        key = pki_dir.join("d1.key").display(),
+        socket = socket.display(),
+        workers = plan.workers,
+    );
+    for i in 0..plan.servers() {
+        let _ = write!(
+            text,
+            "\n[[service.server]]\naddress = \"{}\"\nweight = {}\nforward = \"dr\"\n",
+            server_ip(i),
+            plan.weight
+        );
+    }
+    text
+}
+
+fn fulcrumctl_json(socket: &Path, args: &[&str]) -> Result<Value> {
+    let bin = try_workspace_bin("fulcrumctl")?;
+    let out = fulcrum_tests::run_unchecked(Command::new(bin).arg("--socket").arg(socket).args(args))?;
+    if !out.status.success() {
+        bail!("fulcrumctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("fulcrumctl {} printed no JSON", args.join(" ")))
+}
+
+/// Polls `ready` every 100 ms up to `timeout`; fails at once with the director's last words if it exits.
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    director: &mut ChildGuard,
+    mut ready: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        if let Some(status) = director.try_wait()? {
+            bail!("the director exited with {status} while waiting for {what}: {}", director.output_tails());
+        }
+        match ready() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!("; last error: {e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not ready after {timeout:?}{last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn which(tool: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("{tool} not found in PATH"))
+}
+
+/// Every request holds a socket: lift the soft open-files limit to the hard one (wrk inherits it).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn last_line(s: &str) -> String {
+    s.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").chars().take(200).collect()
+}
+
+fn short_reason(e: &anyhow::Error) -> String {
+    let full = format!("{e:#}");
+    let line = full.lines().next().unwrap_or("").trim();
+    let mut short: String = line.chars().take(200).collect();
+    if line.chars().count() > 200 {
+        short.push('…');
+    }
+    log(format!("run failed: {short}"));
+    short.replace('|', "/")
+}
+
+fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "–".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+fn command_stdout(args: &[&str]) -> Option<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().ok()?;
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    let line = String::from_utf8_lossy(&text).lines().next()?.trim().to_string();
+    (!line.is_empty()).then_some(line)
+}
+
+fn runs_csv(closed: &[Outcome], open: &[Outcome]) -> String {
+    let mut s = String::from(
+        "kind,scheduler,concurrency,level_pct,offered_rps,throughput_rps,p50_ms,p99_ms,p999_ms,error_ratio,cpu_cv,weight_changes_per_min,settle_s\n",
+    );
+    let opt = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.3}"));
+    for r in closed.iter().chain(open).filter_map(Outcome::ok) {
+        let (concurrency, level, offered) = match r.load {
+            Load::Closed { concurrency } => (concurrency.to_string(), String::new(), String::new()),
+            Load::Open { percent, rate } => (String::new(), percent.to_string(), format!("{rate:.1}")),
+        };
+        let m = &r.measured;
+        let _ = writeln!(
+            s,
+            "{},{},{concurrency},{level},{offered},{:.1},{},{},{},{:.5},{},{:.2},{}",
+            r.load.kind(),
+            r.sched.name(),
+            m.throughput,
+            opt(m.p50_ms),
+            opt(m.p99_ms),
+            opt(m.p999_ms),
+            m.error_ratio,
+            opt(r.cpu_cv),
+            r.changes_per_min,
+            opt(r.settle.seconds()),
+        );
+    }
+    s
+}
+
+fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
+    let mut s = String::from("kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist\n");
+    for r in closed.iter().chain(open).filter_map(Outcome::ok) {
+        for sample in &r.samples {
+            for (i, w) in sample.effective_weights.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "{},{},{},{:.3},rs{},{w},{:.4},{}",
+                    r.load.kind(),
+                    r.sched.name(),
+                    r.load.label().replace(' ', ""),
+                    sample.t.as_secs_f64(),
+                    i + 1,
+                    sample.quota[i],
+                    u8::from(sample.antagonist)
+                );
+            }
+        }
+    }
+    s
+}
+
+fn render(
+    plan: &Plan,
+    capacity: f64,
+    capacity_given: bool,
+    closed: &[Outcome],
+    open: &[Outcome],
+    notes: &[String],
+    elapsed: Duration,
+) -> String {
+    let mut s = String::new();
+    let quotas: Vec<String> = plan.quotas.iter().map(|q| format!("{:.0} %", q * 100.0)).collect();
+    let n = plan.servers();
+    let _ = writeln!(s, "# Fulcrum dynamic-feedback benchmark\n");
+    let _ = writeln!(
+        s,
+        "{n} real servers (nginx, 1 worker) with CPU quotas of {} of one core (CFS period {} ms), every one with \
+         weight {} (wrr-oracle: the quotas' ratio). In every run rs{} halves its quota at half time and a CPU \
+         antagonist in rs{}'s cgroup switches on and off every min(30 s, run / 3). New connection per request \
+         (`Connection: close`), forwarding `dr`, {} director worker(s){}.\n",
+        quotas.join(", "),
+        plan.period.as_millis(),
+        plan.weight,
+        plan.changing() + 1,
+        plan.antagonist() + 1,
+        plan.workers,
+        if plan.quick { ", `--quick`" } else { "" },
+    );
+    let servers_header: Vec<String> = (1..=n).map(|i| format!("rs{i}")).collect();
+    let servers_header = servers_header.join(" / ");
+    let _ = writeln!(s, "## Closed loop (wrk, 1 thread, {} s per run)\n", plan.closed.as_secs());
+    let _ = writeln!(
+        s,
+        "| scheduler | concurrency | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | requests served {servers_header} | CPU use of quota {servers_header} |"
+    );
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    render_rows(&mut s, closed);
+    let how = if capacity_given { "given with --capacity" } else { "the best closed-loop throughput" };
+    let _ = writeln!(
+        s,
+        "\n## Open loop (fixed rate, latency from the intended send time, {} s per run)\n\nCapacity: **{capacity:.0} requests/s** ({how}).\n",
+        plan.open.as_secs()
+    );
+    let _ = writeln!(
+        s,
+        "| scheduler | load | offered req/s | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | requests served {servers_header} | CPU use of quota {servers_header} |"
+    );
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    render_rows(&mut s, open);
+
+    let _ = writeln!(s, "\n## Targets (open loop, p99)\n");
+    let _ = writeln!(
+        s,
+        "| load | df p99 ms | df / wlc (≤ 0.70) | df / p2c (≤ 1.00) | df / wrr-oracle (≤ 1.10) | df settle s (≤ 5) |"
+    );
+    let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &percent in &plan.levels {
+        let find = |sched: Sched| {
+            open.iter()
+                .filter_map(Outcome::ok)
+                .find(|r| r.sched == sched && matches!(r.load, Load::Open { percent: p, .. } if p == percent))
+        };
+        let df = find(Sched::Df);
+        let p99 = |sched| find(sched).and_then(|r| r.measured.p99_ms);
+        let ratio = |other: Sched, limit: f64| match (df.and_then(|r| r.measured.p99_ms), p99(other)) {
+            (Some(a), Some(b)) if b > 0.0 => {
+                let r = a / b;
+                format!("{r:.2} {}", if r <= limit { "PASS" } else { "FAIL" })
+            }
+            _ => "not measured".to_string(),
+        };
+        let settle = match df.map(|r| r.settle) {
+            Some(Settle::After(d)) => {
+                format!("{:.1} {}", d.as_secs_f64(), if d <= Duration::from_secs(5) { "PASS" } else { "FAIL" })
+            }
+            Some(other @ Settle::NotSettled { .. }) => format!("{} FAIL", other.show()),
+            _ => "not measured".to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "| {percent} % | {} | {} | {} | {} | {settle} |",
+            fmt_opt(df.and_then(|r| r.measured.p99_ms), 1),
+            ratio(Sched::Wlc, 0.70),
+            ratio(Sched::P2c, 1.00),
+            ratio(Sched::WrrOracle, 1.10),
+        );
+    }
+
+    let _ = writeln!(s, "\n## Notes\n");
+    let method = [
+        "Everything shares this machine's cores: the load generator, the director, the agents and the nginx \
+         servers. The quotas are set low so the servers saturate before the rest; figures taken on a busy machine \
+         compare schedulers, they are not absolute.",
+        "CPU CV: coefficient of variation over the servers of each cgroup's CPU use relative to its quota, over the \
+         run (from cpuacct.usage / cpu.stat, integrated over the quota in force). 0 = every server equally loaded \
+         for its size.",
+        "Settle: after the halving, time until every effective weight (fulcrumctl list --json, every 250 ms) stays \
+         within 10 % of its mean over the last second before the antagonist's next switch (`> N`: not within N s; \
+         static weights settle at once). Weight changes/min counts per-server changes between samples.",
+        "Errors: requests without a 2xx/3xx response within 2 s (closed loop: wrk's connect/read/write/timeout \
+         errors and bad statuses; open loop: counted from the intended send time). Latency percentiles are over \
+         the good responses; the closed loop's are wrk's (coordinated omission included), the open loop's are not.",
+        "Between runs: quotas restored, the antagonist stopped, the scheduler switched through wlc (so every \
+         effective weight is back to its configured value and df's blender starts afresh), a 3 s idle pause. The \
+         director's FIN/TIME-WAIT/CLOSE timeouts are 1 s, so a reused client port is scheduled anew.",
+    ];
+    for m in method {
+        let _ = writeln!(s, "- {m}");
+    }
+    for n in notes {
+        let _ = writeln!(s, "- {}", n.replace('|', "/"));
+    }
+    let _ = writeln!(s, "\n## Machine\n");
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let date = command_stdout(&["date", "-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
+    let commit = command_stdout(&["git", "-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .unwrap_or_else(|| "unknown".to_string());
+    let _ = writeln!(s, "- cores: {cores} ({cpu_model}); kernel {}", kernel.trim());
+    let _ = writeln!(s, "- load average at the end: {}", load.trim());
+    let _ = writeln!(s, "- date: {date}; commit {commit}; whole run {:.0} s", elapsed.as_secs_f64());
+    s
+}
+
+fn render_rows(s: &mut String, outcomes: &[Outcome]) {
+    for o in outcomes {
+        match &o.result {
+            Ok(r) => {
+                let m = &r.measured;
+                let offered = match r.load {
+                    Load::Open { rate, .. } => format!(" {rate:.0} |"),
+                    Load::Closed { .. } => String::new(),
+                };
+                let load = match r.load {
+                    Load::Closed { concurrency } => concurrency.to_string(),
+                    Load::Open { percent, .. } => format!("{percent} %"),
+                };
+                let served: Vec<String> = r.served.iter().map(u64::to_string).collect();
+                let util: Vec<String> = r.cpu_util.iter().map(|u| format!("{:.0} %", u * 100.0)).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {load} |{offered} {:.0} | {} | {} | {} | {:.2} % | {} | {:.1} | {} | {} | {} |",
+                    r.sched.name(),
+                    m.throughput,
+                    fmt_opt(m.p50_ms, 1),
+                    fmt_opt(m.p99_ms, 1),
+                    fmt_opt(m.p999_ms, 1),
+                    m.error_ratio * 100.0,
+                    fmt_opt(r.cpu_cv, 2),
+                    r.changes_per_min,
+                    r.settle.show(),
+                    served.join(" / "),
+                    util.join(" / "),
+                );
+            }
+            Err(reason) => {
+                let load = match o.load {
+                    Load::Closed { concurrency } => concurrency.to_string(),
+                    Load::Open { percent, .. } => format!("{percent} %"),
+                };
+                let _ = writeln!(s, "| {} | {load} | failed: {reason} |", o.sched.name());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    fn sample(t: f64, weights: &[u32]) -> Sample {
+        Sample {
+            t: secs(t),
+            effective_weights: weights.to_vec(),
+            cpu: vec![Duration::ZERO; weights.len()],
+            quota: vec![0.1; weights.len()],
+            antagonist: false,
+        }
+    }
+
+    #[test]
+    fn the_antagonist_never_switches_with_the_halving() {
+        let full = Timeline::new(secs(120.0));
+        assert_eq!(full.period, secs(30.0));
+        assert_eq!(full.halving_at(), secs(60.0));
+        let on: Vec<u32> = (0..120).filter(|&t| full.antagonist_on(secs(f64::from(t)))).collect();
+        let want: Vec<u32> = (15..45).chain(75..105).collect();
+        assert_eq!(on, want);
+        assert_eq!(full.quiet_window(), (secs(60.0), secs(75.0)));
+
+        let quick = Timeline::new(secs(30.0));
+        assert_eq!(quick.period, secs(10.0));
+        let on: Vec<u32> = (0..30).filter(|&t| quick.antagonist_on(secs(f64::from(t)))).collect();
+        let want: Vec<u32> = (0..10).chain(20..30).collect();
+        assert_eq!(on, want);
+        assert_eq!(quick.quiet_window(), (secs(15.0), secs(20.0)));
+        assert!(!quick.antagonist_on(secs(30.0)), "off once the run is over");
+    }
+
+    #[test]
+    fn settling_time_is_when_every_weight_stays_in_the_band() {
+        // Changes at 10 s; weights move for 2 s then stay within 10 % of (40, 20).
+        let samples = vec![
+            sample(9.0, &[30, 30]),
+            sample(10.0, &[30, 30]),
+            sample(11.0, &[36, 24]),
+            sample(12.0, &[41, 19]),
+            sample(13.0, &[40, 20]),
+            sample(14.0, &[40, 21]),
+            sample(15.0, &[10, 10]),
+        ];
+        assert_eq!(settling_time(&samples, secs(10.0), secs(15.0)), Settle::After(secs(2.0)));
+        // Static weights: settled from the first sample.
+        let flat: Vec<Sample> = (0..10).map(|t| sample(f64::from(t), &[10, 10])).collect();
+        assert_eq!(settling_time(&flat, secs(5.0), secs(10.0)), Settle::After(Duration::ZERO));
+        // Oscillating to the end (sampled every 250 ms, as in a run).
+        let wobbly: Vec<Sample> =
+            (0..40).map(|i| sample(f64::from(i) * 0.25, &[if i % 2 == 0 { 10 } else { 30 }])).collect();
+        assert_eq!(settling_time(&wobbly, secs(5.0), secs(10.0)), Settle::NotSettled { window: secs(5.0) });
+        assert_eq!(settling_time(&wobbly, secs(20.0), secs(30.0)), Settle::Unknown);
+    }
+
+    #[test]
+    fn cpu_spread_and_weight_changes() {
+        let mut a = sample(0.0, &[10, 10]);
+        let mut b = sample(1.0, &[10, 12]);
+        let mut c = sample(2.0, &[11, 13]);
+        a.quota = vec![0.1, 0.2];
+        b.quota = vec![0.1, 0.2];
+        c.quota = vec![0.1, 0.1];
+        b.cpu = vec![secs(0.1), secs(0.1)];
+        c.cpu = vec![secs(0.2), secs(0.2)];
+        // rs1: 0.2 s of 0.2 allowed = 100 %; rs2: 0.2 s of 0.2 + 0.2 = 0.4 allowed = 50 %.
+        let u = cpu_utilisation(&[a.clone(), b.clone(), c.clone()]);
+        assert!((u[0] - 1.0).abs() < 1e-9 && (u[1] - 0.5).abs() < 1e-9, "{u:?}");
+        let cv = coefficient_of_variation(&u).unwrap();
+        assert!((cv - 1.0 / 3.0).abs() < 1e-9, "{cv}");
+        assert_eq!(coefficient_of_variation(&[0.5, 0.5]), Some(0.0));
+        assert_eq!(coefficient_of_variation(&[]), None);
+        assert_eq!(weight_changes(&[a, b, c]), 3);
+    }
+
+    #[test]
+    fn parses_the_wrk_hook_line() {
+        let out = "Running 8s test @ http://10.0.0.100/\n  1 threads and 50 connections\nFULCRUM_WRK 8000 8000000 0 10 0 0 0 1500 12000 40000\n";
+        let m = parse_wrk_report(out).unwrap();
+        assert!((m.throughput - 1000.0).abs() < 1e-9);
+        assert_eq!((m.p50_ms, m.p99_ms, m.p999_ms), (Some(1.5), Some(12.0), Some(40.0)));
+        assert!((m.error_ratio - 10.0 / 8010.0).abs() < 1e-12);
+        assert!(m.error_detail.unwrap().contains("read 10"));
+        assert!(parse_wrk_report("unable to connect to 10.0.0.100:80").is_err());
+        assert!(parse_wrk_report("FULCRUM_WRK 1 2 3").is_err());
+    }
+
+    #[test]
+    fn quick_and_full_plans() {
+        let args = Args::parse_from(["bench_feedback", "--quick"]);
+        let plan = Plan::from_args(&args).unwrap();
+        assert_eq!((plan.concurrency.clone(), plan.levels.clone()), (vec![50, 400], vec![70]));
+        assert_eq!((plan.changing(), plan.antagonist()), (3, 2));
+        assert_eq!(plan.schedulers, [Sched::Rr, Sched::Wlc, Sched::P2c, Sched::Df, Sched::WrrOracle]);
+        let full = Plan::from_args(&Args::parse_from(["bench_feedback", "--levels", "60"])).unwrap();
+        assert_eq!((full.levels, full.open), (vec![60], secs(120.0)));
+        // 2.5 % is 500 µs per 20 ms, under the kernel's 1 ms minimum; so is 8 % halved.
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "2.5,10"])).is_err());
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "10,8"])).is_err());
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "5,10"])).is_ok());
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "10"])).is_err());
+        assert_eq!(Plan::oracle_weight(0.05), 50);
+        let config = director_config(Path::new("/p"), Path::new("/s.sock"), &plan);
+        assert!(config.contains("ca = \"/p/ca.pem\"") && config.contains("scheduler = \"wlc\""));
+        assert_eq!(config.matches("forward = \"dr\"").count(), 4);
+        assert!(config.contains("address = \"10.0.0.14\"\nweight = 10"));
+    }
+}
