@@ -17,7 +17,7 @@ pub mod table;
 pub mod worker;
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ use engine::{Engine, EngineConfig};
 use steer::Steering;
 use table::ServiceTable;
 
+use crate::sync::WorkerPort;
+
 /// The running workers.
 pub struct Dataplane {
     stop: Arc<AtomicBool>,
@@ -39,27 +41,52 @@ pub struct Dataplane {
     pub counters: Vec<Arc<WorkerCounters>>,
     /// Whether this director serves its VIPs: answers ARP and forwards (false on a standby).
     pub serving: Arc<AtomicBool>,
+    /// Generation the engines watch: [`Dataplane::announce`] bumps it to re-send gratuitous ARPs.
+    announce: Arc<AtomicU64>,
     steering: SteeringHandle,
     workers: u32,
     /// What the steering program was built for.
     steered: Mutex<(Vec<Ipv4Addr>, Steering)>,
+    /// Told how the program steers, so that connection sync places records as packets are placed.
+    sync_shared: Option<Arc<crate::sync::SyncShared>>,
 }
 
 impl Dataplane {
     /// Opens one ring per worker on the interface, joined in one fanout group, and starts the workers.
     pub fn start(config: &DataplaneConfig, table: Arc<ArcSwap<ServiceTable>>, serving: bool) -> Result<Dataplane> {
+        Self::start_with_sync(config, table, serving, None)
+    }
+
+    /// [`start`](Self::start), with each worker connected to connection sync: one [`WorkerPort`] per worker
+    /// (from [`crate::sync::hub`]) and the refresh period.
+    pub fn start_with_sync(
+        config: &DataplaneConfig,
+        table: Arc<ArcSwap<ServiceTable>>,
+        serving: bool,
+        sync: Option<(Vec<WorkerPort>, Duration)>,
+    ) -> Result<Dataplane> {
+        let (mut sync_ports, refresh) = match sync {
+            Some((ports, refresh)) => (ports.into_iter(), refresh),
+            None => (Vec::new().into_iter(), Duration::ZERO),
+        };
         let interface = &config.interface;
         let vips = table.load().vips.clone();
         netif::check_kernel_hands_off(interface, &vips)?;
         let our_mac = netif::mac_address(interface)?;
         let our_ip = netif::interface_ipv4(interface)?;
         let steered_by = table.load().steering();
+        // Connection sync routes received records with the same steering as the program.
+        let sync_shared = sync_ports.as_slice().first().map(|port| Arc::clone(&port.shared));
+        if let Some(shared) = &sync_shared {
+            shared.steer_by_client.store(steered_by == Steering::Client, Ordering::Relaxed);
+        }
         let program = steer::fanout_program(&vips, config.workers, steered_by);
         // One group per process: the pid keeps two directors on one host (tests) apart.
         let group = (std::process::id() & 0xffff) as u16;
         let ring_config = RingConfig { frame_count: config.ring_frames, ..RingConfig::default() };
         let stop = Arc::new(AtomicBool::new(false));
         let serving = Arc::new(AtomicBool::new(serving));
+        let announce = Arc::new(AtomicU64::new(0));
         let now = Instant::now();
         let mut threads = Vec::new();
         let mut all_counters = Vec::new();
@@ -85,6 +112,10 @@ impl Dataplane {
             };
             let mut engine =
                 Engine::new(engine_config, Arc::clone(&table), Arc::clone(&counters), Arc::clone(&serving), now)?;
+            if let Some(port) = sync_ports.next() {
+                engine.attach_sync(port, refresh, now);
+            }
+            engine.watch_announcements(Arc::clone(&announce));
             let (stop, thread_counters) = (Arc::clone(&stop), Arc::clone(&counters));
             let thread = std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{worker}"))
@@ -99,9 +130,11 @@ impl Dataplane {
             threads,
             counters: all_counters,
             serving,
+            announce,
             steering: steering.context("no worker")?,
             workers: config.workers,
             steered: Mutex::new((vips, steered_by)),
+            sync_shared,
         })
     }
 
@@ -118,13 +151,23 @@ impl Dataplane {
             tracing::warn!(?steering, "persistence changed: steering connections anew; established ones may stall");
         }
         match self.steering.set_program(&steer::fanout_program(&table.vips, self.workers, steering)) {
-            Ok(()) => *steered = (table.vips.clone(), steering),
+            Ok(()) => {
+                *steered = (table.vips.clone(), steering);
+                if let Some(shared) = &self.sync_shared {
+                    shared.steer_by_client.store(steering == Steering::Client, Ordering::Relaxed);
+                }
+            }
             Err(e) => tracing::error!(error = %e, "updating the steering program; new VIPs may be mis-steered"),
         }
     }
 
     pub fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Re-sends the gratuitous-ARP burst for every VIP (when serving): a MASTER re-announcing itself.
+    pub fn announce(&self) {
+        self.announce.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stops and joins the workers.
