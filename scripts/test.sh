@@ -20,6 +20,11 @@ command -v ss >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v sha256sum >/dev/null || need+=(coreutils)
+# Operators' tooling: real Prometheus and promtool (dashboard and scrape-config tests), systemd-analyze (unit
+# files), dpkg-dev (cargo-deb's dependency computation for the package test).
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -28,6 +33,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # A stock nginx package starts a system-wide nginx; the tests run their own per namespace.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# The package test builds .deb files with cargo-deb.
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings

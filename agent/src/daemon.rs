@@ -15,6 +15,7 @@ use crate::config::{AgentConfig, CpuSetting, Overrides, MAX_INTERVAL_MS, MIN_INT
 use crate::sample::cgroup::CgroupCpu;
 use crate::sample::probe::{probe_once, ProbeConfig, ProbeTracker};
 use crate::sample::{CpuSourceConfig, Sampler};
+use crate::sd_notify::{self, Watchdog};
 use crate::transport::{client_config, Link, LinkStatus};
 
 /// Why [`run`] returned.
@@ -33,9 +34,13 @@ pub async fn run_until_stopped(overrides: &Overrides, mut config: AgentConfig) -
         install_metrics(listen)?;
     }
     metrics::gauge!("fulcrum_agent_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let mut watchdog = Watchdog::from_env();
     loop {
-        match run(overrides, config).await? {
-            Stopped::Shutdown => return Ok(()),
+        match run(overrides, config, &mut watchdog).await? {
+            Stopped::Shutdown => {
+                sd_notify::notify(&[sd_notify::State::Stopping]);
+                return Ok(());
+            }
             Stopped::Reload(new) => {
                 info!("configuration reloaded; reconnecting with it");
                 config = *new;
@@ -44,8 +49,9 @@ pub async fn run_until_stopped(overrides: &Overrides, mut config: AgentConfig) -
     }
 }
 
-/// Runs until a signal; says goodbye to every director before returning.
-pub async fn run(overrides: &Overrides, config: AgentConfig) -> Result<Stopped> {
+/// Runs until a signal; says goodbye to every director before returning. Feeds the service manager's
+/// `watchdog` from its loop, so a stuck loop gets the agent restarted.
+pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watchdog) -> Result<Stopped> {
     let cpu_source = match &config.cpu {
         CpuSetting::Proc => CpuSourceConfig::Proc,
         CpuSetting::Cgroup(name) => CpuSourceConfig::Cgroup(
@@ -98,6 +104,8 @@ pub async fn run(overrides: &Overrides, config: AgentConfig) -> Result<Stopped> 
         name = %config.name, real_server = %config.real_server, directors = config.directors.len(),
         interval = ?config.interval, "agent running"
     );
+    // Ready once the links are started (each connects on its own; an unreachable director is not a failure).
+    sd_notify::notify(&[sd_notify::State::Ready]);
 
     let mut interval = config.interval;
     let mut ticker = new_ticker(interval);
@@ -106,16 +114,27 @@ pub async fn run(overrides: &Overrides, config: AgentConfig) -> Result<Stopped> 
         tokio::select! {
             _ = sigterm.recv() => break Stopped::Shutdown,
             _ = sigint.recv() => break Stopped::Shutdown,
-            _ = sighup.recv() => match AgentConfig::load(overrides) {
-                Ok(new) if new == config => info!("SIGHUP: configuration unchanged"),
-                Ok(new) => {
-                    if new.metrics_listen != config.metrics_listen {
-                        warn!("metrics.listen changes only on restart");
+            _ = watchdog.due() => watchdog.feed(),
+            _ = sighup.recv() => {
+                sd_notify::notify(&[sd_notify::State::Reloading]);
+                match AgentConfig::load(overrides) {
+                    Ok(new) if new == config => {
+                        info!("SIGHUP: configuration unchanged");
+                        sd_notify::notify(&[sd_notify::State::Ready]);
                     }
-                    break Stopped::Reload(Box::new(new));
+                    Ok(new) => {
+                        if new.metrics_listen != config.metrics_listen {
+                            warn!("metrics.listen changes only on restart");
+                        }
+                        // READY=1 follows when `run` starts again with the new configuration.
+                        break Stopped::Reload(Box::new(new));
+                    }
+                    Err(e) => {
+                        error!("SIGHUP: configuration refused, the running one stays: {e}");
+                        sd_notify::notify(&[sd_notify::State::Ready]);
+                    }
                 }
-                Err(e) => error!("SIGHUP: configuration refused, the running one stays: {e}"),
-            },
+            }
             _ = ticker.tick() => {
                 seq += 1;
                 match sampler.sample(Instant::now()) {

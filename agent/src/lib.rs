@@ -4,4 +4,5 @@
 pub mod config;
 pub mod daemon;
 pub mod sample;
+pub mod sd_notify;
 pub mod transport;

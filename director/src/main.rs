@@ -14,8 +14,10 @@ use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
 use fulcrum_director::control::{ControlServer, Handles};
 use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::dataplane::{counters, Dataplane};
+use fulcrum_director::demo;
 use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
+use fulcrum_director::sd_notify::{self, Watchdog};
 use fulcrum_director::sync;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -46,6 +48,33 @@ enum Command {
     /// Create the cluster CA and issue director and agent certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Build a throw-away playground of network namespaces (two directors, three real servers with agents, a
+    /// client), show live what the directors see, kill the active one half-way; needs root.
+    Demo {
+        /// How long the load runs; the active director is killed half-way.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Requests per second the client aims at (the three servers together serve 280).
+        #[arg(long, default_value_t = 180)]
+        rate: u32,
+        /// Concurrent client connections.
+        #[arg(long, default_value_t = 24)]
+        clients: u32,
+    },
+    /// The demo's real server: a minimal HTTP/1.1 responder of limited capacity (started by `demo`).
+    DemoServer {
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: std::net::SocketAddr,
+        /// Name it answers with (`served by NAME`).
+        #[arg(long)]
+        name: String,
+        /// Time each request takes.
+        #[arg(long, default_value_t = 20)]
+        service_time_ms: u64,
+        /// Requests served at once; more wait for a slot.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +127,38 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Demo { seconds, rate, clients } => {
+            match demo::run(&demo::DemoOptions { seconds, rate, clients }) {
+                Ok(demo::Outcome::Finished) => ExitCode::SUCCESS,
+                // As a shell reports a command ended by SIGINT.
+                Ok(demo::Outcome::Interrupted) => ExitCode::from(130),
+                Err(e) => {
+                    eprintln!("demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DemoServer { listen, name, service_time_ms, concurrency } => {
+            let capacity = demo::http::Capacity { service_time: Duration::from_millis(service_time_ms), concurrency };
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    runtime.block_on(async {
+                        let listener =
+                            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                        demo::http::serve(listener, name, capacity).await
+                    })
+                });
+            match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo-server: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Certs(command) => match run_certs(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -242,15 +303,24 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
         tokio::spawn(metrics_endpoint::serve(listen, metrics, collect))
     });
     info!(%endpoint, "accepting agents");
+    sd_notify::notify(&[sd_notify::State::Ready]);
 
+    // The main loop feeds systemd's watchdog itself, so a loop that is stuck gets the director restarted.
+    let mut watchdog = Watchdog::from_env();
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => reload(path, &control_plane),
+            _ = watchdog.due() => watchdog.feed(),
+            _ = sighup.recv() => {
+                sd_notify::notify(&[sd_notify::State::Reloading]);
+                reload(path, &control_plane);
+                sd_notify::notify(&[sd_notify::State::Ready]);
+            }
         }
     }
     info!("shutting down");
+    sd_notify::notify(&[sd_notify::State::Stopping]);
     if let Some(ha) = &ha {
         // A MASTER hands over to its peer first, so a planned stop loses no traffic.
         match ha.hand_over(std::time::Duration::from_secs(3)).await {
@@ -308,6 +378,9 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
                 warn!(
                     "listener, control, metrics, name and [ha] settings change only on restart; services were reloaded"
                 );
+            }
+            if new.sync != old.sync {
+                warn!("[sync] settings change only on restart");
             }
             control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");

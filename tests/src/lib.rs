@@ -30,6 +30,7 @@ pub mod ha_pair;
 pub mod loadgen;
 pub mod netns;
 pub mod nginx;
+pub mod pki;
 pub mod process;
 pub mod tcp_streams;
 pub mod udp_probe;
@@ -49,6 +50,7 @@ pub use netns::{
     Testbed,
 };
 pub use nginx::Nginx;
+pub use pki::Pki;
 pub use process::ChildGuard;
 pub use wait::{abort_wait, wait_until, PollResult};
 

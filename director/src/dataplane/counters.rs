@@ -149,7 +149,7 @@ pub fn publish(workers: &[std::sync::Arc<WorkerCounters>], table: &ServiceTable)
             metrics::counter!("fulcrum_connections_total", &labels).absolute(state.sum(|w| &w.connections_total));
             metrics::gauge!("fulcrum_active_connections", &labels).set(f64::from(state.active()));
             metrics::gauge!("fulcrum_inactive_connections", &labels).set(f64::from(state.inactive()));
-            metrics::gauge!("fulcrum_server_weight", &labels).set(f64::from(server.configured_weight));
+            metrics::gauge!("fulcrum_server_configured_weight", &labels).set(f64::from(server.configured_weight));
             metrics::gauge!("fulcrum_server_effective_weight", &labels)
                 .set(f64::from(state.effective_weight.load(Ordering::Relaxed)));
         }

@@ -32,7 +32,7 @@ use engine::{Engine, EngineConfig};
 use steer::Steering;
 use table::ServiceTable;
 
-use crate::sync::WorkerPort;
+use crate::sync::{SyncShared, WorkerPort};
 
 /// The running workers.
 pub struct Dataplane {
@@ -47,8 +47,8 @@ pub struct Dataplane {
     workers: u32,
     /// What the steering program was built for.
     steered: Mutex<(Vec<Ipv4Addr>, Steering)>,
-    /// Told how the program steers, so that connection sync places records as packets are placed.
-    sync_shared: Option<Arc<crate::sync::SyncShared>>,
+    /// Connection sync, told the steering so that received connections reach their worker.
+    sync: Option<Arc<SyncShared>>,
 }
 
 impl Dataplane {
@@ -65,6 +65,7 @@ impl Dataplane {
         serving: bool,
         sync: Option<(Vec<WorkerPort>, Duration)>,
     ) -> Result<Dataplane> {
+        let sync_shared = sync.as_ref().and_then(|(ports, _)| ports.first()).map(|port| Arc::clone(&port.shared));
         let (mut sync_ports, refresh) = match sync {
             Some((ports, refresh)) => (ports.into_iter(), refresh),
             None => (Vec::new().into_iter(), Duration::ZERO),
@@ -75,12 +76,10 @@ impl Dataplane {
         let our_mac = netif::mac_address(interface)?;
         let our_ip = netif::interface_ipv4(interface)?;
         let steered_by = table.load().steering();
-        // Connection sync routes received records with the same steering as the program.
-        let sync_shared = sync_ports.as_slice().first().map(|port| Arc::clone(&port.shared));
-        if let Some(shared) = &sync_shared {
-            shared.steer_by_client.store(steered_by == Steering::Client, Ordering::Relaxed);
-        }
         let program = steer::fanout_program(&vips, config.workers, steered_by);
+        if let Some(shared) = &sync_shared {
+            shared.steered_by_client.store(steered_by == Steering::Client, Ordering::Relaxed);
+        }
         // One group per process: the pid keeps two directors on one host (tests) apart.
         let group = (std::process::id() & 0xffff) as u16;
         let ring_config = RingConfig { frame_count: config.ring_frames, ..RingConfig::default() };
@@ -134,7 +133,7 @@ impl Dataplane {
             steering: steering.context("no worker")?,
             workers: config.workers,
             steered: Mutex::new((vips, steered_by)),
-            sync_shared,
+            sync: sync_shared,
         })
     }
 
@@ -152,10 +151,10 @@ impl Dataplane {
         }
         match self.steering.set_program(&steer::fanout_program(&table.vips, self.workers, steering)) {
             Ok(()) => {
-                *steered = (table.vips.clone(), steering);
-                if let Some(shared) = &self.sync_shared {
-                    shared.steer_by_client.store(steering == Steering::Client, Ordering::Relaxed);
+                if let Some(shared) = &self.sync {
+                    shared.steered_by_client.store(steering == Steering::Client, Ordering::Relaxed);
                 }
+                *steered = (table.vips.clone(), steering)
             }
             Err(e) => tracing::error!(error = %e, "updating the steering program; new VIPs may be mis-steered"),
         }
