@@ -411,9 +411,18 @@ async fn run_async(options: &DemoOptions) -> Result<Outcome> {
     let stats = load.stats();
     let Some(at) = killed_at else { bail!("the run ended before the failover") };
     let (Some(outage), Some(back)) = (stats.outage_after_mark, stats.first_success_after_mark) else {
+        // The work directory goes with the playground: show what the directors said before it does.
+        let logs: Vec<String> = directors
+            .iter()
+            .map(|d| {
+                format!("--- {} log (end) ---\n{}", d.name, netns::log_tail(&work.join(format!("{}.log", d.name))))
+            })
+            .collect();
         bail!(
-            "no takeover: the client got no answer in the {:.1} s after the active director was killed",
-            Instant::now().duration_since(at).as_secs_f64()
+            "no takeover: the client got no answer to a request sent in the {:.1} s after the active director was \
+             killed\n{}",
+            Instant::now().duration_since(at).as_secs_f64(),
+            logs.join("\n")
         );
     };
     println!(
