@@ -47,12 +47,30 @@ fn parse(worker: usize, bytes: &[u8]) -> Option<Seen> {
 
 #[test]
 fn steering_offsets_match_the_kernel_and_frames_carry_their_vnet_header() -> Result<()> {
+    steer_two_clients(Steering::Connection)
+}
+
+#[test]
+fn steering_by_client_keeps_each_client_on_its_worker() -> Result<()> {
+    steer_two_clients(Steering::Client)
+}
+
+/// Two clients send datagrams to the VIP, each from a new socket (so from a new source port); two rings in one
+/// fanout group with the program for `steering`. Every datagram must reach the worker the hash names.
+fn steer_two_clients(steering: Steering) -> Result<()> {
     require_root();
     let bed = Testbed::new("ring")?;
     let director = bed.add_host("dir1", "10.0.0.2/24")?;
-    // Two clients; every datagram leaves from a new socket, so from a new source port, and the connections of
-    // each client spread over both workers.
-    let clients = [bed.add_host("ca", "10.0.0.21/24")?, bed.add_host("cb", "10.0.0.22/24")?];
+    // Two clients whose addresses alone hash to different workers.
+    let candidates: Vec<Ipv4Addr> = (21..80).map(|last| Ipv4Addr::new(10, 0, 0, last)).collect();
+    let on = |worker: u32| {
+        candidates
+            .iter()
+            .find(|ip| worker_for_connection(**ip, 0, 2, Steering::Client) == worker)
+            .with_context(|| format!("a client for worker {worker}"))
+    };
+    let (a, b) = (*on(0)?, *on(1)?);
+    let clients = [bed.add_host("ca", &format!("{a}/24"))?, bed.add_host("cb", &format!("{b}/24"))?];
     let director_mac = director.mac()?;
     for client in &clients {
         // Nobody answers ARP for the VIP in this test: point it at the director by hand.
@@ -73,7 +91,7 @@ fn steering_offsets_match_the_kernel_and_frames_carry_their_vnet_header() -> Res
     let netns = director.netns().to_string();
     let rings = std::thread::spawn(move || {
         in_netns(&netns, move || -> Result<Vec<Seen>> {
-            let program = fanout_program(&[VIP], 2, Steering::Connection);
+            let program = fanout_program(&[VIP], 2, steering);
             let group = (std::process::id() & 0xffff) as u16;
             let config = RingConfig { frame_size: 72 * 1024, frame_count: 64 };
             let mut rings = [
@@ -112,7 +130,7 @@ fn steering_offsets_match_the_kernel_and_frames_carry_their_vnet_header() -> Res
     };
     assert_eq!(seen.len(), 2 * PER_CLIENT, "every datagram received exactly once across the group: {seen:?}");
     for s in &seen {
-        let expected = worker_for_connection(s.src, s.src_port, 2, Steering::Connection);
+        let expected = worker_for_connection(s.src, s.src_port, 2, steering);
         assert_eq!(s.worker as u32, expected, "{s:?} went to the wrong worker");
         if s.vnet_flags & 1 != 0 {
             // NEEDS_CSUM: the checksum starts at the UDP header and its field is 6 bytes in.
