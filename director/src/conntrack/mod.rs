@@ -64,5 +64,5 @@ pub use table::{
     Iter, PurgeStep, StateChange, SyncedConn, TableError, ENTRY_BYTES, MAX_CAPACITY, WHEEL_SLOTS, WHEEL_SLOT_MS,
     WHEEL_SPAN_MS,
 };
-pub use tcp::{may_create, ConnState, Direction, TcpFlags};
+pub use tcp::{may_create, opens_over, ConnState, Direction, TcpFlags};
 pub use time::{Tick, TimeoutTooLong, Timeouts};

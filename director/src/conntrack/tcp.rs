@@ -131,6 +131,21 @@ pub enum Direction {
 /// connection sync, or a director restarted mid-stream. A mid-stream ACK then creates an entry in NONE that
 /// the ACK moves to ESTABLISHED. The trade-off is that stray ACKs (scans, stale clients) also get scheduled
 /// and occupy entries until they time out, so sloppy is off by default.
+/// Whether a packet with `flags` opens a new connection over an entry in `state` of the same 5-tuple: a pure
+/// SYN on an entry that is closing or closed. Busy clients reuse their ports within seconds while such
+/// entries last minutes (TIME_WAIT 120 s); the client has finished with the old connection, so the new one is
+/// scheduled afresh rather than glued to the old one's server (IPVS's `conn_reuse_mode`). A SYN on a
+/// half-open or established entry is a retransmission and keeps its entry.
+pub fn opens_over(flags: TcpFlags, state: ConnState) -> bool {
+    flags.contains(TcpFlags::SYN)
+        && !flags.contains(TcpFlags::ACK)
+        && !flags.contains(TcpFlags::RST)
+        && matches!(
+            state,
+            ConnState::FinWait | ConnState::TimeWait | ConnState::Close | ConnState::CloseWait | ConnState::LastAck
+        )
+}
+
 pub fn may_create(flags: TcpFlags, sloppy: bool) -> bool {
     if flags.contains(TcpFlags::RST) {
         return false;

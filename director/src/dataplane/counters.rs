@@ -82,6 +82,8 @@ pub struct WorkerCounters {
     pub garps: AtomicU64,
     pub arp_probes: AtomicU64,
     pub connections_created: AtomicU64,
+    /// Closing entries ended early by a new connection on the same 5-tuple (a reused client port).
+    pub connections_reused: AtomicU64,
     pub connections_expired: AtomicU64,
     pub table_entries: AtomicU64,
     pub table_capacity: AtomicU64,
@@ -126,6 +128,7 @@ pub fn publish(workers: &[std::sync::Arc<WorkerCounters>], table: &ServiceTable)
     metrics::counter!("fulcrum_arp_replies_total").absolute(sum(&|w| load(&w.arp_replies)));
     metrics::counter!("fulcrum_gratuitous_arps_total").absolute(sum(&|w| load(&w.garps)));
     metrics::counter!("fulcrum_connections_expired_total").absolute(sum(&|w| load(&w.connections_expired)));
+    metrics::counter!("fulcrum_connections_reused_total").absolute(sum(&|w| load(&w.connections_reused)));
     metrics::counter!("fulcrum_icmp_forwarded_total").absolute(sum(&|w| load(&w.icmp_forwarded)));
     metrics::gauge!("fulcrum_connection_table_entries").set(sum(&|w| load(&w.table_entries)) as f64);
     metrics::gauge!("fulcrum_connection_table_capacity").set(sum(&|w| load(&w.table_capacity)) as f64);

@@ -305,6 +305,10 @@ impl Engine {
                 // Its server was purged: the connection is gone; the packet is treated as new.
                 self.conns.remove(h);
                 handle = None;
+            } else if flow.proto == Proto::Tcp && conntrack::opens_over(flags, self.conns.state(h)) {
+                // A new connection on a reused client port: the old entry ends here, as if it had expired.
+                self.end_for_reuse(h, tick);
+                handle = None;
             }
         }
         let handle = match handle {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::Engine;
 use crate::config::ForwardMethod;
-use crate::conntrack::{ConnFlags, ConnInfo, ConnState, Installed, SyncedConn, Tick};
+use crate::conntrack::{ConnFlags, ConnInfo, ConnState, Handle, Installed, SyncedConn, Tick};
 use crate::dataplane::table::ServiceTable;
 use crate::flow::{FlowV4, ServerIndex};
 use crate::sync::{remaining_ms, RecordKind, SyncDrop, SyncRecord, WorkerPort};
@@ -112,6 +112,28 @@ impl Engine {
         };
         if let Some(sync) = self.sync.as_mut() {
             sync.port.emit(record);
+        }
+    }
+
+    /// Ends the connection at `handle` because a new one reuses its 5-tuple: uncounted from its server, a
+    /// "closed" record to the peer while serving, counted as reused.
+    pub(super) fn end_for_reuse(&mut self, handle: Handle, tick: Tick) {
+        let gone = self.conns.remove(handle);
+        if let Some(server) = self.snapshot.server(gone.server) {
+            let slot = &server.state.workers[self.config.worker];
+            if gone.is_active() {
+                slot.active.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                slot.inactive.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.counters.connections_reused.fetch_add(1, Ordering::Relaxed);
+        if self.serving() {
+            if let Some(sync) = self.sync.as_mut() {
+                if let Some(record) = connection_record(&self.snapshot, RecordKind::Closed, &gone, [0; 6], tick) {
+                    sync.port.emit(record);
+                }
+            }
         }
     }
 

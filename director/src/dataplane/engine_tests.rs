@@ -711,3 +711,28 @@ mod sync {
         assert_eq!(active_inactive(&standby), (0, 0));
     }
 }
+
+#[test]
+fn a_syn_on_a_closed_entry_is_a_new_connection_scheduled_afresh() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1, 1], Scheduler::Rr)], 64);
+    let dst_mac = |frame: &[u8]| frame[VNET_HDR_LEN..VNET_HDR_LEN + 6].to_vec();
+    let mut syn = syn_from_client(40000);
+    rig.handle(&mut syn);
+    let first = dst_mac(&syn);
+    // A retransmitted SYN of the half-open connection keeps its entry and its server.
+    let mut again = syn_from_client(40000);
+    rig.handle(&mut again);
+    assert_eq!(dst_mac(&again), first, "a retransmitted SYN stays on its server");
+    let mut ack = ack_from_client(40000);
+    rig.handle(&mut ack);
+    let mut rst = tcp_frame(CLIENT_MAC, CLIENT, 40000, VIP, 80, TcpFlags::RST, &[]);
+    rig.handle(&mut rst);
+    assert_eq!(rig.counters.connections_reused.load(Ordering::Relaxed), 0);
+    // The client reuses the port for a new connection while the old entry lingers (closed): scheduled
+    // afresh, so rr gives it the other server.
+    let mut reuse = syn_from_client(40000);
+    rig.handle(&mut reuse);
+    assert_ne!(dst_mac(&reuse), first, "the new connection was scheduled, not glued to the old server");
+    assert_eq!(rig.counters.connections_reused.load(Ordering::Relaxed), 1);
+    assert_eq!(rig.counters.connections_created.load(Ordering::Relaxed), 2);
+}
