@@ -72,6 +72,15 @@ pub struct AgentView {
     pub last_report: Option<LoadReport>,
 }
 
+/// One agent as the feedback task sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentLatest {
+    pub real_server: IpAddr,
+    pub connected: bool,
+    /// The newest report and when it arrived.
+    pub report: Option<(LoadReport, Instant)>,
+}
+
 /// Latest report per real server, shared by the listener, the control socket and the metrics endpoint.
 ///
 /// A plain mutex: it is touched once per report and once per query, never on the packet path.
@@ -164,6 +173,20 @@ impl AgentRegistry {
                         last_report: r.last_report.as_ref().map(|(report, _)| report.clone()),
                     };
                     (*server, view)
+                })
+                .collect()
+        })
+    }
+
+    /// Each agent's connection state and newest report with its receipt time: the feedback task's input.
+    pub fn latest(&self) -> Vec<AgentLatest> {
+        self.with(|records| {
+            records
+                .iter()
+                .map(|(server, r)| AgentLatest {
+                    real_server: *server,
+                    connected: r.connected,
+                    report: r.last_report.clone(),
                 })
                 .collect()
         })
@@ -357,6 +380,13 @@ async fn serve_agent(
         }
         match frame.message {
             AgentMessage::Report(report) => {
+                // A reload may have removed the server since the Hello: its reports would feed nothing.
+                if !hello.ports.iter().any(|port| config.borrow().has_real_server(server, *port)) {
+                    break SessionEnd::Refused(
+                        RejectReason::UnknownRealServer,
+                        format!("real server {server} is no longer configured on this director"),
+                    );
+                }
                 let seq = report.seq;
                 registry.report(server, report, Instant::now());
                 let ack = DirectorMessage::Ack(Ack { seq, instructions: instructions(&config.borrow(), server) });

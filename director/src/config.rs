@@ -29,6 +29,10 @@ pub struct DirectorConfig {
     pub dataplane: Option<DataplaneConfig>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// Connection synchronisation with the peer director.
+    pub sync: Option<SyncSection>,
+    /// The director pair; without it the director is standalone and always serves.
+    pub ha: Option<HaSection>,
 }
 
 /// The AF_PACKET forwarder.
@@ -197,6 +201,12 @@ pub struct ServiceConfig {
     /// Accept non-SYN TCP packets without a connection entry.
     #[serde(default)]
     pub sloppy: bool,
+    /// `[service.feedback]`: the dynamic-feedback blender.
+    #[serde(default)]
+    pub feedback: FeedbackSettings,
+    /// `[service.health]`: health checks, quorum and sorry server.
+    #[serde(default)]
+    pub health: HealthSettings,
     #[serde(default, rename = "server")]
     pub servers: Vec<RealServerConfig>,
 }
@@ -407,6 +417,12 @@ impl DirectorConfig {
                 }
             }
         }
+        if let Some(ha) = &self.ha {
+            if self.dataplane.is_none() {
+                return Err(invalid(&[KeyStep::Key("ha")], "a director pair needs a [dataplane] section to serve"));
+            }
+            ha.check()?;
+        }
         let mut services = HashSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let at = |key: &'static str| [KeyStep::Key("service"), KeyStep::Index(i), KeyStep::Key(key)];
@@ -462,6 +478,14 @@ impl DirectorConfig {
                     return Err(invalid(&at("port"), "port 0 cannot be served"));
                 }
             }
+            service.feedback.check(i)?;
+            service.health.check(i, service)?;
+        }
+        if let Some(sync) = &self.sync {
+            if self.dataplane.is_none() {
+                return Err(invalid(&[KeyStep::Key("sync")], "connection sync needs a [dataplane] section"));
+            }
+            sync.check()?;
         }
         Ok(())
     }
@@ -479,6 +503,654 @@ impl DirectorConfig {
 
     fn real_servers(&self) -> impl Iterator<Item = (&ServiceConfig, &RealServerConfig)> {
         self.services.iter().flat_map(|service| service.servers.iter().map(move |server| (service, server)))
+    }
+}
+
+// ----- [sync]: connection synchronisation -----
+
+/// Shortest accepted sync key.
+pub const MIN_SYNC_KEY_LEN: usize = crate::sync::frame::MIN_KEY_LEN;
+
+/// The `[sync]` section: streaming connection-table changes to the peer director (see `sync`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// TCP address the peer connects to, to send us its changes.
+    pub listen: SocketAddr,
+    /// The peer's `listen` address: we connect there to send ours.
+    pub peer: SocketAddr,
+    /// The shared HMAC-SHA256 key: a file of at least 16 bytes, used as is, not readable by group or others.
+    pub key_file: PathBuf,
+    /// Records per second sent at most; changes beyond that coalesce (the latest state of a connection wins).
+    #[serde(default = "default_sync_max_rate")]
+    pub max_rate: u32,
+    /// Most records per frame.
+    #[serde(default = "default_sync_batch_records")]
+    pub batch_records: u32,
+    /// Longest a change waits for a frame to fill, ms.
+    #[serde(default = "default_sync_batch_ms")]
+    pub batch_ms: u32,
+    /// While serving, every live connection is sent again once per this period (renews the peer's timeouts
+    /// and repairs changes lost to a full ring), seconds.
+    #[serde(default = "default_sync_refresh_s")]
+    pub refresh_s: u32,
+    /// Capacity of each worker's rings (changes out, records in), records.
+    #[serde(default = "default_sync_ring_records")]
+    pub ring_records: u32,
+}
+
+fn default_sync_max_rate() -> u32 {
+    100_000
+}
+fn default_sync_batch_records() -> u32 {
+    1024
+}
+fn default_sync_batch_ms() -> u32 {
+    10
+}
+fn default_sync_refresh_s() -> u32 {
+    60
+}
+fn default_sync_ring_records() -> u32 {
+    65_536
+}
+
+impl SyncSection {
+    fn check(&self) -> Result<(), Invalid> {
+        let at = |key: &'static str| [KeyStep::Key("sync"), KeyStep::Key(key)];
+        if self.peer == self.listen {
+            return Err(invalid(&at("peer"), "the peer's address must not be our own listen address"));
+        }
+        if self.peer.ip().is_unspecified() || self.peer.port() == 0 {
+            return Err(invalid(&at("peer"), format!("{} cannot be connected to", self.peer)));
+        }
+        if !(100..=10_000_000).contains(&self.max_rate) {
+            return Err(invalid(&at("max_rate"), format!("{} is outside 100..=10000000", self.max_rate)));
+        }
+        let max_records = crate::sync::frame::MAX_RECORDS as u32;
+        if !(1..=max_records).contains(&self.batch_records) {
+            return Err(invalid(&at("batch_records"), format!("{} is outside 1..={max_records}", self.batch_records)));
+        }
+        if !(1..=1000).contains(&self.batch_ms) {
+            return Err(invalid(&at("batch_ms"), format!("{} is outside 1..=1000", self.batch_ms)));
+        }
+        if !(1..=86_400).contains(&self.refresh_s) {
+            return Err(invalid(&at("refresh_s"), format!("{} is outside 1..=86400", self.refresh_s)));
+        }
+        if !(1024..=(1 << 24)).contains(&self.ring_records) {
+            return Err(invalid(&at("ring_records"), format!("{} is outside 1024..={}", self.ring_records, 1 << 24)));
+        }
+        self.read_key().map_err(|message| invalid(&at("key_file"), message))?;
+        Ok(())
+    }
+
+    /// The key file's bytes; refused when shorter than [`MIN_SYNC_KEY_LEN`] or readable by group or others.
+    pub fn read_key(&self) -> Result<Vec<u8>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.key_file;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} has mode {mode:04o}: the key must not be readable by others (chmod 600)",
+                path.display()
+            ));
+        }
+        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if key.len() < MIN_SYNC_KEY_LEN {
+            return Err(format!(
+                "{} holds {} bytes; the key needs at least {MIN_SYNC_KEY_LEN}",
+                path.display(),
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
+
+    /// The sync task's settings (the key read from `key_file`).
+    pub fn settings(&self) -> Result<crate::sync::runtime::SyncSettings, String> {
+        Ok(crate::sync::runtime::SyncSettings {
+            listen: self.listen,
+            peer: self.peer,
+            key: self.read_key()?,
+            outbox: crate::sync::outbox::OutboxConfig {
+                batch_records: self.batch_records as usize,
+                batch_interval: std::time::Duration::from_millis(self.batch_ms.into()),
+                max_rate: self.max_rate,
+            },
+        })
+    }
+}
+
+// ----- [ha]: the director pair -----
+
+/// The `[ha]` section: this director's side of the heartbeat protocol (see `ha` and `ha_runtime`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSection {
+    /// This director's id in the pair (the two must differ); also breaks priority ties (higher wins).
+    pub node_id: u32,
+    /// 1..=255, higher is preferred.
+    #[serde(default = "default_ha_priority")]
+    pub priority: u32,
+    /// The shared HMAC-SHA256 key: a file of at least 16 bytes, used as is, not readable by others
+    /// (mode 0600 or 0400, as an SSH key).
+    pub key_file: PathBuf,
+    /// Heartbeat paths: one UDP socket each; every heartbeat goes out on all of them.
+    #[serde(rename = "path")]
+    pub paths: Vec<HaPath>,
+    /// Heartbeat period under high load and when idle, in milliseconds.
+    #[serde(default = "default_ha_period_min_ms")]
+    pub period_min_ms: u32,
+    #[serde(default = "default_ha_period_max_ms")]
+    pub period_max_ms: u32,
+    /// Consecutive lost heartbeats ridden out; the next loss fails over.
+    #[serde(default = "default_ha_tolerance")]
+    pub tolerance: u32,
+    /// Take mastership back from a lower-priority MASTER peer.
+    #[serde(default = "default_true")]
+    pub preempt: bool,
+    #[serde(default)]
+    pub preempt_delay_ms: u32,
+    /// Preempt also a peer that became MASTER by failover (when this director comes back).
+    #[serde(default = "default_true")]
+    pub auto_failback: bool,
+    /// How long a starting director listens for its peer before taking over alone.
+    #[serde(default = "default_ha_init_hold_ms")]
+    pub init_hold_ms: u32,
+    /// IPv4 addresses pinged (ICMP echo) before taking over and while MASTER without a peer; any answer
+    /// counts as reachable. Empty: always reachable.
+    #[serde(default)]
+    pub tiebreakers: Vec<IpAddr>,
+    #[serde(default = "default_ha_tiebreaker_timeout_ms")]
+    pub tiebreaker_timeout_ms: u32,
+    #[serde(default = "default_ha_tiebreaker_interval_ms")]
+    pub tiebreaker_interval_ms: u32,
+    /// While MASTER, re-send gratuitous ARPs every this many seconds; 0: only on becoming MASTER.
+    #[serde(default)]
+    pub garp_refresh_s: u32,
+    /// After handing mastership over (demotion, preemption), keep forwarding this long (ms) for clients
+    /// whose ARP caches still point here; 0 stops at once.
+    #[serde(default = "default_ha_handover_drain_ms")]
+    pub handover_drain_ms: u32,
+    /// A program run (no shell) with the new state (`master`, `backup`, `fault`) as its argument.
+    pub notify: Option<PathBuf>,
+    /// The forwarding load at which the MASTER's period reaches `period_min_ms`.
+    #[serde(default = "default_ha_high_load_pps")]
+    pub high_load_pps: u64,
+    #[serde(default = "default_ha_high_load_connections")]
+    pub high_load_connections: u64,
+}
+
+/// One heartbeat path: a local UDP address to bind and the peer's address on that link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaPath {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_ha_priority() -> u32 {
+    100
+}
+fn default_ha_period_min_ms() -> u32 {
+    20
+}
+fn default_ha_period_max_ms() -> u32 {
+    1000
+}
+fn default_ha_tolerance() -> u32 {
+    3
+}
+fn default_ha_init_hold_ms() -> u32 {
+    3000
+}
+fn default_ha_tiebreaker_timeout_ms() -> u32 {
+    500
+}
+fn default_ha_tiebreaker_interval_ms() -> u32 {
+    1000
+}
+fn default_ha_handover_drain_ms() -> u32 {
+    500
+}
+fn default_ha_high_load_pps() -> u64 {
+    50_000
+}
+fn default_ha_high_load_connections() -> u64 {
+    20_000
+}
+
+/// Smallest HMAC key accepted.
+pub const MIN_HA_KEY_LEN: usize = 16;
+
+impl HaSection {
+    fn check(&self) -> Result<(), Invalid> {
+        let at = |key: &'static str| [KeyStep::Key("ha"), KeyStep::Key(key)];
+        if !(1..=255).contains(&self.priority) {
+            return Err(invalid(&at("priority"), format!("{} is outside 1..=255", self.priority)));
+        }
+        self.read_key().map_err(|message| invalid(&at("key_file"), message))?;
+        if self.paths.is_empty() {
+            return Err(invalid(&at("path"), "at least one heartbeat path ([[ha.path]] local, peer) is needed"));
+        }
+        let mut locals = HashSet::new();
+        for (i, path) in self.paths.iter().enumerate() {
+            let at =
+                |key: &'static str| [KeyStep::Key("ha"), KeyStep::Key("path"), KeyStep::Index(i), KeyStep::Key(key)];
+            if !locals.insert(path.local) {
+                return Err(invalid(&at("local"), format!("{} is used by another path", path.local)));
+            }
+            if path.peer.ip().is_unspecified() || path.peer.port() == 0 {
+                return Err(invalid(&at("peer"), format!("{} is not an address to send to", path.peer)));
+            }
+        }
+        if !(1..=60_000).contains(&self.period_min_ms) {
+            return Err(invalid(&at("period_min_ms"), format!("{} ms is outside 1..=60000", self.period_min_ms)));
+        }
+        if !(self.period_min_ms..=60_000).contains(&self.period_max_ms) {
+            return Err(invalid(
+                &at("period_max_ms"),
+                format!("{} ms is outside period_min_ms ({})..=60000", self.period_max_ms, self.period_min_ms),
+            ));
+        }
+        let max_tolerance = u32::from(crate::ha::packet::MAX_TOLERANCE / 2);
+        if self.tolerance > max_tolerance {
+            return Err(invalid(&at("tolerance"), format!("{} is outside 0..={max_tolerance}", self.tolerance)));
+        }
+        for (i, tiebreaker) in self.tiebreakers.iter().enumerate() {
+            if !tiebreaker.is_ipv4() || tiebreaker.is_unspecified() || tiebreaker.is_multicast() {
+                return Err(invalid(
+                    &[KeyStep::Key("ha"), KeyStep::Key("tiebreakers"), KeyStep::Index(i)],
+                    format!("{tiebreaker} cannot be pinged: give a unicast IPv4 address"),
+                ));
+            }
+        }
+        for (key, value, range) in [
+            ("tiebreaker_timeout_ms", self.tiebreaker_timeout_ms, 1..=60_000),
+            ("tiebreaker_interval_ms", self.tiebreaker_interval_ms, 10..=3_600_000),
+            ("init_hold_ms", self.init_hold_ms, 0..=600_000),
+            ("preempt_delay_ms", self.preempt_delay_ms, 0..=3_600_000),
+            ("garp_refresh_s", self.garp_refresh_s, 0..=86_400),
+            ("handover_drain_ms", self.handover_drain_ms, 0..=60_000),
+        ] {
+            if !range.contains(&value) {
+                return Err(invalid(&at(key), format!("{value} is outside {}..={}", range.start(), range.end())));
+            }
+        }
+        if self.high_load_pps == 0 || self.high_load_connections == 0 {
+            let key = if self.high_load_pps == 0 { "high_load_pps" } else { "high_load_connections" };
+            return Err(invalid(&at(key), "must be at least 1"));
+        }
+        if let Some(notify) = &self.notify {
+            if !notify.is_absolute() || !notify.is_file() {
+                return Err(invalid(&at("notify"), format!("{} is not an absolute path to a file", notify.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The key file's bytes; refused when shorter than [`MIN_HA_KEY_LEN`] or readable by group or others.
+    pub fn read_key(&self) -> Result<Vec<u8>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.key_file;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} has mode {mode:04o}: the key must not be readable by others (chmod 600)",
+                path.display()
+            ));
+        }
+        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if key.len() < MIN_HA_KEY_LEN {
+            return Err(format!(
+                "{} holds {} bytes; the key needs at least {MIN_HA_KEY_LEN}",
+                path.display(),
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
+
+    /// The state machine's configuration (the key read from `key_file`).
+    pub fn machine_config(&self) -> Result<crate::ha::HaConfig, String> {
+        let ms = |v: u32| std::time::Duration::from_millis(v.into());
+        Ok(crate::ha::HaConfig {
+            node_id: self.node_id,
+            priority: u8::try_from(self.priority)
+                .map_err(|_| format!("priority {} is outside 1..=255", self.priority))?,
+            key: self.read_key()?,
+            paths: self.paths.len(),
+            period_min: ms(self.period_min_ms),
+            period_max: ms(self.period_max_ms),
+            high_load: crate::ha::LoadSummary { pps: self.high_load_pps, conns: self.high_load_connections },
+            tolerance: u8::try_from(self.tolerance)
+                .map_err(|_| format!("tolerance {} is too large", self.tolerance))?,
+            preempt: self.preempt,
+            preempt_delay: ms(self.preempt_delay_ms),
+            auto_failback: self.auto_failback,
+            init_hold: ms(self.init_hold_ms),
+            tiebreaker_timeout: ms(self.tiebreaker_timeout_ms),
+            tiebreaker_interval: ms(self.tiebreaker_interval_ms),
+            ..crate::ha::HaConfig::default()
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dynamic feedback and health checks: `[service.feedback]` and `[service.health]`.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `[service.feedback]`: the dynamic-feedback blender of one service (see `crate::feedback` for each formula).
+/// Every key has a default; `enabled` defaults to on for `df` services only, so that `wlc` stays `wlc` and `df`
+/// differs from it exactly by the feedback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackSettings {
+    /// Blend agent reports into the effective weight; absent: on for `scheduler = "df"`, off otherwise.
+    pub enabled: Option<bool>,
+    /// How often the weights are recomputed, in milliseconds (a new report is used at the next period).
+    pub period_ms: u32,
+    /// Coefficients of the aggregate load; ≥ 0, summing to 1.
+    pub cpu: f64,
+    pub response_time: f64,
+    pub pressure: f64,
+    pub connections: f64,
+    /// `A`, in units of the configured weight.
+    pub gain: f64,
+    /// Largest step per period, as a share of the current weight.
+    pub max_step: f64,
+    /// Half-life of the metrics' moving averages, milliseconds (0: no smoothing).
+    pub half_life_ms: u32,
+    /// A server whose newest report is older than this falls back to its configured weight.
+    pub stale_after_ms: u32,
+    /// … and older than this is marked down (weight 0).
+    pub down_after_ms: u32,
+    /// Consecutive agent probe failures that mark a server down (0: never).
+    pub down_probe_failures: u32,
+}
+
+impl Default for FeedbackSettings {
+    fn default() -> FeedbackSettings {
+        let b = crate::feedback::BlenderConfig::default();
+        FeedbackSettings {
+            enabled: None,
+            period_ms: 500,
+            cpu: b.coefficients.cpu,
+            response_time: b.coefficients.response_time,
+            pressure: b.coefficients.pressure,
+            connections: b.coefficients.connections,
+            gain: b.gain,
+            max_step: b.max_step,
+            half_life_ms: b.half_life.as_millis() as u32,
+            stale_after_ms: b.stale_after.as_millis() as u32,
+            down_after_ms: b.down_after.as_millis() as u32,
+            down_probe_failures: b.down_probe_failures,
+        }
+    }
+}
+
+impl FeedbackSettings {
+    /// Whether the blender runs for a service with this scheduler.
+    pub fn is_enabled(&self, scheduler: Scheduler) -> bool {
+        self.enabled.unwrap_or(scheduler == Scheduler::Df)
+    }
+
+    /// The blender's configuration (the keys not exposed keep the blender's defaults).
+    pub fn blender_config(&self) -> crate::feedback::BlenderConfig {
+        use std::time::Duration;
+        crate::feedback::BlenderConfig {
+            coefficients: crate::feedback::Coefficients {
+                cpu: self.cpu,
+                response_time: self.response_time,
+                pressure: self.pressure,
+                connections: self.connections,
+            },
+            gain: self.gain,
+            max_step: self.max_step,
+            half_life: Duration::from_millis(self.half_life_ms.into()),
+            stale_after: Duration::from_millis(self.stale_after_ms.into()),
+            down_after: Duration::from_millis(self.down_after_ms.into()),
+            down_probe_failures: self.down_probe_failures,
+            ..crate::feedback::BlenderConfig::default()
+        }
+    }
+
+    fn check(&self, service: usize) -> Result<(), Invalid> {
+        use crate::feedback::ConfigError as E;
+        let at = |key: &'static str| {
+            [KeyStep::Key("service"), KeyStep::Index(service), KeyStep::Key("feedback"), KeyStep::Key(key)]
+        };
+        if !(50..=60_000).contains(&self.period_ms) {
+            return Err(invalid(&at("period_ms"), format!("{} ms is outside 50..=60000", self.period_ms)));
+        }
+        for (key, ms) in [
+            ("half_life_ms", self.half_life_ms),
+            ("stale_after_ms", self.stale_after_ms),
+            ("down_after_ms", self.down_after_ms),
+        ] {
+            if ms > 3_600_000 {
+                return Err(invalid(&at(key), format!("{ms} ms is outside 0..=3600000")));
+            }
+        }
+        match self.blender_config().validate() {
+            Ok(()) => Ok(()),
+            Err(E::Coefficients(_)) => Err(invalid(
+                &at("cpu"),
+                format!(
+                    "coefficients cpu, response_time, pressure, connections must be >= 0 and sum to 1 (they sum to {})",
+                    self.cpu + self.response_time + self.pressure + self.connections
+                ),
+            )),
+            Err(E::OutOfRange { field, value, range }) => {
+                let key = match field {
+                    "gain" => "gain",
+                    "max_step" => "max_step",
+                    _ => "enabled",
+                };
+                Err(invalid(&at(key), format!("{value} is outside {range}")))
+            }
+            Err(E::DownBeforeStale) => Err(invalid(&at("down_after_ms"), "must be longer than stale_after_ms")),
+        }
+    }
+}
+
+/// Active health check kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// No active check: the checks count as passing (the agent may still be required).
+    #[default]
+    None,
+    /// A TCP connect to the real server's own address and port.
+    Tcp,
+    /// `GET path` over HTTP/1.0: a status in `status`, and `body` in the body when set.
+    Http,
+}
+
+/// Whether the agent's liveness is a second health signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentLiveness {
+    #[default]
+    Ignored,
+    /// The agent must be connected with a report at most `agent_max_age_ms` old.
+    Required,
+}
+
+/// What happens to a failed server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Weight 0: no new connections; established ones continue.
+    #[default]
+    Quiesce,
+    /// Taken out of scheduling altogether; established ones continue.
+    Remove,
+}
+
+/// `[service.health]`: health checks of every real server of a service, its quorum and its sorry server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    pub kind: HealthCheckKind,
+    /// Port checked on each real server's own address; absent: the server's port.
+    pub port: Option<u16>,
+    /// HTTP: the path requested.
+    pub path: String,
+    /// HTTP: the Host header; absent: the real server's address.
+    pub host: Option<String>,
+    /// HTTP: accepted statuses, `"200"` or `"200-399"`.
+    pub status: String,
+    /// HTTP: a substring the body must contain.
+    pub body: Option<String>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive successes that bring a server up, failures that take it down.
+    pub rise: u32,
+    pub fall: u32,
+    pub on_failure: OnFailure,
+    /// Weight ramp after recovery, seconds (0: straight to full weight).
+    pub slow_start_s: u32,
+    pub agent: AgentLiveness,
+    pub agent_max_age_ms: u32,
+    /// Serving servers the service needs; below it new connections go to the sorry server.
+    pub quorum: u32,
+    /// Extra servers needed to regain a lost quorum.
+    pub hysteresis: u32,
+    /// Where new connections go below quorum.
+    pub sorry_server: Option<SocketAddr>,
+    pub sorry_forward: ForwardMethod,
+}
+
+impl Default for HealthSettings {
+    fn default() -> HealthSettings {
+        HealthSettings {
+            kind: HealthCheckKind::None,
+            port: None,
+            path: "/".to_string(),
+            host: None,
+            status: "200-399".to_string(),
+            body: None,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+            on_failure: OnFailure::Quiesce,
+            slow_start_s: 10,
+            agent: AgentLiveness::Ignored,
+            agent_max_age_ms: 5000,
+            quorum: 1,
+            hysteresis: 0,
+            sorry_server: None,
+            sorry_forward: ForwardMethod::Dr,
+        }
+    }
+}
+
+impl HealthSettings {
+    /// Whether any health signal is configured; without one every server counts as healthy.
+    pub fn is_checked(&self) -> bool {
+        self.kind != HealthCheckKind::None || self.agent == AgentLiveness::Required
+    }
+
+    /// The accepted HTTP status range.
+    pub fn status_range(&self) -> Option<std::ops::RangeInclusive<u16>> {
+        let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+        let (low, high) = match self.status.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => (parse(&self.status)?, parse(&self.status)?),
+        };
+        (low <= high).then_some(low..=high)
+    }
+
+    /// The health state machine's configuration (flap damping keeps its defaults).
+    pub fn health_config(&self) -> crate::health::HealthConfig {
+        use std::time::Duration;
+        crate::health::HealthConfig {
+            rise: self.rise,
+            fall: self.fall,
+            on_failure: match self.on_failure {
+                OnFailure::Quiesce => crate::health::FailureAction::Quiesce,
+                OnFailure::Remove => crate::health::FailureAction::Remove,
+            },
+            slow_start: Duration::from_secs(self.slow_start_s.into()),
+            agent: match self.agent {
+                AgentLiveness::Ignored => crate::health::AgentPolicy::Ignored,
+                AgentLiveness::Required => crate::health::AgentPolicy::Required {
+                    max_report_age: Duration::from_millis(self.agent_max_age_ms.into()),
+                },
+            },
+            ..crate::health::HealthConfig::default()
+        }
+    }
+
+    fn check(&self, service: usize, config: &ServiceConfig) -> Result<(), Invalid> {
+        let at = |key: &'static str| {
+            [KeyStep::Key("service"), KeyStep::Index(service), KeyStep::Key("health"), KeyStep::Key(key)]
+        };
+        if self.port == Some(0) {
+            return Err(invalid(&at("port"), "port 0 cannot be checked"));
+        }
+        if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(&at("path"), format!("{:?} is not an absolute path without spaces", self.path)));
+        }
+        if self.host.as_ref().is_some_and(|h| h.is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control())) {
+            return Err(invalid(&at("host"), "must be a host name without spaces"));
+        }
+        if self.status_range().is_none() {
+            return Err(invalid(
+                &at("status"),
+                format!("{:?} is not a status or range of statuses within 100-599 (e.g. \"200-399\")", self.status),
+            ));
+        }
+        if self.body.as_ref().is_some_and(|b| b.is_empty() || b.len() > 1024) {
+            return Err(invalid(&at("body"), "must be 1 to 1024 bytes long"));
+        }
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(invalid(&at("interval_ms"), format!("{} ms is outside 100..=3600000", self.interval_ms)));
+        }
+        if !(10..=60_000).contains(&self.timeout_ms) || self.timeout_ms > self.interval_ms {
+            return Err(invalid(
+                &at("timeout_ms"),
+                format!("{} ms is outside 10..=60000 or longer than interval_ms", self.timeout_ms),
+            ));
+        }
+        for (key, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&value) {
+                return Err(invalid(&at(key), format!("{value} is outside 1..=100")));
+            }
+        }
+        if self.slow_start_s > 3600 {
+            return Err(invalid(&at("slow_start_s"), format!("{} s is outside 0..=3600", self.slow_start_s)));
+        }
+        if !(100..=3_600_000).contains(&self.agent_max_age_ms) {
+            return Err(invalid(
+                &at("agent_max_age_ms"),
+                format!("{} ms is outside 100..=3600000", self.agent_max_age_ms),
+            ));
+        }
+        if self.quorum > 10_000 || self.hysteresis > 10_000 {
+            let key = if self.quorum > 10_000 { "quorum" } else { "hysteresis" };
+            return Err(invalid(&at(key), "is outside 0..=10000"));
+        }
+        if let Some(sorry) = self.sorry_server {
+            let ip = sorry.ip();
+            if ip.is_unspecified() || ip.is_multicast() || ip == config.vip || sorry.port() == 0 {
+                return Err(invalid(&at("sorry_server"), format!("{sorry} cannot be a sorry server")));
+            }
+            if ip.is_ipv4() != config.vip.is_ipv4() {
+                return Err(invalid(&at("sorry_server"), "must be of the VIP's address family"));
+            }
+            if config.servers.iter().any(|s| s.address == ip && s.port_for(config) == sorry.port()) {
+                return Err(invalid(&at("sorry_server"), format!("{sorry} is already a real server of this service")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -557,6 +1229,54 @@ mod tests {
     }
 
     #[test]
+    fn feedback_and_health_keys_have_defaults_and_named_errors() {
+        let pki = Pki::new();
+        let config = load(&pki.config(WEB)).unwrap();
+        let service = &config.services[0];
+        assert!(!service.feedback.is_enabled(Scheduler::Wlc) && service.feedback.is_enabled(Scheduler::Df));
+        assert_eq!(service.feedback.period_ms, 500);
+        assert!(!service.health.is_checked(), "no health signal unless configured");
+        assert_eq!(service.health.status_range(), Some(200..=399));
+
+        let with = |section: &str| pki.config(&WEB.replace("port = 80\n", &format!("port = 80\n{section}\n")));
+        let config = load(&with(
+            "[service.health]\nkind = \"http\"\npath = \"/health\"\nstatus = \"200\"\nbody = \"ok\"\nsorry_server = \"10.0.0.50:80\"\n[service.feedback]\nenabled = true\ncpu = 1.0\nresponse_time = 0.0\npressure = 0.0",
+        ))
+        .unwrap();
+        let service = &config.services[0];
+        assert_eq!((service.health.kind, service.health.status_range()), (HealthCheckKind::Http, Some(200..=200)));
+        assert!(service.feedback.is_enabled(Scheduler::Wlc));
+
+        for (section, line, key, what) in [
+            ("[service.health]\nkind = \"icmp\"", 4, "service[0].health.kind", "unknown variant"),
+            ("[service.health]\nstatus = \"299-200\"", 4, "service[0].health.status", "not a status"),
+            ("[service.health]\nrise = 0", 4, "service[0].health.rise", "outside 1..=100"),
+            ("[service.health]\ntimeout_ms = 5000", 4, "service[0].health.timeout_ms", "longer than interval_ms"),
+            (
+                "[service.health]\nsorry_server = \"10.0.0.11:80\"",
+                4,
+                "service[0].health.sorry_server",
+                "already a real server",
+            ),
+            ("[service.health]\non_failure = \"explode\"", 4, "service[0].health.on_failure", "unknown variant"),
+            ("[service.feedback]\ncpu = 0.9", 4, "service[0].feedback.cpu", "sum to 1"),
+            ("[service.feedback]\nperiod_ms = 10", 4, "service[0].feedback.period_ms", "outside 50..=60000"),
+            (
+                "[service.feedback]\ndown_after_ms = 1000",
+                4,
+                "service[0].feedback.down_after_ms",
+                "longer than stale_after",
+            ),
+            ("[service.feedback]\nmax_step = 2.0", 4, "service[0].feedback.max_step", "outside (0, 1]"),
+            ("[service.feedback]\nperiod = 10", 4, "service[0].feedback.period", "unknown field"),
+        ] {
+            let err = refused(&with(section));
+            assert_eq!((err.line, err.key.as_str()), (line + 7, key), "{section}: {err}");
+            assert!(err.message.contains(what), "{section}: {err}");
+        }
+    }
+
+    #[test]
     fn a_missing_certificate_is_named() {
         let pki = Pki::new();
         std::fs::remove_file(pki.dir.path().join("d1.pem")).unwrap();
@@ -572,5 +1292,115 @@ mod tests {
         assert!(config.is_drained("10.0.0.11".parse().unwrap()));
         assert!(!config.is_drained("10.0.0.12".parse().unwrap()));
         assert!(!config.is_drained("10.9.9.9".parse().unwrap()), "an unknown server is not drained");
+    }
+
+    fn ha_config(pki: &Pki, ha: &str) -> String {
+        let d = pki.dir.path().display();
+        let key = pki.dir.path().join("ha.key");
+        std::fs::write(&key, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        pki.config(&format!(
+            "[dataplane]\ninterface = \"eth0\"\n\n[ha]\nnode_id = 1\nkey_file = \"{d}/ha.key\"\n{ha}\n[[ha.path]]\nlocal = \"10.0.0.2:7947\"\npeer = \"10.0.0.3:7947\"\n"
+        ))
+    }
+
+    #[test]
+    fn an_ha_section_loads_with_defaults() {
+        let pki = Pki::new();
+        let config = load(&ha_config(&pki, "tiebreakers = [\"10.0.0.1\"]\n")).unwrap();
+        let ha = config.ha.as_ref().unwrap();
+        let machine = ha.machine_config().unwrap();
+        assert_eq!((machine.priority, machine.tolerance, machine.paths), (100, 3, 1));
+        assert_eq!(machine.period_max, std::time::Duration::from_secs(1));
+        assert_eq!(machine.key.len(), 20);
+        assert!(machine.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_ha_settings_name_line_and_key() {
+        let pki = Pki::new();
+        let err = refused(&ha_config(&pki, "priority = 300\n"));
+        assert_eq!((err.line, err.key.as_str()), (13, "ha.priority"), "{err}");
+        let err = refused(&ha_config(&pki, "period_min_ms = 500\nperiod_max_ms = 100\n"));
+        assert_eq!(err.key, "ha.period_max_ms", "{err}");
+        let err = refused(&ha_config(&pki, "tiebreakers = [\"::1\"]\n"));
+        assert_eq!(err.key, "ha.tiebreakers[0]", "{err}");
+        let err = refused(&ha_config(&pki, "notify = \"relative.sh\"\n"));
+        assert_eq!(err.key, "ha.notify", "{err}");
+        let err = refused(&ha_config(&pki, "").replace("peer = \"10.0.0.3:7947\"", "peer = \"0.0.0.0:7947\""));
+        assert_eq!(err.key, "ha.path[0].peer", "{err}");
+    }
+
+    #[test]
+    fn the_ha_key_must_be_long_and_private() {
+        let pki = Pki::new();
+        let text = ha_config(&pki, "");
+        let key = pki.dir.path().join("ha.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let err = refused(&text);
+        assert_eq!(err.key, "ha.key_file", "{err}");
+        assert!(err.message.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        std::fs::write(&key, "short").unwrap();
+        let err = refused(&text);
+        assert!(err.message.contains("at least 16"), "{err}");
+    }
+
+    #[test]
+    fn an_ha_pair_needs_a_data_plane() {
+        let pki = Pki::new();
+        let text = ha_config(&pki, "").replace("[dataplane]\ninterface = \"eth0\"\n", "");
+        assert_eq!(refused(&text).key, "ha", "a pair without a data plane has nothing to fail over");
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn with_sync(sync: &str) -> (tempfile::TempDir, Result<DirectorConfig, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "d1.pem", "d1.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let key = dir.path().join("sync.key");
+        std::fs::write(&key, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let d = dir.path().display();
+        let text = format!(
+            "name = \"d1\"\n[agents]\nca = \"{d}/ca.pem\"\ncert = \"{d}/d1.pem\"\nkey = \"{d}/d1.key\"\n\n[dataplane]\ninterface = \"eth0\"\n\n[sync]\nlisten = \"10.0.0.2:7950\"\npeer = \"10.0.0.3:7950\"\nkey_file = \"{d}/sync.key\"\n{sync}"
+        );
+        let result = DirectorConfig::from_text(Path::new("/etc/fulcrum/director.toml"), &text);
+        (dir, result)
+    }
+
+    #[test]
+    fn a_sync_section_loads_with_defaults() {
+        let (_dir, config) = with_sync("");
+        let sync = config.unwrap().sync.unwrap();
+        assert_eq!((sync.max_rate, sync.batch_records, sync.batch_ms, sync.refresh_s), (100_000, 1024, 10, 60));
+        assert_eq!(sync.settings().unwrap().key, b"0123456789abcdef0123");
+    }
+
+    #[test]
+    fn bad_sync_values_name_line_and_key() {
+        let (_dir, result) = with_sync("batch_records = 5000\n");
+        let err = result.unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (14, "sync.batch_records"), "{err}");
+        let (_dir, result) = with_sync("max_rate = 1\n");
+        assert_eq!(result.unwrap_err().key, "sync.max_rate");
+        let (_dir, result) = with_sync("peer_address = \"x\"\n");
+        assert_eq!(result.unwrap_err().key, "sync.peer_address");
+        let (dir, _) = with_sync("");
+        std::fs::set_permissions(dir.path().join("sync.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let d = dir.path().display();
+        let err = DirectorConfig::from_text(
+            Path::new("/etc/fulcrum/director.toml"),
+            &format!("name = \"d1\"\n[agents]\nca = \"{d}/ca.pem\"\ncert = \"{d}/d1.pem\"\nkey = \"{d}/d1.key\"\n\n[dataplane]\ninterface = \"eth0\"\n\n[sync]\nlisten = \"10.0.0.2:7950\"\npeer = \"10.0.0.3:7950\"\nkey_file = \"{d}/sync.key\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "sync.key_file", "{err}");
+        assert!(err.message.contains("chmod 600"), "{err}");
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::agents::{AgentRegistry, AgentView};
 use crate::control_plane::{ControlPlane, Edit, ServiceView};
+use crate::ha::runtime::{HaCommand, HaHandle, HaView};
 
 /// Longest request line accepted.
 const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -28,6 +29,10 @@ pub enum Request {
     List,
     /// Change a service or real server.
     Edit { edit: Edit },
+    /// Connection sync with the peer director.
+    Sync,
+    /// The director pair: status, promote, demote or release.
+    Ha { ha: HaCommand },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +41,8 @@ pub enum Response {
     Agents { agents: Vec<AgentView> },
     Services { services: Vec<ServiceView> },
     Done { message: String },
+    Sync { status: crate::sync::SyncStatus },
+    Ha { ha: Box<HaView> },
     Error { message: String },
 }
 
@@ -44,6 +51,10 @@ pub enum Response {
 pub struct Handles {
     pub agents: AgentRegistry,
     pub control: Arc<ControlPlane>,
+    /// Connection sync, when configured.
+    pub sync: Option<Arc<crate::sync::SyncShared>>,
+    /// The HA task; `None` for a standalone director (no `[ha]`).
+    pub ha: Option<HaHandle>,
 }
 
 /// Serves the control socket until the task is dropped.
@@ -100,6 +111,7 @@ async fn serve(stream: UnixStream, handles: Handles) -> Result<()> {
     let mut lines = BufReader::new(read.take(MAX_REQUEST_LEN as u64 + 1)).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Ha { ha }) => handle_ha(ha, &handles).await,
             Ok(request) => handle(request, &handles),
             Err(e) => Response::Error { message: format!("bad request: {e}") },
         };
@@ -116,6 +128,10 @@ fn handle(request: Request, handles: &Handles) -> Response {
             agents: handles.agents.snapshot(Instant::now()).into_iter().map(|(_, view)| view).collect(),
         },
         Request::List => Response::Services { services: handles.control.list(&handles.agents, Instant::now()) },
+        Request::Sync => match &handles.sync {
+            Some(sync) => Response::Sync { status: sync.status() },
+            None => Response::Error { message: "connection sync is not configured ([sync])".into() },
+        },
         Request::Edit { edit } => match handles.control.edit(edit) {
             Ok(message) => {
                 tracing::info!(%message, "configuration edited through the control socket");
@@ -123,6 +139,19 @@ fn handle(request: Request, handles: &Handles) -> Response {
             }
             Err(e) => Response::Error { message: e.to_string() },
         },
+        Request::Ha { ha } => Response::Error { message: format!("{ha:?} is answered asynchronously") },
+    }
+}
+
+async fn handle_ha(command: HaCommand, handles: &Handles) -> Response {
+    let Some(ha) = &handles.ha else {
+        return Response::Error {
+            message: "this director is standalone: its configuration has no [ha] section".to_string(),
+        };
+    };
+    match ha.command(command).await {
+        Ok(view) => Response::Ha { ha: Box::new(view) },
+        Err(e) => Response::Error { message: format!("{e:#}") },
     }
 }
 
@@ -139,4 +168,24 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
     let mut lines = BufReader::new(read).lines();
     let reply = lines.next_line().await?.context("the director closed the control socket without answering")?;
     serde_json::from_str(&reply).with_context(|| format!("unreadable answer from the director: {reply}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ha_commands_on_a_standalone_director_say_so() {
+        let config: crate::config::DirectorConfig =
+            toml::from_str("name = \"d1\"\n[agents]\nca = \"/ca.pem\"\ncert = \"/d1.pem\"\nkey = \"/d1.key\"\n")
+                .expect("a minimal config");
+        let (control, _changes) = ControlPlane::new(config, 1);
+        let handles = Handles { agents: AgentRegistry::default(), control: Arc::new(control), sync: None, ha: None };
+        let request: Request = serde_json::from_str(r#"{"command":"ha","ha":"status"}"#).expect("the wire form");
+        let Request::Ha { ha } = request else { panic!("not an HA request: {request:?}") };
+        match handle_ha(ha, &handles).await {
+            Response::Error { message } => assert!(message.contains("no [ha] section"), "{message}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
 }

@@ -19,7 +19,7 @@ use crate::dataplane::table::{ServiceTable, TableBuilder};
 use crate::flow::Proto;
 
 /// Names a virtual service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServiceKey {
     pub vip: IpAddr,
     pub port: u16,
@@ -111,6 +111,12 @@ pub struct ServerView {
     pub cpu_bp: Option<u16>,
     pub response_time_us: Option<u32>,
     pub report_age_ms: Option<u64>,
+    /// `up`, `slow-start`, `down`, `held-down`, `removed`, `unchecked` (no health signal configured), or for
+    /// the sorry server `sorry-standby` / `sorry-active` (see `dataplane::table::Health`).
+    pub health: String,
+    /// `df`'s response-time and load terms from the feedback blender (0 with feedback off).
+    pub df_response_time_term: u32,
+    pub df_load_term: u32,
 }
 
 /// A virtual service as `fulcrumctl list` shows it.
@@ -237,6 +243,9 @@ impl ControlPlane {
                             cpu_bp: last.and_then(|r| r.cpu).map(|c| c.busy_bp),
                             response_time_us: last.and_then(|r| r.probe.smoothed_us),
                             report_age_ms: report.and_then(|r| r.report_age_ms),
+                            health: state.health().name().to_string(),
+                            df_response_time_term: state.response_time_norm.load(std::sync::atomic::Ordering::Relaxed),
+                            df_load_term: state.cpu_norm.load(std::sync::atomic::Ordering::Relaxed),
                         }
                     })
                     .collect();
@@ -281,6 +290,8 @@ fn apply(services: &mut Vec<ServiceConfig>, edit: &Edit) -> Result<(String, Purg
                 scheduler: *scheduler,
                 persistence_s: *persistence_s,
                 sloppy: *sloppy,
+                feedback: Default::default(),
+                health: Default::default(),
                 servers: Vec::new(),
             });
             Ok((format!("added service {service}"), None))

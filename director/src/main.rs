@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,8 +14,10 @@ use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
 use fulcrum_director::control::{ControlServer, Handles};
 use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::dataplane::{counters, Dataplane};
+use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
 use fulcrum_director::sd_notify::{self, Watchdog};
+use fulcrum_director::sync;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -158,9 +160,34 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let (control_plane, config_rx) = ControlPlane::new(config.clone(), workers);
     let control_plane = Arc::new(control_plane);
 
+    let (sync_shared, sync_workers, sync_task) = start_sync_hub(&config);
     let dataplane = match &config.dataplane {
-        Some(dataplane) => Some(Arc::new(Dataplane::start(dataplane, control_plane.table(), true)?)),
+        // A member of a pair starts not serving (INIT): the HA task decides.
+        Some(dataplane) => Some(Arc::new(Dataplane::start_with_sync(
+            dataplane,
+            control_plane.table(),
+            config.ha.is_none(),
+            sync_workers,
+        )?)),
         None => None,
+    };
+    let _sync_task = match (&config.sync, sync_task) {
+        (Some(section), Some(ports)) => {
+            let settings = section.settings().map_err(|e| anyhow::anyhow!("sync.key_file: {e}"))?;
+            Some(
+                sync::runtime::start(settings, ports)
+                    .await
+                    .with_context(|| format!("starting sync on {}", section.listen))?,
+            )
+        }
+        _ => None,
+    };
+    let (ha_task, ha) = match (&config.ha, &dataplane) {
+        (Some(section), Some(dataplane)) => {
+            let (runtime, handle) = HaRuntime::bind(section, Arc::clone(dataplane)).await?;
+            (Some(tokio::spawn(runtime.run())), Some(handle))
+        }
+        _ => (None, None),
     };
     // Every publication may change the VIP set the steering program must know.
     let follow_task = dataplane.as_ref().map(|dataplane| {
@@ -171,10 +198,18 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
             }
         })
     });
+    // Dynamic feedback and health checks: the one writer of effective weights after start.
+    let feedback_task =
+        fulcrum_director::feedback_runtime::spawn(Arc::clone(&control_plane), config_rx.clone(), registry.clone());
     let listener = AgentListener::bind(config_rx, registry.clone())?;
     let control = ControlServer::bind(
         &config.control.socket,
-        Handles { agents: registry.clone(), control: Arc::clone(&control_plane) },
+        Handles {
+            agents: registry.clone(),
+            control: Arc::clone(&control_plane),
+            ha: ha.clone(),
+            sync: sync_shared.clone(),
+        },
     )?;
     info!(name = %config.name, socket = %config.control.socket.display(), "director running");
 
@@ -191,9 +226,16 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     let control_task = tokio::spawn(control.run());
     let metrics_task = config.metrics.listen.map(|listen| {
         let registry = registry.clone();
-        let (dataplane, table) = (dataplane.clone(), control_plane.table());
+        let (dataplane, table, ha) = (dataplane.clone(), control_plane.table(), ha.clone());
+        let sync_shared = sync_shared.clone();
         let collect: metrics_endpoint::Collector = Arc::new(move || {
             registry.publish_metrics(Instant::now());
+            if let Some(ha) = &ha {
+                ha.publish_metrics();
+            }
+            if let Some(sync) = &sync_shared {
+                sync.publish();
+            }
             if let Some(dataplane) = &dataplane {
                 counters::publish(&dataplane.counters, &table.load());
             }
@@ -219,7 +261,16 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     }
     info!("shutting down");
     sd_notify::notify(&[sd_notify::State::Stopping]);
+    if let Some(ha) = &ha {
+        // A MASTER hands over to its peer first, so a planned stop loses no traffic.
+        match ha.hand_over(std::time::Duration::from_secs(3)).await {
+            Ok(()) => info!("HA: handed over (or nothing to hand over)"),
+            Err(e) => warn!("HA: stopping without a handover: {e:#}"),
+        }
+    }
     listener.close();
+    feedback_task.abort();
+    let _ = feedback_task.await;
     accept.abort();
     control_task.abort();
     if let Some(task) = &metrics_task {
@@ -227,6 +278,10 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     }
     if let Some(task) = follow_task {
         task.abort();
+    }
+    if let Some(task) = ha_task {
+        task.abort();
+        let _ = task.await;
     }
     // Dropping the control task removes the socket file.
     let _ = control_task.await;
@@ -239,6 +294,16 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     Ok(())
 }
 
+/// The rings between the workers and the sync task, when `[sync]` is configured (with a data plane).
+type SyncParts = (Option<Arc<sync::SyncShared>>, Option<(Vec<sync::WorkerPort>, Duration)>, Option<sync::TaskPorts>);
+
+fn start_sync_hub(config: &DirectorConfig) -> SyncParts {
+    let (Some(section), Some(dataplane)) = (&config.sync, &config.dataplane) else { return (None, None, None) };
+    let (shared, workers, task) = sync::hub(dataplane.workers as usize, section.ring_records as usize);
+    let refresh = Duration::from_secs(section.refresh_s.into());
+    (Some(shared), Some((workers, refresh)), Some(task))
+}
+
 /// Re-reads the config. A bad file is refused and the running config stays.
 fn reload(path: &Path, control_plane: &ControlPlane) {
     match DirectorConfig::load(path) {
@@ -248,8 +313,11 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
                 || new.control != old.control
                 || new.metrics != old.metrics
                 || new.name != old.name
+                || new.ha != old.ha
             {
-                warn!("listener, control, metrics and name settings change only on restart; services were reloaded");
+                warn!(
+                    "listener, control, metrics, name and [ha] settings change only on restart; services were reloaded"
+                );
             }
             control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");

@@ -24,12 +24,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod arp_watch;
 pub mod cmd;
+pub mod ha_pair;
 pub mod loadgen;
 pub mod netns;
 pub mod nginx;
 pub mod pki;
 pub mod process;
+pub mod tcp_streams;
+pub mod udp_probe;
 pub mod wait;
 
 #[cfg(test)]

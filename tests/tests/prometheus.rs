@@ -14,22 +14,10 @@ use anyhow::{Context, Result};
 use fulcrum_tests::{require_root, wait_until, workspace_bin, ChildGuard, Host, Pki, Testbed};
 use serde_json::Value;
 
-/// Metrics the dashboard shows that other branches add (HA, connection sync, health). Their panels cannot
-/// return data on a branch without them; the test lists those panels instead of failing. Empty this list once
-/// they are merged: from then on their panels must return data too. A metric listed here that IS exported
-/// fails the test, so the list cannot go stale.
-const METRICS_NOT_YET_EXPORTED: &[&str] = &[
-    "fulcrum_ha_state",
-    "fulcrum_ha_heartbeat_period_seconds",
-    "fulcrum_ha_peer_deadline_seconds",
-    "fulcrum_ha_failovers_total",
-    "fulcrum_sync_messages_sent_total",
-    "fulcrum_sync_messages_received_total",
-    "fulcrum_sync_messages_applied_total",
-    "fulcrum_sync_lag_seconds",
-    "fulcrum_server_health_up",
-    "fulcrum_health_transitions_total",
-];
+/// Metrics the dashboard shows that this test's lab cannot produce; their panels are listed rather than
+/// failed. A metric listed here that IS exported fails the test, so the list cannot go stale. Empty: every
+/// panel must return data.
+const METRICS_NOT_YET_EXPORTED: &[&str] = &[];
 
 const VIP: &str = "10.0.0.100";
 const PROMETHEUS: &str = "10.0.0.5:9090";
@@ -98,20 +86,30 @@ fn query(mon: &Host, expr: &str) -> Result<Value> {
     Ok(answer)
 }
 
-fn directors_config(pki: &Pki, work: &Path, name: &str, ip: &str, dataplane: bool) -> Result<PathBuf> {
+/// A member of the director pair: forwarding (DR), heartbeats (`[ha]`), connection sync (`[sync]`) and HTTP
+/// health checks, so that every metric family the dashboard reads is exported.
+fn directors_config(pki: &Pki, work: &Path, name: &str, ip: &str, peer: &str, node_id: u32) -> Result<PathBuf> {
+    let socket = work.join(format!("{name}.sock"));
+    let (ha_key, sync_key) = (work.join("ha.key"), work.join("sync.key"));
+    for (key, text) in
+        [(&ha_key, "prometheus test pair heartbeat key 0123"), (&sync_key, "prometheus test sync key 0123456789")]
+    {
+        std::fs::write(key, text)?;
+        std::fs::set_permissions(key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    }
     let mut text = format!(
-        "name = \"{name}\"\n\n[agents]\nlisten = \"{ip}:7946\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[metrics]\nlisten = \"{ip}:9469\"\n",
+        "name = \"{name}\"\n\n[agents]\nlisten = \"{ip}:7946\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[metrics]\nlisten = \"{ip}:9469\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = 1\nring_frames = 64\nconnection_capacity = 4096\n\n[ha]\nnode_id = {node_id}\npriority = {priority}\nkey_file = \"{ha_key}\"\ninit_hold_ms = 1000\n\n[[ha.path]]\nlocal = \"{ip}:7947\"\npeer = \"{peer}:7947\"\n\n[sync]\nlisten = \"{ip}:7950\"\npeer = \"{peer}:7950\"\nkey_file = \"{sync_key}\"\n",
         ca = pki.path("ca.pem").display(),
         cert = pki.path(&format!("{name}.pem")).display(),
         key = pki.path(&format!("{name}.key")).display(),
-        socket = work.join(format!("{name}.sock")).display(),
+        socket = socket.display(),
+        priority = 300 - 100 * node_id,
+        ha_key = ha_key.display(),
+        sync_key = sync_key.display(),
     );
-    if dataplane {
-        text.push_str(
-            "\n[dataplane]\ninterface = \"eth0\"\nworkers = 1\nring_frames = 64\nconnection_capacity = 4096\n",
-        );
-    }
-    text.push_str(&format!("\n[[service]]\nvip = \"{VIP}\"\nport = 80\nscheduler = \"rr\"\n"));
+    text.push_str(&format!(
+        "\n[[service]]\nvip = \"{VIP}\"\nport = 80\nscheduler = \"rr\"\n\n[service.health]\nkind = \"http\"\ninterval_ms = 500\ntimeout_ms = 400\nslow_start_s = 0\n"
+    ));
     for server in ["10.0.0.11", "10.0.0.12"] {
         text.push_str(&format!("\n[[service.server]]\naddress = \"{server}\"\nforward = \"dr\"\n"));
     }
@@ -163,9 +161,9 @@ fn every_dashboard_panel_query_parses_and_returns_data_from_real_prometheus() ->
         let nginx = host.start_nginx(80)?;
         servers.push((host, nginx, name, ip));
     }
-    // d1 forwards; d2 (no HA yet) only gathers reports, as a backup would.
-    let _d1 = spawn_director(&d1, &directors_config(&pki, work.path(), "d1", "10.0.0.2", true)?)?;
-    let _d2 = spawn_director(&d2, &directors_config(&pki, work.path(), "d2", "10.0.0.3", false)?)?;
+    // A pair: d1 (higher priority) becomes MASTER and forwards, d2 is its BACKUP receiving the sync stream.
+    let _d1 = spawn_director(&d1, &directors_config(&pki, work.path(), "d1", "10.0.0.2", "10.0.0.3", 1)?)?;
+    let _d2 = spawn_director(&d2, &directors_config(&pki, work.path(), "d2", "10.0.0.3", "10.0.0.2", 2)?)?;
     let mut agents = Vec::new();
     for (host, _, name, ip) in &servers {
         let config = work.path().join(format!("{name}.toml"));

@@ -11,6 +11,7 @@ use fulcrum_director::agents::AgentView;
 use fulcrum_director::config::{ForwardMethod, Protocol, RealServerConfig, Scheduler, DEFAULT_CONTROL_SOCKET};
 use fulcrum_director::control::{call, Request, Response};
 use fulcrum_director::control_plane::{Edit, ServiceKey, ServiceView};
+use fulcrum_director::ha::runtime::{state_name, HaCommand, HaView};
 use fulcrum_protocol::{ProbeFailure, ProbeOutcome, FULL_SCALE_BP};
 
 #[derive(Debug, Parser)]
@@ -44,6 +45,62 @@ enum Command {
     /// Add, edit, drain or delete a real server.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Connection sync with the peer director: connections up, records sent, received, applied, dropped.
+    Sync {
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The director pair: state, peer, heartbeats; hand mastership over or take it.
+    Ha {
+        #[command(subcommand)]
+        command: HaSubcommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HaSubcommand {
+    /// This director's state, its peer and the heartbeat counters.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take mastership (make-before-break) and keep it until `demote` or `release`.
+    Promote {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hand mastership to the peer (make-before-break) and stay BACKUP until `promote` or `release`.
+    Demote {
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a promotion or demotion: back to automatic behaviour.
+    Release {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl HaSubcommand {
+    fn command(&self) -> HaCommand {
+        match self {
+            HaSubcommand::Status { .. } => HaCommand::Status,
+            HaSubcommand::Promote { .. } => HaCommand::Promote,
+            HaSubcommand::Demote { .. } => HaCommand::Demote,
+            HaSubcommand::Release { .. } => HaCommand::Release,
+        }
+    }
+
+    fn json(&self) -> bool {
+        match self {
+            HaSubcommand::Status { json }
+            | HaSubcommand::Promote { json }
+            | HaSubcommand::Demote { json }
+            | HaSubcommand::Release { json } => *json,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -164,14 +221,35 @@ fn run(cli: Cli) -> Result<()> {
         Command::Agents { .. } => ask(Request::Agents)?,
         Command::Service(command) => ask(Request::Edit { edit: service_edit(command) })?,
         Command::Server(command) => ask(Request::Edit { edit: server_edit(command)? })?,
+        Command::Sync { .. } => ask(Request::Sync)?,
+        Command::Ha { command } => ask(Request::Ha { ha: command.command() })?,
     };
-    let json = matches!(cli.command, Command::List { json: true } | Command::Agents { json: true });
+    let json = match &cli.command {
+        Command::List { json } | Command::Agents { json } | Command::Sync { json } => *json,
+        Command::Ha { command } => command.json(),
+        Command::Service(_) | Command::Server(_) => false,
+    };
     match response {
         Response::Agents { agents } if json => println!("{}", serde_json::to_string_pretty(&agents)?),
         Response::Agents { agents } => print!("{}", agents_table(&agents)),
         Response::Services { services } if json => println!("{}", serde_json::to_string_pretty(&services)?),
         Response::Services { services } => print!("{}", services_table(&services)),
         Response::Done { message } => println!("{message}"),
+        Response::Sync { status } if json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Response::Sync { status } => println!(
+            "sync: sending {} receiving {}; records sent {} received {} applied {} dropped {}; full tables sent {} received {}; lag {:.3} s",
+            if status.sending_connected { "up" } else { "down" },
+            if status.receiving_connected { "up" } else { "down" },
+            status.records_sent,
+            status.records_received,
+            status.records_applied,
+            status.records_dropped,
+            status.full_tables_sent,
+            status.full_tables_received,
+            status.lag_seconds,
+        ),
+        Response::Ha { ha } if json => println!("{}", serde_json::to_string_pretty(&ha)?),
+        Response::Ha { ha } => print!("{}", ha_table(&ha)),
         Response::Error { message } => bail!("the director refused: {message}"),
     }
     Ok(())
@@ -232,7 +310,7 @@ fn services_table(services: &[ServiceView]) -> String {
     let mut out = format!("Fulcrum {} virtual servers\n", env!("CARGO_PKG_VERSION"));
     out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
     out.push_str(&format!(
-        "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8}\n",
+        "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8} {}\n",
         "RemoteAddress:Port",
         "Forward",
         "Weight",
@@ -241,7 +319,8 @@ fn services_table(services: &[ServiceView]) -> String {
         "InActConn",
         "CPU%",
         "Resp(ms)",
-        "Age(ms)"
+        "Age(ms)",
+        "Health"
     ));
     for service in services {
         let key = service.service;
@@ -260,7 +339,7 @@ fn services_table(services: &[ServiceView]) -> String {
         for server in &service.servers {
             let dash = || "-".to_string();
             out.push_str(&format!(
-                "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8}\n",
+                "  -> {:<22} {:<7} {:>6} {:>9} {:>10} {:>9} {:>6} {:>9} {:>8} {}\n",
                 format!("{}:{}", server.address, server.port),
                 forward_name(server.forward),
                 server.weight,
@@ -270,8 +349,110 @@ fn services_table(services: &[ServiceView]) -> String {
                 server.cpu_bp.map_or_else(dash, |bp| format!("{:.1}", f64::from(bp) / 100.0)),
                 server.response_time_us.map_or_else(dash, |us| format!("{:.2}", f64::from(us) / 1000.0)),
                 server.report_age_ms.map_or_else(dash, |ms| ms.to_string()),
+                server.health,
             ));
         }
+    }
+    out
+}
+
+fn ha_table(view: &HaView) -> String {
+    let status = &view.status;
+    let ms = |d: std::time::Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    let mut manual = Vec::new();
+    if status.demoted {
+        manual.push("demoted");
+    }
+    if status.promoted {
+        manual.push("promoted");
+    }
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<6} {:>8} {:>8} {:<7} {:<8} {:>10} {:>9} {:<9} {}\n",
+        "Node", "NodeId", "Priority", "State", "Serving", "Period(ms)", "Tolerance", "Manual", "Boot"
+    ));
+    out.push_str(&format!(
+        "{:<6} {:>8} {:>8} {:<7} {:<8} {:>10} {:>9} {:<9} {:016x}\n",
+        "self",
+        status.node_id,
+        status.priority,
+        state_name(status.state).to_uppercase(),
+        if view.serving { "yes" } else { "no" },
+        ms(status.period),
+        status.tolerance,
+        if manual.is_empty() { "-".to_string() } else { manual.join(",") },
+        status.boot_id,
+    ));
+    match &status.peer {
+        Some(peer) => {
+            let mut flags = Vec::new();
+            if peer.demoted {
+                flags.push("demoted");
+            }
+            if peer.promoted {
+                flags.push("promoted");
+            }
+            out.push_str(&format!(
+                "{:<6} {:>8} {:>8} {:<7} {:<8} {:>10} {:>9} {:<9} {:016x}\n",
+                "peer",
+                peer.node_id,
+                peer.priority,
+                state_name(peer.state).to_uppercase(),
+                if peer.alive { "alive" } else { "dead" },
+                ms(peer.period),
+                peer.tolerance,
+                if flags.is_empty() { "-".to_string() } else { flags.join(",") },
+                peer.boot_id,
+            ));
+            out.push_str(&format!(
+                "peer deadline {} ms after its last heartbeat, jitter {:.2} ms, {} heartbeats received\n",
+                ms(peer.deadline),
+                peer.jitter_us as f64 / 1000.0,
+                peer.received
+            ));
+        }
+        None => out.push_str("peer   never heard\n"),
+    }
+    let c = &status.counters;
+    out.push_str(&format!(
+        "heartbeats sent {} received {} rejected {}; transitions {} failovers {} peer lost {}\n",
+        c.sent,
+        c.received,
+        c.rejected.total(),
+        c.transitions,
+        c.failovers,
+        c.peer_lost
+    ));
+    let r = &c.rejected;
+    if r.total() > 0 {
+        out.push_str(&format!(
+            "rejected: bad_mac {} replayed {} duplicate {} stale_boot {} unverified_boot {} bad_length {} \
+             bad_version {} malformed {} own_node_id {} bad_path {}\n",
+            r.bad_mac,
+            r.replayed,
+            r.duplicate,
+            r.stale_boot,
+            r.unverified_boot,
+            r.bad_length,
+            r.bad_version,
+            r.malformed,
+            r.own_node_id,
+            r.bad_path
+        ));
+    }
+    out.push_str(&format!(
+        "reported loss {:.2}%{}; tiebreaker checks {} (unreachable {}); send errors {}\n",
+        status.reported_loss * 100.0,
+        if status.degraded { " (degraded: faster heartbeats)" } else { "" },
+        view.shell.tiebreaker_checks,
+        view.shell.tiebreaker_unreachable,
+        view.shell.send_errors
+    ));
+    for path in &view.paths {
+        out.push_str(&format!("path {path}\n"));
+    }
+    if !view.tiebreakers.is_empty() {
+        out.push_str(&format!("tiebreakers {}\n", view.tiebreakers.join(" ")));
     }
     out
 }

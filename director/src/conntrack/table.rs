@@ -951,7 +951,13 @@ impl ConnTable {
 
     /// Live entries from slab slot `start` on.
     pub fn iter_from(&self, start: usize) -> Iter<'_> {
-        Iter { entries: &self.entries, next: start }
+        self.iter_range(start, self.entries.len())
+    }
+
+    /// Live entries in slab slots `start..end`: a bounded step of a walk (a full-table dump, a refresh),
+    /// however empty the table is there.
+    pub fn iter_range(&self, start: usize, end: usize) -> Iter<'_> {
+        Iter { entries: &self.entries[..end.min(self.entries.len())], next: start }
     }
 
     /// Removes every entry of `server` in `service` (`ipvsadm --purge`-like) and reports each. Scans the

@@ -16,7 +16,7 @@
 //! - Anything else is not ours: the kernel has its own copy, the engine ignores it.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,10 +30,14 @@ use crate::config::{ForwardMethod, TimeoutsConfig};
 use crate::conntrack::{self, ConnTable, Direction, InsertError, Tick, Timeouts};
 use crate::flow::{FlowV4, Proto, ServerIndex};
 use crate::sched::{server_key, PersistenceTable, PickInput, SchedulerOptions, SchedulerState, ServerView};
+use crate::sync::RecordKind;
 use crate::wire::{
     self, checksum, emit_frag_needed, emit_gratuitous, emit_reply, ip_protocol, ArpOperation, ArpPacket, ChecksumState,
     EthernetAddress, GarpTarget, Ipv4Packet, ParsedV4, TcpPacket, UdpPacket, VnetHeader,
 };
+
+#[path = "engine_sync.rs"]
+mod sync_hooks;
 
 /// Persistence templates per service and worker.
 const PERSISTENCE_CAPACITY: usize = 1 << 16;
@@ -82,11 +86,16 @@ pub struct Engine {
     /// Whether this director serves its VIPs (answers ARP, forwards); false on a standby.
     serving: Arc<AtomicBool>,
     was_serving: bool,
+    /// Bumped by `Dataplane::announce`: a new value while serving re-sends the gratuitous-ARP burst.
+    announce: Arc<AtomicU64>,
+    announced: u64,
     epoch: Instant,
     garps_left: u32,
     next_garp: Instant,
     next_arp_probe: Instant,
     last_probe: Vec<Instant>,
+    /// Connection sync with the peer director, when configured.
+    sync: Option<sync_hooks::EngineSync>,
 }
 
 fn timeouts(config: &TimeoutsConfig) -> Timeouts {
@@ -124,15 +133,24 @@ impl Engine {
             counters,
             serving,
             was_serving: false,
+            announce: Arc::new(AtomicU64::new(0)),
+            announced: 0,
             epoch: now,
             garps_left: 0,
             next_garp: now,
             next_arp_probe: now,
             last_probe: Vec::new(),
+            sync: None,
             config,
         };
         engine.adopt(snapshot);
         Ok(engine)
+    }
+
+    /// Watches `generation` (shared with `Dataplane::announce`): each change re-announces every VIP.
+    pub fn watch_announcements(&mut self, generation: Arc<AtomicU64>) {
+        self.announced = generation.load(Ordering::Relaxed);
+        self.announce = generation;
     }
 
     fn tick(&self, now: Instant) -> Tick {
@@ -235,6 +253,8 @@ impl Engine {
             );
             view.active = state.active();
             view.inactive = state.inactive();
+            view.response_time_norm = state.response_time_norm.load(Ordering::Relaxed);
+            view.cpu_norm = state.cpu_norm.load(Ordering::Relaxed);
             runtime.views.push(view);
         }
         let input =
@@ -278,6 +298,7 @@ impl Engine {
         let tick = self.tick(now);
         let flags = tcp_flags.unwrap_or(wire::TcpFlags::NONE);
         let mut handle = self.conns.lookup_forward(&flow);
+        let mut created = None;
         if let Some(h) = handle {
             let (_, server) = self.conns.server(h);
             if self.snapshot.server(server).is_none() {
@@ -317,6 +338,7 @@ impl Engine {
                         {
                             mac.copy_from_slice(src);
                         }
+                        created = Some((service, id));
                         h
                     }
                     Err(InsertError::Full) => return self.refuse(DropReason::TableFull),
@@ -325,6 +347,12 @@ impl Engine {
             }
         };
         let change = self.conns.on_packet(handle, Direction::Input, flags, tick);
+        if let Some((service, server)) = created {
+            self.sync_connection(handle, RecordKind::New, tick);
+            self.sync_template(service, flow.src, server);
+        } else if change.old != change.new {
+            self.sync_connection(handle, RecordKind::Update, tick);
+        }
         let (_, id) = self.conns.server(handle);
         // Borrowed, not cloned: cloning the entry would touch its Arc's count, a cache line all workers share.
         let Some(server) = self.snapshot.server(id) else { return self.refuse(DropReason::ServerGone) };
@@ -379,6 +407,9 @@ impl Engine {
             return self.refuse(DropReason::ServerGone);
         }
         let change = self.conns.on_packet(handle, Direction::Output, flags, tick);
+        if change.old != change.new {
+            self.sync_connection(handle, RecordKind::Update, tick);
+        }
         if let Some(server) = self.snapshot.server(info.server) {
             self.count_state(server, change);
         }
@@ -565,12 +596,14 @@ impl Engine {
 
     fn arp_duties(&mut self, now: Instant, scratch: &mut Scratch) {
         let serving = self.serving();
-        if serving && !self.was_serving {
-            // Just started serving: announce every VIP.
+        let generation = self.announce.load(Ordering::Relaxed);
+        if serving && (!self.was_serving || generation != self.announced) {
+            // Just started serving, or asked to announce again: announce every VIP.
             self.garps_left = self.config.garp_count;
             self.next_garp = now;
         }
         self.was_serving = serving;
+        self.announced = generation;
         if serving && self.garps_left > 0 && now >= self.next_garp {
             for vip in self.snapshot.vips.clone() {
                 let Some((index, buffer)) = scratch.take() else { break };
@@ -670,20 +703,8 @@ impl PacketHandler for Engine {
             self.arp_duties(now, scratch);
         }
         let tick = self.tick(now);
-        let worker = self.config.worker;
-        let snapshot = Arc::clone(&self.snapshot);
-        let mut expired = 0u64;
-        self.conns.expire(tick, EXPIRE_BUDGET, |gone| {
-            expired += 1;
-            if let Some(server) = snapshot.server(gone.server) {
-                let slot = &server.state.workers[worker];
-                if gone.is_active() {
-                    slot.active.fetch_sub(1, Ordering::Relaxed);
-                } else {
-                    slot.inactive.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-        });
+        let expired = self.expire_and_sync(tick, EXPIRE_BUDGET);
+        self.sync_poll(now, tick);
         self.counters.connections_expired.fetch_add(expired, Ordering::Relaxed);
         self.counters.table_entries.store(self.conns.len() as u64, Ordering::Relaxed);
     }

@@ -48,6 +48,8 @@ fn service(forward: ForwardMethod, weights: &[u32], scheduler: Scheduler) -> Ser
         scheduler,
         persistence_s: 0,
         sloppy: false,
+        feedback: Default::default(),
+        health: Default::default(),
         servers: weights
             .iter()
             .enumerate()
@@ -515,4 +517,168 @@ fn a_purged_server_loses_its_connections() {
     rig.engine.poll(rig.now, &mut scratch);
     assert_eq!(rig.handle(&mut ack_from_client(40000)).0, Verdict::Drop);
     assert_eq!(rig.dropped(DropReason::NoConnection), 1);
+}
+
+#[test]
+fn an_announcement_resends_the_gratuitous_arp_burst_only_while_serving() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1], Scheduler::Rr)], 64);
+    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    rig.engine.watch_announcements(Arc::clone(&generation));
+    let garps = |rig: &Rig| rig.counters.garps.load(Ordering::Relaxed);
+    // The start-up burst: garp_count (2) rounds, 100 ms apart.
+    for step in 0..4 {
+        rig.engine.poll(rig.now + Duration::from_millis(100 * step), &mut Scratch::new());
+    }
+    assert_eq!(garps(&rig), 2);
+    generation.fetch_add(1, Ordering::Relaxed);
+    for step in 4..8 {
+        rig.engine.poll(rig.now + Duration::from_millis(100 * step), &mut Scratch::new());
+    }
+    assert_eq!(garps(&rig), 4, "one more burst per announcement");
+    rig.serving.store(false, Ordering::Relaxed);
+    generation.fetch_add(1, Ordering::Relaxed);
+    for step in 8..12 {
+        rig.engine.poll(rig.now + Duration::from_millis(100 * step), &mut Scratch::new());
+    }
+    assert_eq!(garps(&rig), 4, "a standby never announces");
+}
+
+// ----- connection sync: what a worker emits, and how the peer's worker installs it -----
+
+mod sync {
+    use super::*;
+    use crate::conntrack::ConnState;
+    use crate::sync::{hub, RecordKind, SyncRecord, TaskPorts};
+
+    /// A rig whose engine is attached to sync, with the task's ends of its rings.
+    fn synced_rig(forward: ForwardMethod, persistence_s: u32, serving: bool) -> (Rig, TaskPorts) {
+        let mut config = service(forward, &[1, 1], Scheduler::Rr);
+        config.persistence_s = persistence_s;
+        let mut rig = Rig::new(&[config], 64);
+        let (_, mut ports, task) = hub(1, 1024);
+        rig.engine.attach_sync(ports.remove(0), Duration::from_secs(60), rig.now);
+        rig.serving.store(serving, Ordering::Relaxed);
+        (rig, task)
+    }
+
+    fn sent(task: &mut TaskPorts) -> Vec<SyncRecord> {
+        std::iter::from_fn(|| task.outgoing[0].pop()).collect()
+    }
+
+    fn deliver(rig: &mut Rig, task: &mut TaskPorts, records: &[SyncRecord]) {
+        for record in records {
+            task.incoming[0].push(*record).expect("room");
+        }
+        let mut scratch = Scratch::new();
+        rig.engine.poll(rig.now, &mut scratch);
+    }
+
+    fn active_inactive(rig: &Rig) -> (u32, u32) {
+        let table = rig.table.load();
+        let servers = table.servers.iter().flatten();
+        servers.fold((0, 0), |(a, i), s| (a + s.state.active(), i + s.state.inactive()))
+    }
+
+    #[test]
+    fn a_standby_takes_over_a_nat_connection_it_only_heard_of() {
+        let (mut active, mut active_task) = synced_rig(ForwardMethod::Nat, 0, true);
+        let (mut standby, mut standby_task) = synced_rig(ForwardMethod::Nat, 0, false);
+
+        let mut syn = syn_from_client(40000);
+        assert!(matches!(active.handle(&mut syn).0, Verdict::Transmit { .. }));
+        let server = ip_of(&syn).dst_addr();
+        let mut syn_ack = tcp_frame(server_mac(1), server, 8080, CLIENT, 40000, TcpFlags::SYN | TcpFlags::ACK, &[]);
+        active.handle(&mut syn_ack);
+        active.handle(&mut ack_from_client(40000));
+        let records = sent(&mut active_task);
+        let kinds: Vec<_> = records.iter().map(|r| (r.kind, r.state)).collect();
+        assert_eq!(kinds.first(), Some(&(RecordKind::New, ConnState::SynRecv)), "{kinds:?}");
+        assert_eq!(kinds.last(), Some(&(RecordKind::Update, ConnState::Established)), "{kinds:?}");
+        let last = records.last().unwrap();
+        assert_eq!((last.client, last.client_port, last.server, last.server_port), (CLIENT, 40000, server, 8080));
+        assert_eq!(last.client_mac, CLIENT_MAC);
+
+        deliver(&mut standby, &mut standby_task, &records);
+        assert_eq!(active_inactive(&standby), (1, 0), "the standby counts the connection as active");
+        assert!(sent(&mut standby_task).is_empty(), "a standby emits nothing");
+        // Not serving: the standby leaves the traffic alone.
+        assert_eq!(standby.handle(&mut ack_from_client(40000)).0, Verdict::Ignore);
+
+        // Failover: the standby serves; the next data packet and the server's reply find the connection.
+        standby.serving.store(true, Ordering::Relaxed);
+        let mut data = ack_from_client(40000);
+        assert!(matches!(standby.handle(&mut data).0, Verdict::Transmit { .. }));
+        assert_eq!((ip_of(&data).dst_addr(), tcp_of(&data).dst_port()), (server, 8080), "same server");
+        assert_checksums_valid(&data);
+        let mut reply = tcp_frame(server_mac(1), server, 8080, CLIENT, 40000, TcpFlags::ACK, b"HTTP/1.1 200 OK\r\n");
+        assert!(matches!(standby.handle(&mut reply).0, Verdict::Transmit { .. }));
+        assert_eq!((ip_of(&reply).src_addr(), tcp_of(&reply).src_port()), (VIP, 80));
+        assert_eq!(&reply[VNET_HDR_LEN..VNET_HDR_LEN + 6], &CLIENT_MAC, "back to the client's MAC it heard of");
+        assert_eq!(standby.dropped(DropReason::NoConnection), 0);
+    }
+
+    #[test]
+    fn closes_remove_the_peers_copy_and_keep_its_counters_right() {
+        let (mut active, mut active_task) = synced_rig(ForwardMethod::Dr, 0, true);
+        let (mut standby, mut standby_task) = synced_rig(ForwardMethod::Dr, 0, false);
+        for port in [40000, 40001, 40002] {
+            active.handle(&mut syn_from_client(port));
+        }
+        deliver(&mut standby, &mut standby_task, &sent(&mut active_task));
+        assert_eq!(active_inactive(&standby), (0, 3));
+        // The SYN_RECV timeout (60 s) passes on the active: three closes.
+        active.now += Duration::from_secs(61);
+        let mut scratch = Scratch::new();
+        active.engine.poll(active.now, &mut scratch);
+        let closes = sent(&mut active_task);
+        assert_eq!(closes.iter().filter(|r| r.kind == RecordKind::Closed).count(), 3, "{closes:?}");
+        deliver(&mut standby, &mut standby_task, &closes);
+        assert_eq!(active_inactive(&standby), (0, 0));
+        assert_eq!(standby.counters.table_entries.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_full_table_request_dumps_every_connection_and_templates_follow_new_connections() {
+        let (mut active, mut active_task) = synced_rig(ForwardMethod::Dr, 300, true);
+        for port in 40000..40010 {
+            active.handle(&mut syn_from_client(port));
+        }
+        let records = sent(&mut active_task);
+        assert_eq!(records.iter().filter(|r| r.kind == RecordKind::New).count(), 10);
+        let templates: Vec<_> = records.iter().filter(|r| r.kind == RecordKind::Template).collect();
+        assert_eq!(templates.len(), 10);
+        assert_eq!((templates[0].client, templates[0].remaining_ms), (CLIENT, 300_000));
+
+        // A restarted peer asks for everything: the workers walk their tables.
+        let shared = Arc::clone(&active_task.shared);
+        shared.dump_generation.store(1, Ordering::Release);
+        let mut scratch = Scratch::new();
+        active.engine.poll(active.now, &mut scratch);
+        assert!(shared.dump_finished(1));
+        let dump = sent(&mut active_task);
+        assert_eq!(dump.len(), 10);
+        assert!(dump.iter().all(|r| r.kind == RecordKind::Update && r.state == ConnState::SynRecv));
+
+        // The restarted peer installs them, and its templates send the client to the same server.
+        let (mut peer, mut peer_task) = synced_rig(ForwardMethod::Dr, 300, false);
+        deliver(&mut peer, &mut peer_task, &records);
+        assert_eq!(active_inactive(&peer), (0, 10));
+        peer.serving.store(true, Ordering::Relaxed);
+        let server = dump[0].server;
+        for port in 41000..41004 {
+            let mut syn = syn_from_client(port);
+            assert!(matches!(peer.handle(&mut syn).0, Verdict::Transmit { .. }));
+            assert_eq!(&syn[VNET_HDR_LEN..VNET_HDR_LEN + 6], &server_mac(server.octets()[3] - 10), "sticky");
+        }
+    }
+
+    #[test]
+    fn records_for_unknown_services_are_counted_not_installed() {
+        let (mut standby, mut task) = synced_rig(ForwardMethod::Dr, 0, false);
+        let mut record = crate::sync::record::sample(RecordKind::New, 5, ConnState::Established);
+        record.vip_port = 443;
+        deliver(&mut standby, &mut task, &[record]);
+        assert_eq!(task.shared.dropped(crate::sync::SyncDrop::UnknownService), 1);
+        assert_eq!(active_inactive(&standby), (0, 0));
+    }
 }

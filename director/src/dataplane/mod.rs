@@ -17,7 +17,7 @@ pub mod table;
 pub mod worker;
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +31,8 @@ use counters::WorkerCounters;
 use engine::{Engine, EngineConfig};
 use table::ServiceTable;
 
+use crate::sync::WorkerPort;
+
 /// The running workers.
 pub struct Dataplane {
     stop: Arc<AtomicBool>,
@@ -38,6 +40,8 @@ pub struct Dataplane {
     pub counters: Vec<Arc<WorkerCounters>>,
     /// Whether this director serves its VIPs: answers ARP and forwards (false on a standby).
     pub serving: Arc<AtomicBool>,
+    /// Generation the engines watch: [`Dataplane::announce`] bumps it to re-send gratuitous ARPs.
+    announce: Arc<AtomicU64>,
     steering: SteeringHandle,
     workers: u32,
     steered_vips: Mutex<Vec<Ipv4Addr>>,
@@ -46,6 +50,21 @@ pub struct Dataplane {
 impl Dataplane {
     /// Opens one ring per worker on the interface, joined in one fanout group, and starts the workers.
     pub fn start(config: &DataplaneConfig, table: Arc<ArcSwap<ServiceTable>>, serving: bool) -> Result<Dataplane> {
+        Self::start_with_sync(config, table, serving, None)
+    }
+
+    /// [`start`](Self::start), with each worker connected to connection sync: one [`WorkerPort`] per worker
+    /// (from [`crate::sync::hub`]) and the refresh period.
+    pub fn start_with_sync(
+        config: &DataplaneConfig,
+        table: Arc<ArcSwap<ServiceTable>>,
+        serving: bool,
+        sync: Option<(Vec<WorkerPort>, Duration)>,
+    ) -> Result<Dataplane> {
+        let (mut sync_ports, refresh) = match sync {
+            Some((ports, refresh)) => (ports.into_iter(), refresh),
+            None => (Vec::new().into_iter(), Duration::ZERO),
+        };
         let interface = &config.interface;
         let vips = table.load().vips.clone();
         netif::check_kernel_hands_off(interface, &vips)?;
@@ -57,6 +76,7 @@ impl Dataplane {
         let ring_config = RingConfig { frame_count: config.ring_frames, ..RingConfig::default() };
         let stop = Arc::new(AtomicBool::new(false));
         let serving = Arc::new(AtomicBool::new(serving));
+        let announce = Arc::new(AtomicU64::new(0));
         let now = Instant::now();
         let mut threads = Vec::new();
         let mut all_counters = Vec::new();
@@ -82,6 +102,10 @@ impl Dataplane {
             };
             let mut engine =
                 Engine::new(engine_config, Arc::clone(&table), Arc::clone(&counters), Arc::clone(&serving), now)?;
+            if let Some(port) = sync_ports.next() {
+                engine.attach_sync(port, refresh, now);
+            }
+            engine.watch_announcements(Arc::clone(&announce));
             let (stop, thread_counters) = (Arc::clone(&stop), Arc::clone(&counters));
             let thread = std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{worker}"))
@@ -96,6 +120,7 @@ impl Dataplane {
             threads,
             counters: all_counters,
             serving,
+            announce,
             steering: steering.context("no worker")?,
             workers: config.workers,
             steered_vips: Mutex::new(vips),
@@ -117,6 +142,11 @@ impl Dataplane {
 
     pub fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Re-sends the gratuitous-ARP burst for every VIP (when serving): a MASTER re-announcing itself.
+    pub fn announce(&self) {
+        self.announce.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stops and joins the workers.

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,66 @@ pub struct ServerState {
     pub effective_weight: AtomicU32,
     /// The server's MAC as a big-endian u48 in a u64; 0 while unresolved.
     pub mac: AtomicU64,
+    /// `df`'s response-time term T and load term L (`sched::ServerView`), written by the feedback task.
+    pub response_time_norm: AtomicU32,
+    pub cpu_norm: AtomicU32,
+    /// A [`Health`] as u8, written by the feedback task, read by `fulcrumctl list` and the metrics.
+    pub health: AtomicU8,
     pub workers: Box<[WorkerServerSlot]>,
+}
+
+/// A server's health as the feedback task last published it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// No health signal configured for its service: always serving.
+    Unchecked = 0,
+    Up = 1,
+    /// Serving, weight ramping up.
+    SlowStart = 2,
+    /// Failed (or not yet proven healthy): quiesced, weight 0.
+    Down = 3,
+    /// Healthy again, held back by flap damping.
+    HeldDown = 4,
+    /// Failed with `on_failure = "remove"`: out of scheduling.
+    Removed = 5,
+    /// A sorry server while the quorum is met: idle.
+    SorryStandby = 6,
+    /// A sorry server taking the service's new connections.
+    SorryActive = 7,
+}
+
+impl Health {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Health::Unchecked => "unchecked",
+            Health::Up => "up",
+            Health::SlowStart => "slow-start",
+            Health::Down => "down",
+            Health::HeldDown => "held-down",
+            Health::Removed => "removed",
+            Health::SorryStandby => "sorry-standby",
+            Health::SorryActive => "sorry-active",
+        }
+    }
+
+    /// Whether the server takes new connections.
+    pub const fn is_serving(self) -> bool {
+        matches!(self, Health::Unchecked | Health::Up | Health::SlowStart | Health::SorryActive)
+    }
+
+    pub const fn from_u8(raw: u8) -> Health {
+        match raw {
+            1 => Health::Up,
+            2 => Health::SlowStart,
+            3 => Health::Down,
+            4 => Health::HeldDown,
+            5 => Health::Removed,
+            6 => Health::SorryStandby,
+            7 => Health::SorryActive,
+            _ => Health::Unchecked,
+        }
+    }
 }
 
 impl ServerState {
@@ -44,6 +103,9 @@ impl ServerState {
         ServerState {
             effective_weight: AtomicU32::new(weight),
             mac: AtomicU64::new(0),
+            response_time_norm: AtomicU32::new(0),
+            cpu_norm: AtomicU32::new(0),
+            health: AtomicU8::new(Health::Unchecked as u8),
             workers: (0..workers).map(|_| WorkerServerSlot::default()).collect(),
         }
     }
@@ -58,6 +120,10 @@ impl ServerState {
 
     pub fn sum(&self, field: impl Fn(&WorkerServerSlot) -> &AtomicU64) -> u64 {
         self.workers.iter().map(|w| field(w).load(Ordering::Relaxed)).fold(0, u64::saturating_add)
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
     }
 
     pub fn mac(&self) -> Option<[u8; 6]> {
@@ -88,6 +154,8 @@ pub struct ServerEntry {
     pub configured_weight: u32,
     /// Removed from its service without `--purge`: no new connections, existing ones continue.
     pub retired: bool,
+    /// The service's sorry server (`[service.health] sorry_server`): weight 0 until the quorum is lost.
+    pub sorry: bool,
     pub state: Arc<ServerState>,
 }
 
@@ -100,7 +168,7 @@ pub struct ServiceEntry {
     pub scheduler: Scheduler,
     pub persistence: Duration,
     pub sloppy: bool,
-    /// Stable ids of its servers, in configuration order.
+    /// Stable ids of its servers, in configuration order, then its sorry server if it has one.
     pub servers: Vec<ServerIndex>,
 }
 
@@ -165,22 +233,24 @@ impl TableBuilder {
                 Protocol::Tcp => Proto::Tcp,
                 Protocol::Udp => Proto::Udp,
             };
-            let mut ids = Vec::with_capacity(service.servers.len());
-            for server in &service.servers {
-                let IpAddr::V4(address) = server.address else { continue };
-                let port = server.port_for(service);
+            let mut ids = Vec::with_capacity(service.servers.len() + 1);
+            let real = service.servers.iter().map(|s| (s.address, s.port_for(service), s.weight, s.forward, false));
+            let sorry = service.health.sorry_server.map(|a| (a.ip(), a.port(), 0, service.health.sorry_forward, true));
+            for (address, port, weight, forward, sorry) in real.chain(sorry) {
+                let IpAddr::V4(address) = address else { continue };
                 let key = (vip, service.port, proto, address, port);
                 let next_id = table.servers.len() as ServerIndex;
                 let id = *self.ids.entry(key).or_insert(next_id);
                 let state = match table.servers.get(id as usize).and_then(Option::as_ref) {
                     Some(existing) => {
-                        if existing.configured_weight != server.weight || existing.retired {
-                            // A changed configured weight resets what the scheduler uses.
-                            existing.state.effective_weight.store(server.weight, Ordering::Relaxed);
+                        if existing.configured_weight != weight || existing.retired {
+                            // A changed configured weight resets what the scheduler uses (the feedback task
+                            // recomputes it at once).
+                            existing.state.effective_weight.store(weight, Ordering::Relaxed);
                         }
                         Arc::clone(&existing.state)
                     }
-                    None => Arc::new(ServerState::new(server.weight, self.workers)),
+                    None => Arc::new(ServerState::new(weight, self.workers)),
                 };
                 let entry = ServerEntry {
                     vip,
@@ -188,9 +258,10 @@ impl TableBuilder {
                     proto,
                     address,
                     port,
-                    forward: server.forward,
-                    configured_weight: server.weight,
+                    forward,
+                    configured_weight: weight,
                     retired: false,
+                    sorry,
                     state,
                 };
                 if id as usize == table.servers.len() {
@@ -246,6 +317,8 @@ mod tests {
             scheduler: Scheduler::Wlc,
             persistence_s: 0,
             sloppy: false,
+            feedback: Default::default(),
+            health: Default::default(),
             servers: servers
                 .iter()
                 .map(|(address, weight)| RealServerConfig {

@@ -271,6 +271,11 @@ impl Ha {
             if p.alive && now >= p.deadline {
                 p.alive = false;
                 self.counters.peer_lost += 1;
+                if self.state == State::Master {
+                    // The peer may be taking over right now: learn at once whether we should stand down
+                    // (FAULT), rather than one tiebreaker interval later with both serving meanwhile.
+                    self.next_tb_check = Some(now);
+                }
             }
         }
         if let Some(asked) = self.tb_asked {
@@ -435,9 +440,13 @@ impl Ha {
             let gap = i64::try_from(now.saturating_duration_since(p.last_arrival).as_micros()).unwrap_or(i64::MAX);
             let steps = hb.seq - p.last_seq;
             let prev = i64::try_from(p.period.as_micros()).unwrap_or(i64::MAX);
-            if steps <= 4 {
+            // Only lateness is jitter here: the margin protects the deadline, which an early heartbeat
+            // never threatens, and heartbeats are early by design when the sender triggers one (a state
+            // change, an echo) or shortens its period at once under load. Counting those would stretch the
+            // deadline by up to 4 · P / 16 exactly when load arrives and failover should be fastest.
+            if steps <= 4 && period == p.period {
                 let expected = prev.saturating_mul(steps as i64);
-                let dev = (gap.saturating_sub(expected)).saturating_abs().min(prev);
+                let dev = gap.saturating_sub(expected).clamp(0, prev);
                 jitter_us += (dev - jitter_us) / JITTER_GAIN;
             }
         }

@@ -32,12 +32,15 @@
 //!
 //! ```text
 //! deadline = t + (n + 1) · max(P, P') + max(margin_min, 4 · J)
-//! J ← J + (|gap − s · P_prev| − J) / 16        (RFC 3550-style jitter, per accepted heartbeat)
+//! J ← J + (max(0, gap − s · P_prev) − J) / 16   (RFC 3550-style, lateness only, per accepted heartbeat)
 //! ```
 //!
 //! where `gap` is the inter-arrival time since the previous accepted heartbeat, `s` the sequence-number
 //! difference (lost heartbeats in between) and `P_prev` the period the *previous* heartbeat advertised (the
-//! one that governed this gap, so a period change never pollutes `J`). Defaults: `n = 3` (three consecutive
+//! one that governed this gap). A heartbeat advertising another period than the previous one is not
+//! sampled, and early arrivals count as zero: the margin protects the deadline, which only lateness
+//! threatens, and heartbeats are early by design when triggered (state change, echo) or when the sender
+//! shortens its period at once under load — counting them stretched the deadline exactly then. Defaults: `n = 3` (three consecutive
 //! losses are ridden out, the fourth fails over), `margin_min = 3 ms`. The peer is declared dead when the
 //! deadline passes; with the high-load period of 20 ms that is 3·20 + latency + 3 ms to 4·20 + latency +
 //! 3 ms after the peer's death (about 63..83 ms on a LAN).
@@ -74,7 +77,8 @@
 //! - No live peer (deadline passed, or INIT hold over) → take over.
 //! - Taking over always first emits [`Action::CheckTiebreaker`]; `tiebreaker_result(reachable = true)`
 //!   completes it, `false` (or no answer within `tiebreaker_timeout`) goes to FAULT instead.
-//! - MASTER without a live peer re-checks the tiebreaker every `tiebreaker_interval`; unreachable → FAULT.
+//! - MASTER without a live peer checks the tiebreaker at once when the peer's deadline passes, then every
+//!   `tiebreaker_interval`; unreachable → FAULT.
 //!   FAULT re-checks at the same interval and leaves FAULT when reachable.
 //! - Two MASTERs that hear each other: the lower rank steps down at once (BACKUP), the winner emits
 //!   [`Action::SendGratuitousArp`] and a heartbeat immediately. A MASTER that hears its peer again after
@@ -107,6 +111,7 @@
 
 mod machine;
 pub mod packet;
+pub mod runtime;
 
 #[cfg(test)]
 mod tests;

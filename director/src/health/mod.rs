@@ -41,6 +41,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+pub mod checker;
 pub mod quorum;
 
 #[cfg(test)]

@@ -639,3 +639,19 @@ fn a_peer_that_does_not_echo_our_boot_is_not_trusted_until_it_does() {
     b.handle_datagram(now, 0, &hb2.encode(KEY));
     assert_eq!(b.status().peer.unwrap().boot_id, 9);
 }
+
+/// Load arriving shortens the MASTER's period at once; that early heartbeat is not jitter, so the
+/// BACKUP's deadline drops to about (n + 1) · P_min + margin_min right away (failover is fastest exactly
+/// when load arrives).
+#[test]
+fn shortening_the_period_does_not_count_as_jitter() {
+    let mut p = settled(3);
+    p.run_for(secs(3));
+    let before = p.nodes[1].ha.status().peer.expect("the BACKUP hears the MASTER").jitter_us;
+    set_load(&mut p, 0, HIGH);
+    p.run_for(ms(300));
+    let peer = p.nodes[1].ha.status().peer.expect("the BACKUP hears the MASTER");
+    assert_eq!(peer.period, ms(20));
+    assert!(peer.jitter_us <= before, "jitter {} us after the period change, {before} us before", peer.jitter_us);
+    assert!(peer.deadline <= ms(4 * 20 + 10), "deadline {:?}", peer.deadline);
+}

@@ -1,0 +1,403 @@
+//! Dynamic feedback and health checks, wired into the running director.
+//!
+//! [`FeedbackCore`] is pure: it holds, per service, the feedback [`Blender`], one [`HealthState`] per real server
+//! and the [`ServiceQuorum`], and at every [`FeedbackCore::tick`] turns the agents' reports, the data plane's
+//! connection counts, the health-check results recorded since and the time into the numbers the data plane
+//! schedules with, stored in each server's [`ServerState`] atomics. [`spawn`] is the thin tokio shell around it:
+//! a timer, the configuration watch, the health checkers' results (`crate::health::checker`), logging and
+//! metrics.
+//!
+//! # The effective weight: one place decides it
+//!
+//! ```text
+//! full      = feedback on ? blender weight (configured when reports are missing or stale, 0 when down)
+//!                          : configured weight
+//! effective = health serving ? full (ramped from 1 to full during slow start) : 0
+//! below quorum with a sorry server: every real server 0, the sorry server 1
+//! ```
+//!
+//! `df`'s `T` and `L` terms come from the blender too (0 with feedback off), so `df` and `wlc` differ exactly by
+//! the feedback. Everything is recomputed every `period_ms` (the shortest of the services'), and at once after
+//! a health-check result or a configuration change.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::agents::{AgentLatest, AgentRegistry};
+use crate::config::{DirectorConfig, FeedbackSettings, HealthCheckKind, HealthSettings, OnFailure, Protocol};
+use crate::control_plane::{ControlPlane, ServiceKey};
+use crate::dataplane::table::{Health, ServerEntry, ServerState, ServiceTable};
+use crate::feedback::{Blender, RejectReason, ReportInput, ServerInput};
+use crate::flow::Proto;
+use crate::health::checker::{self, CheckOutcome, CheckSpec};
+use crate::health::quorum::{QuorumConfig, QuorumTransition, Routing, ServiceQuorum};
+use crate::health::{CheckResult, HealthState, HealthStatus, Transition};
+use crate::sched::server_key;
+
+/// Something worth a log line and a counter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Health { service: ServiceKey, server: (Ipv4Addr, u16), transition: Transition },
+    Quorum { service: ServiceKey, transition: QuorumTransition },
+    Rejected { service: ServiceKey, server: (Ipv4Addr, u16), reason: RejectReason },
+}
+
+struct ServerHealth {
+    server: (Ipv4Addr, u16),
+    /// `None` when the service has no health signal: always serving.
+    state: Option<HealthState>,
+}
+
+struct ServiceRuntime {
+    key: ServiceKey,
+    feedback: FeedbackSettings,
+    feedback_on: bool,
+    health: HealthSettings,
+    blender: Option<Blender>,
+    servers: Vec<ServerHealth>,
+    /// Evaluated only when the service has a health signal or a sorry server.
+    quorum: Option<ServiceQuorum>,
+}
+
+/// The pure part: per-service blenders, health states and quorums.
+#[derive(Default)]
+pub struct FeedbackCore {
+    services: Vec<ServiceRuntime>,
+}
+
+fn new_health(settings: &HealthSettings, serving_before: bool, now: Instant) -> Option<HealthState> {
+    if !settings.is_checked() {
+        return None;
+    }
+    let config = crate::health::HealthConfig { initially_up: serving_before, ..settings.health_config() };
+    // The configuration was checked by `DirectorConfig::check`, which keeps rise and fall ≥ 1.
+    let mut state = HealthState::new(config).ok()?;
+    if settings.kind == HealthCheckKind::None {
+        // Without active checks, the checks count as passing: only the agent decides.
+        for _ in 0..settings.rise {
+            state.record(now, CheckResult::Success);
+        }
+    }
+    Some(state)
+}
+
+fn is_serving(state: &Option<HealthState>) -> bool {
+    state.as_ref().is_none_or(|s| s.status().is_serving())
+}
+
+impl FeedbackCore {
+    /// Follows a new configuration: keeps the state of unchanged services and servers, starts new ones (a new
+    /// server with health checks starts down until proven healthy), and restarts what changed (a server that
+    /// was serving stays up across a change of its service's health settings).
+    pub fn reconfigure(&mut self, now: Instant, config: &DirectorConfig) {
+        let mut old = std::mem::take(&mut self.services);
+        for service in &config.services {
+            if !service.vip.is_ipv4() {
+                continue;
+            }
+            let key = ServiceKey { vip: service.vip, port: service.port, protocol: service.protocol };
+            let feedback_on = service.feedback.is_enabled(service.scheduler);
+            let previous = old.iter().position(|s| s.key == key).map(|i| old.swap_remove(i));
+            let keep_blender =
+                previous.as_ref().is_some_and(|p| p.feedback == service.feedback && p.feedback_on == feedback_on);
+            let keep_health = previous.as_ref().is_some_and(|p| p.health == service.health);
+            let (mut old_servers, old_blender, old_quorum) = match previous {
+                Some(p) => (p.servers, p.blender, p.quorum),
+                None => (Vec::new(), None, None),
+            };
+            let blender = match (keep_blender, old_blender) {
+                (true, blender) => blender,
+                // `DirectorConfig::check` validated the blender settings.
+                (false, _) => feedback_on.then(|| Blender::new(service.feedback.blender_config()).ok()).flatten(),
+            };
+            let servers = service
+                .servers
+                .iter()
+                .filter_map(|s| match s.address {
+                    IpAddr::V4(a) => Some((a, s.port_for(service))),
+                    IpAddr::V6(_) => None,
+                })
+                .map(|server| {
+                    let before =
+                        old_servers.iter().position(|s| s.server == server).map(|i| old_servers.swap_remove(i));
+                    let state = match before {
+                        Some(b) if keep_health => b.state,
+                        Some(b) => new_health(&service.health, is_serving(&b.state), now),
+                        None => new_health(&service.health, false, now),
+                    };
+                    ServerHealth { server, state }
+                })
+                .collect();
+            let wants_quorum = service.health.is_checked() || service.health.sorry_server.is_some();
+            let quorum = match (keep_health, old_quorum) {
+                (true, Some(q)) => Some(q),
+                _ => wants_quorum.then(|| {
+                    ServiceQuorum::new(QuorumConfig {
+                        min_servers: service.health.quorum,
+                        min_weight: u64::from(service.health.quorum.min(1)),
+                        hysteresis: service.health.hysteresis,
+                        hysteresis_weight: 0,
+                        sorry_server: service.health.sorry_server,
+                    })
+                }),
+            };
+            self.services.push(ServiceRuntime {
+                key,
+                feedback: service.feedback.clone(),
+                feedback_on,
+                health: service.health.clone(),
+                blender,
+                servers,
+                quorum,
+            });
+        }
+    }
+
+    /// One active check's result for a real server of a service; unknown servers (a check that finished just
+    /// after its server was removed) are ignored.
+    pub fn record(&mut self, now: Instant, service: ServiceKey, server: (Ipv4Addr, u16), result: CheckResult) {
+        let state = self
+            .services
+            .iter_mut()
+            .find(|s| s.key == service)
+            .and_then(|s| s.servers.iter_mut().find(|h| h.server == server))
+            .and_then(|h| h.state.as_mut());
+        if let Some(state) = state {
+            state.record(now, result);
+        }
+    }
+
+    /// Recomputes and stores every server's effective weight, `df` terms and health; returns what happened.
+    pub fn tick(&mut self, now: Instant, table: &ServiceTable, agents: &[AgentLatest]) -> Vec<Event> {
+        let mut events = Vec::new();
+        for service in &mut self.services {
+            let IpAddr::V4(vip) = service.key.vip else { continue };
+            let proto = match service.key.protocol {
+                Protocol::Tcp => Proto::Tcp,
+                Protocol::Udp => Proto::Udp,
+            };
+            let Some((_, entry)) = table.find(vip, service.key.port, proto) else { continue };
+            let all: Vec<&ServerEntry> = entry.servers.iter().filter_map(|id| table.server(*id)).collect();
+            let real: Vec<&ServerEntry> = all.iter().copied().filter(|s| !s.sorry).collect();
+            let sorry: Option<&ServerState> = all.iter().find(|s| s.sorry).map(|s| &*s.state);
+            let agent_of = |address: Ipv4Addr| agents.iter().find(|a| a.real_server == IpAddr::V4(address));
+
+            // 1. Feedback: the full weight and df's terms.
+            let mut full: Vec<(u32, u32, u32)> = real.iter().map(|s| (s.configured_weight, 0, 0)).collect();
+            if let Some(blender) = &mut service.blender {
+                let inputs: Vec<ServerInput> = real
+                    .iter()
+                    .map(|s| ServerInput {
+                        key: server_key(s.address, s.port),
+                        configured_weight: s.configured_weight,
+                        report: agent_of(s.address)
+                            .and_then(|a| a.report.as_ref())
+                            .map(|(report, at)| ReportInput::from_report(report, *at)),
+                        active: s.state.active(),
+                        inactive: s.state.inactive(),
+                    })
+                    .collect();
+                for ((out, f), s) in blender.update(now, &inputs).iter().zip(&mut full).zip(&real) {
+                    *f = (out.effective_weight, out.response_time_norm, out.cpu_norm);
+                    if let Some(reason) = out.rejected {
+                        events.push(Event::Rejected { service: service.key, server: (s.address, s.port), reason });
+                    }
+                }
+            }
+
+            // 2. Health: agent liveness, due transitions, slow-start ramp.
+            let mut decided: Vec<(u32, Health, bool)> = Vec::with_capacity(real.len());
+            for (s, &(weight, _, _)) in real.iter().zip(&full) {
+                let health = service.servers.iter_mut().find(|h| h.server == (s.address, s.port));
+                let Some(state) = health.and_then(|h| h.state.as_mut()) else {
+                    decided.push((weight, Health::Unchecked, true));
+                    continue;
+                };
+                let agent = agent_of(s.address);
+                let age = agent.and_then(|a| a.report.as_ref()).map(|(_, at)| now.saturating_duration_since(*at));
+                state.agent(now, agent.is_some_and(|a| a.connected), age);
+                while let Some(transition) = state.poll(now) {
+                    events.push(Event::Health { service: service.key, server: (s.address, s.port), transition });
+                }
+                let shown = match state.status() {
+                    HealthStatus::Up => Health::Up,
+                    HealthStatus::SlowStart { .. } => Health::SlowStart,
+                    HealthStatus::HeldDown { .. } => Health::HeldDown,
+                    HealthStatus::Down if service.health.on_failure == OnFailure::Remove => Health::Removed,
+                    HealthStatus::Down => Health::Down,
+                };
+                decided.push((state.effective_weight(now, weight), shown, state.status().is_serving()));
+            }
+
+            // 3. Quorum and sorry server.
+            let mut routing = Routing::RealServers;
+            if let Some(quorum) = &mut service.quorum {
+                let serving = real
+                    .iter()
+                    .zip(&decided)
+                    .filter(|(s, d)| d.2 && s.configured_weight > 0)
+                    .map(|(s, _)| s.configured_weight);
+                if let Some(transition) = quorum.evaluate(now, serving) {
+                    events.push(Event::Quorum { service: service.key, transition });
+                }
+                routing = quorum.routing();
+            }
+            let sorry_active = matches!(routing, Routing::SorryServer(_));
+
+            // 4. Publish.
+            for ((s, &(_, t, l)), &(weight, health, _)) in real.iter().zip(&full).zip(&decided) {
+                let weight = if sorry_active { 0 } else { weight };
+                s.state.effective_weight.store(weight, Ordering::Relaxed);
+                s.state.response_time_norm.store(t, Ordering::Relaxed);
+                s.state.cpu_norm.store(l, Ordering::Relaxed);
+                s.state.health.store(health as u8, Ordering::Relaxed);
+            }
+            if let Some(sorry) = sorry {
+                let (weight, health) = if sorry_active { (1, Health::SorryActive) } else { (0, Health::SorryStandby) };
+                sorry.effective_weight.store(weight, Ordering::Relaxed);
+                sorry.health.store(health as u8, Ordering::Relaxed);
+            }
+        }
+        events
+    }
+
+    /// The shortest recomputation period over the services (500 ms without services).
+    pub fn period(&self) -> Duration {
+        let ms = self.services.iter().map(|s| s.feedback.period_ms).min().unwrap_or(500);
+        Duration::from_millis(ms.into())
+    }
+}
+
+/// Logs an event once and counts it.
+fn report(event: &Event) {
+    match event {
+        Event::Health { service, server: (address, port), transition } => {
+            let reason = transition.reason.kind().name();
+            metrics::counter!("fulcrum_health_transitions_total", "reason" => reason).increment(1);
+            let (from, to) = (format!("{:?}", transition.from), format!("{:?}", transition.to));
+            if transition.to.is_serving() {
+                info!(%service, server = %format!("{address}:{port}"), %from, %to, reason = ?transition.reason, "real server health");
+            } else {
+                warn!(%service, server = %format!("{address}:{port}"), %from, %to, reason = ?transition.reason, "real server health");
+            }
+        }
+        Event::Quorum { service, transition } => {
+            let to = match transition.to {
+                Routing::RealServers => "real_servers",
+                Routing::BelowQuorum => "below_quorum",
+                Routing::SorryServer(_) => "sorry_server",
+            };
+            metrics::counter!("fulcrum_quorum_transitions_total", "to" => to).increment(1);
+            warn!(%service, to, serving = transition.tally.servers, weight = transition.tally.weight, "service quorum");
+        }
+        Event::Rejected { service, server: (address, port), reason } => {
+            metrics::counter!("fulcrum_feedback_rejected_reports_total", "reason" => reason.name()).increment(1);
+            warn!(%service, server = %format!("{address}:{port}"), reason = reason.name(), "agent report refused");
+        }
+    }
+}
+
+/// Sets `fulcrum_server_health_up{service,server}`.
+fn publish_health(table: &ServiceTable) {
+    for service in &table.services {
+        let proto = match service.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        let service_label = format!("{}:{}/{proto}", service.vip, service.port);
+        for server in service.servers.iter().filter_map(|id| table.server(*id)) {
+            let labels =
+                [("service", service_label.clone()), ("server", format!("{}:{}", server.address, server.port))];
+            metrics::gauge!("fulcrum_server_health_up", &labels)
+                .set(f64::from(u8::from(server.state.health().is_serving())));
+        }
+    }
+}
+
+/// A checker task, aborted when dropped.
+struct Checker {
+    spec: CheckSpec,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts, stops and restarts checker tasks so that exactly the configured checks run.
+fn sync_checkers(
+    config: &DirectorConfig,
+    checkers: &mut HashMap<(ServiceKey, Ipv4Addr, u16), Checker>,
+    results: &mpsc::Sender<CheckOutcome>,
+) {
+    let wanted = checker::specs(config);
+    checkers.retain(|key, running| wanted.iter().any(|w| (w.service, w.address, w.port) == *key && *w == running.spec));
+    for spec in wanted {
+        let key = (spec.service, spec.address, spec.port);
+        checkers
+            .entry(key)
+            .or_insert_with(|| Checker { task: tokio::spawn(checker::run(spec.clone(), results.clone())), spec });
+    }
+}
+
+/// The feedback and health task: runs until aborted.
+pub fn spawn(
+    control: Arc<ControlPlane>,
+    mut config_rx: watch::Receiver<Arc<DirectorConfig>>,
+    agents: AgentRegistry,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let table = control.table();
+        let mut core = FeedbackCore::default();
+        let (results_tx, mut results) = mpsc::channel::<CheckOutcome>(1024);
+        let mut checkers = HashMap::new();
+        let config = config_rx.borrow_and_update().clone();
+        core.reconfigure(Instant::now(), &config);
+        sync_checkers(&config, &mut checkers, &results_tx);
+        let mut period = core.period();
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                changed = config_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let config = config_rx.borrow_and_update().clone();
+                    core.reconfigure(Instant::now(), &config);
+                    sync_checkers(&config, &mut checkers, &results_tx);
+                    if core.period() != period {
+                        period = core.period();
+                        ticker = tokio::time::interval(period);
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
+                Some(outcome) = results.recv() => {
+                    core.record(outcome.at, outcome.service, (outcome.address, outcome.port), outcome.result);
+                    // Results that arrived together are applied together: one recomputation for all.
+                    while let Ok(outcome) = results.try_recv() {
+                        core.record(outcome.at, outcome.service, (outcome.address, outcome.port), outcome.result);
+                    }
+                }
+            }
+            let snapshot = table.load();
+            for event in core.tick(Instant::now(), &snapshot, &agents.latest()) {
+                report(&event);
+            }
+            publish_health(&snapshot);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

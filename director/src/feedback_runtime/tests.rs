@@ -1,0 +1,240 @@
+use std::path::Path;
+
+use fulcrum_protocol::messages::{CpuSource, CpuUsage, LoadReport, MemoryUsage, ProbeKind, ProbeOutcome, ProbeReport};
+
+use super::*;
+use crate::dataplane::table::TableBuilder;
+use crate::health::{CheckFailure, ReasonKind};
+
+const SEC: Duration = Duration::from_secs(1);
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: DirectorConfig,
+}
+
+/// A director configuration with one service on 10.0.0.100:80 (extra service keys in `service`) and real
+/// servers 10.0.0.11, .12, … with weight 10.
+fn setup(service: &str, servers: usize) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["ca.pem", "d1.pem", "d1.key"] {
+        std::fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let d = dir.path().display();
+    let mut text = format!(
+        "name = \"d1\"\n[agents]\nca = \"{d}/ca.pem\"\ncert = \"{d}/d1.pem\"\nkey = \"{d}/d1.key\"\n\n[[service]]\nvip = \"10.0.0.100\"\nport = 80\n{service}\n"
+    );
+    for i in 0..servers {
+        text.push_str(&format!("[[service.server]]\naddress = \"10.0.0.{}\"\nweight = 10\n", 11 + i));
+    }
+    let config = DirectorConfig::from_text(Path::new("d.toml"), &text).unwrap();
+    Setup { _dir: dir, config }
+}
+
+fn web() -> ServiceKey {
+    ServiceKey { vip: "10.0.0.100".parse().unwrap(), port: 80, protocol: Protocol::Tcp }
+}
+
+fn server(i: u8) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::new(10, 0, 0, 11 + i), 80)
+}
+
+/// (effective weight, health) of every server of the service, sorry server last.
+fn published(table: &ServiceTable) -> Vec<(u32, Health)> {
+    table.services[0]
+        .servers
+        .iter()
+        .map(|id| {
+            let state = &table.server(*id).unwrap().state;
+            (state.effective_weight.load(Ordering::Relaxed), state.health())
+        })
+        .collect()
+}
+
+fn report(seq: u64, cpu_bp: u16) -> LoadReport {
+    LoadReport {
+        seq,
+        interval_ms: 500,
+        cpu: Some(CpuUsage { source: CpuSource::ProcStat, busy_bp: cpu_bp }),
+        load_avg_milli: [0; 3],
+        memory: MemoryUsage { used_bytes: 1, total_bytes: 2 },
+        cpu_pressure: None,
+        established_connections: 0,
+        probe: ProbeReport {
+            kind: ProbeKind::Tcp,
+            last: ProbeOutcome::Pending,
+            smoothed_us: None,
+            consecutive_failures: 0,
+            total_failures: 0,
+        },
+    }
+}
+
+fn agent(i: u8, seq: u64, cpu_bp: u16, at: Instant) -> AgentLatest {
+    AgentLatest { real_server: IpAddr::V4(server(i).0), connected: true, report: Some((report(seq, cpu_bp), at)) }
+}
+
+fn health_kinds(events: &[Event]) -> Vec<ReasonKind> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Health { transition, .. } => Some(transition.reason.kind()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn without_health_or_feedback_the_configured_weights_stand() {
+    let s = setup("scheduler = \"wlc\"", 2);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    // A loaded agent changes nothing: feedback is off for wlc unless enabled.
+    let events = core.tick(t0, &table, &[agent(0, 1, 9000, t0)]);
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(published(&table), vec![(10, Health::Unchecked), (10, Health::Unchecked)]);
+    assert_eq!(core.period(), Duration::from_millis(500));
+}
+
+#[test]
+fn checks_bring_a_server_up_through_slow_start_and_down_on_failures() {
+    let s = setup("[service.health]\nkind = \"tcp\"\nrise = 2\nfall = 3\nslow_start_s = 10", 2);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    core.tick(t0, &table, &[]);
+    assert_eq!(published(&table), vec![(0, Health::Down), (0, Health::Down)], "not proven healthy yet");
+
+    for i in 0..2 {
+        core.record(t0, web(), server(i), CheckResult::Success);
+        core.record(t0, web(), server(i), CheckResult::Success);
+    }
+    let events = core.tick(t0, &table, &[]);
+    assert_eq!(health_kinds(&events), vec![ReasonKind::ChecksPassed; 2]);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Quorum { transition, .. } if transition.to == Routing::RealServers)));
+    assert_eq!(published(&table), vec![(1, Health::SlowStart), (1, Health::SlowStart)], "the ramp starts at 1");
+    core.tick(t0 + 5 * SEC, &table, &[]);
+    assert_eq!(published(&table), vec![(5, Health::SlowStart), (5, Health::SlowStart)], "half way");
+    let events = core.tick(t0 + 10 * SEC, &table, &[]);
+    assert_eq!(health_kinds(&events), vec![ReasonKind::SlowStartComplete; 2]);
+    assert_eq!(published(&table), vec![(10, Health::Up), (10, Health::Up)]);
+
+    // Three refused connects take server 0 down (quiesced); server 1 serves on.
+    for _ in 0..3 {
+        core.record(t0 + 11 * SEC, web(), server(0), CheckResult::Failure(CheckFailure::Refused));
+    }
+    let events = core.tick(t0 + 11 * SEC, &table, &[]);
+    assert_eq!(health_kinds(&events), vec![ReasonKind::ChecksFailed]);
+    assert_eq!(published(&table), vec![(0, Health::Down), (10, Health::Up)]);
+    // Each transition is reported once.
+    assert!(core.tick(t0 + 12 * SEC, &table, &[]).is_empty());
+}
+
+#[test]
+fn below_quorum_the_sorry_server_takes_the_new_connections() {
+    let s = setup(
+        "[service.health]\nkind = \"tcp\"\nrise = 1\nfall = 1\nslow_start_s = 0\non_failure = \"remove\"\nsorry_server = \"10.0.0.50:80\"",
+        2,
+    );
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    let events = core.tick(t0, &table, &[]);
+    assert!(events.is_empty(), "the quorum starts lost: {events:?}");
+    assert_eq!(published(&table), vec![(0, Health::Removed), (0, Health::Removed), (1, Health::SorryActive)]);
+
+    core.record(t0, web(), server(1), CheckResult::Success);
+    let events = core.tick(t0, &table, &[]);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Quorum { transition, .. } if transition.to == Routing::RealServers)));
+    assert_eq!(published(&table), vec![(0, Health::Removed), (10, Health::Up), (0, Health::SorryStandby)]);
+
+    core.record(t0 + SEC, web(), server(1), CheckResult::Failure(CheckFailure::Timeout));
+    let events = core.tick(t0 + SEC, &table, &[]);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Quorum { transition, .. } if matches!(transition.to, Routing::SorryServer(_)))));
+    assert_eq!(published(&table), vec![(0, Health::Removed), (0, Health::Removed), (1, Health::SorryActive)]);
+}
+
+#[test]
+fn a_required_agent_is_a_second_signal() {
+    let s = setup("[service.health]\nagent = \"required\"\nagent_max_age_ms = 2000\nrise = 1\nslow_start_s = 0", 1);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    core.tick(t0, &table, &[]);
+    assert_eq!(published(&table), vec![(0, Health::Down)], "no agent yet");
+    let events = core.tick(t0, &table, &[agent(0, 1, 1000, t0)]);
+    assert_eq!(health_kinds(&events), vec![ReasonKind::AgentBack]);
+    assert_eq!(published(&table), vec![(10, Health::Up)]);
+    let events = core.tick(t0 + 3 * SEC, &table, &[agent(0, 1, 1000, t0)]);
+    assert_eq!(health_kinds(&events), vec![ReasonKind::AgentLost], "its report is too old");
+    assert_eq!(published(&table), vec![(0, Health::Down)]);
+}
+
+#[test]
+fn df_feedback_lowers_a_loaded_servers_weight_and_sets_its_terms() {
+    let s = setup("scheduler = \"df\"", 2);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    for k in 0..10u32 {
+        let now = t0 + SEC * k;
+        let events =
+            core.tick(now, &table, &[agent(0, u64::from(k) + 1, 9000, now), agent(1, u64::from(k) + 1, 1000, now)]);
+        assert!(events.is_empty(), "{events:?}");
+    }
+    let weights = published(&table);
+    assert!(weights[0].0 < weights[1].0, "the loaded server weighs less: {weights:?}");
+    let terms = |i: usize| {
+        let state = &table.server(table.services[0].servers[i]).unwrap().state;
+        (state.cpu_norm.load(Ordering::Relaxed), state.response_time_norm.load(Ordering::Relaxed))
+    };
+    assert!(terms(0).0 > terms(1).0, "L is larger for the loaded server: {:?} {:?}", terms(0), terms(1));
+
+    // An impossible report is refused and said so, once.
+    let now = t0 + SEC * 11;
+    let events = core.tick(now, &table, &[agent(0, 99, 12_000, now), agent(1, 99, 1000, now)]);
+    assert_eq!(
+        events,
+        vec![Event::Rejected { service: web(), server: server(0), reason: RejectReason::CpuOverFullScale }]
+    );
+    assert!(core.tick(now, &table, &[agent(0, 99, 12_000, now), agent(1, 99, 1000, now)]).is_empty());
+}
+
+#[test]
+fn reconfiguring_keeps_the_health_of_unchanged_servers() {
+    let s = setup("[service.health]\nkind = \"tcp\"\nrise = 1\nslow_start_s = 0", 1);
+    let mut builder = TableBuilder::new(1);
+    let table = builder.build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    core.record(t0, web(), server(0), CheckResult::Success);
+    core.tick(t0, &table, &[]);
+    assert_eq!(published(&table), vec![(10, Health::Up)]);
+
+    // A reload that adds a server: the first stays up, the new one starts down.
+    let two = setup("[service.health]\nkind = \"tcp\"\nrise = 1\nslow_start_s = 0", 2);
+    let table = builder.build(&two.config.services);
+    core.reconfigure(t0, &two.config);
+    core.tick(t0, &table, &[]);
+    assert_eq!(published(&table), vec![(10, Health::Up), (0, Health::Down)]);
+
+    // Changed health settings restart the machines but a serving server stays up.
+    let changed = setup("[service.health]\nkind = \"tcp\"\nrise = 3\nslow_start_s = 0", 2);
+    let table = builder.build(&changed.config.services);
+    core.reconfigure(t0, &changed.config);
+    core.tick(t0, &table, &[]);
+    assert_eq!(published(&table), vec![(10, Health::Up), (0, Health::Down)]);
+}
