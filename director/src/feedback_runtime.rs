@@ -77,8 +77,10 @@ fn new_health(settings: &HealthSettings, serving_before: bool, now: Instant) -> 
         return None;
     }
     let config = crate::health::HealthConfig { initially_up: serving_before, ..settings.health_config() };
-    // The configuration was checked by `DirectorConfig::check`, which keeps rise and fall ≥ 1.
-    let mut state = HealthState::new(config).ok()?;
+    // `DirectorConfig::check` keeps rise and fall ≥ 1, so this is refused only by a bug: say so, check nothing.
+    let mut state = HealthState::new(config)
+        .inspect_err(|e| tracing::error!(error = %e, "health settings refused; the service is not health-checked"))
+        .ok()?;
     if settings.kind == HealthCheckKind::None {
         // Without active checks, the checks count as passing: only the agent decides.
         for _ in 0..settings.rise {
@@ -114,8 +116,16 @@ impl FeedbackCore {
             };
             let blender = match (keep_blender, old_blender) {
                 (true, blender) => blender,
-                // `DirectorConfig::check` validated the blender settings.
-                (false, _) => feedback_on.then(|| Blender::new(service.feedback.blender_config()).ok()).flatten(),
+                // `DirectorConfig::check` validated the blender settings: a refusal here is a bug, said aloud.
+                (false, _) => feedback_on
+                    .then(|| {
+                        Blender::new(service.feedback.blender_config())
+                            .inspect_err(
+                                |e| tracing::error!(%key, error = %e, "feedback settings refused; feedback off"),
+                            )
+                            .ok()
+                    })
+                    .flatten(),
             };
             let servers = service
                 .servers

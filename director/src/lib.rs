@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod control;
 pub mod control_plane;
 pub mod dataplane;
+pub mod demo;
 pub mod feedback;
 pub mod feedback_runtime;
 pub mod flow;

@@ -14,6 +14,7 @@ use fulcrum_director::config::{DirectorConfig, DEFAULT_CONFIG_PATH};
 use fulcrum_director::control::{ControlServer, Handles};
 use fulcrum_director::control_plane::ControlPlane;
 use fulcrum_director::dataplane::{counters, Dataplane};
+use fulcrum_director::demo;
 use fulcrum_director::ha::runtime::HaRuntime;
 use fulcrum_director::metrics_endpoint;
 use fulcrum_director::sd_notify::{self, Watchdog};
@@ -47,6 +48,33 @@ enum Command {
     /// Create the cluster CA and issue director and agent certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Build a throw-away playground of network namespaces (two directors, three real servers with agents, a
+    /// client), show live what the directors see, kill the active one half-way; needs root.
+    Demo {
+        /// How long the load runs; the active director is killed half-way.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Requests per second the client aims at (the three servers together serve 280).
+        #[arg(long, default_value_t = 180)]
+        rate: u32,
+        /// Concurrent client connections.
+        #[arg(long, default_value_t = 24)]
+        clients: u32,
+    },
+    /// The demo's real server: a minimal HTTP/1.1 responder of limited capacity (started by `demo`).
+    DemoServer {
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: std::net::SocketAddr,
+        /// Name it answers with (`served by NAME`).
+        #[arg(long)]
+        name: String,
+        /// Time each request takes.
+        #[arg(long, default_value_t = 20)]
+        service_time_ms: u64,
+        /// Requests served at once; more wait for a slot.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +127,38 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Demo { seconds, rate, clients } => {
+            match demo::run(&demo::DemoOptions { seconds, rate, clients }) {
+                Ok(demo::Outcome::Finished) => ExitCode::SUCCESS,
+                // As a shell reports a command ended by SIGINT.
+                Ok(demo::Outcome::Interrupted) => ExitCode::from(130),
+                Err(e) => {
+                    eprintln!("demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DemoServer { listen, name, service_time_ms, concurrency } => {
+            let capacity = demo::http::Capacity { service_time: Duration::from_millis(service_time_ms), concurrency };
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    runtime.block_on(async {
+                        let listener =
+                            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                        demo::http::serve(listener, name, capacity).await
+                    })
+                });
+            match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo-server: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Certs(command) => match run_certs(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -318,6 +378,9 @@ fn reload(path: &Path, control_plane: &ControlPlane) {
                 warn!(
                     "listener, control, metrics, name and [ha] settings change only on restart; services were reloaded"
                 );
+            }
+            if new.sync != old.sync {
+                warn!("[sync] settings change only on restart");
             }
             control_plane.replace(new);
             info!(config = %path.display(), "configuration reloaded");

@@ -108,14 +108,14 @@ fn engine(serving: bool, now: Instant) -> (Engine, TaskPorts, Arc<AtomicBool>) {
         scheduler: Scheduler::Rr,
         persistence_s: 300,
         sloppy: false,
+        feedback: Default::default(),
+        health: Default::default(),
         servers: vec![RealServerConfig {
             address: SERVER.into(),
             port: Some(8080),
             weight: 1,
             forward: ForwardMethod::Nat,
         }],
-        feedback: Default::default(),
-        health: Default::default(),
     };
     let table = Arc::new(ArcSwap::from_pointee(TableBuilder::new(1).build(&[service])));
     for server in table.load().servers.iter().flatten() {

@@ -1,5 +1,6 @@
-//! The AF_PACKET shell on a real veth: the fanout program's offsets match what the kernel hands it, each
-//! client lands on the worker the steering hash names, and frames arrive with their virtio-net header.
+//! The AF_PACKET shell on a real veth: the fanout program's offsets match what the kernel hands it (IPv4
+//! header and ports), each connection lands on the worker the steering hash names, and frames arrive with
+//! their virtio-net header.
 //!
 //! Needs root (network namespaces); fails loudly without it.
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use fulcrum_director::dataplane::afpacket::{PacketRing, RingConfig, VNET_HDR_LEN};
-use fulcrum_director::dataplane::steer::{fanout_program, worker_for_client};
+use fulcrum_director::dataplane::steer::{fanout_program, worker_for_connection, Steering};
 use fulcrum_tests::{in_netns, require_root, Testbed};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -21,6 +22,7 @@ const PER_CLIENT: usize = 20;
 struct Seen {
     worker: usize,
     src: Ipv4Addr,
+    src_port: u16,
     vnet_flags: u8,
     csum_start: u16,
     csum_offset: u16,
@@ -36,6 +38,7 @@ fn parse(worker: usize, bytes: &[u8]) -> Option<Seen> {
     is_test.then(|| Seen {
         worker,
         src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        src_port: u16::from_be_bytes([ip[20], ip[21]]),
         vnet_flags: bytes[0],
         csum_start: u16::from_le_bytes([bytes[6], bytes[7]]),
         csum_offset: u16::from_le_bytes([bytes[8], bytes[9]]),
@@ -47,11 +50,9 @@ fn steering_offsets_match_the_kernel_and_frames_carry_their_vnet_header() -> Res
     require_root();
     let bed = Testbed::new("ring")?;
     let director = bed.add_host("dir1", "10.0.0.2/24")?;
-    // Two clients that the hash sends to different workers.
-    let candidates: Vec<Ipv4Addr> = (21..80).map(|last| Ipv4Addr::new(10, 0, 0, last)).collect();
-    let a = *candidates.iter().find(|ip| worker_for_client(**ip, 2) == 0).context("a client for worker 0")?;
-    let b = *candidates.iter().find(|ip| worker_for_client(**ip, 2) == 1).context("a client for worker 1")?;
-    let clients = [bed.add_host("ca", &format!("{a}/24"))?, bed.add_host("cb", &format!("{b}/24"))?];
+    // Two clients; every datagram leaves from a new socket, so from a new source port, and the connections of
+    // each client spread over both workers.
+    let clients = [bed.add_host("ca", "10.0.0.21/24")?, bed.add_host("cb", "10.0.0.22/24")?];
     let director_mac = director.mac()?;
     for client in &clients {
         // Nobody answers ARP for the VIP in this test: point it at the director by hand.
@@ -72,7 +73,7 @@ fn steering_offsets_match_the_kernel_and_frames_carry_their_vnet_header() -> Res
     let netns = director.netns().to_string();
     let rings = std::thread::spawn(move || {
         in_netns(&netns, move || -> Result<Vec<Seen>> {
-            let program = fanout_program(&[VIP], 2);
+            let program = fanout_program(&[VIP], 2, Steering::Connection);
             let group = (std::process::id() & 0xffff) as u16;
             let config = RingConfig { frame_size: 72 * 1024, frame_count: 64 };
             let mut rings = [
@@ -111,7 +112,8 @@ fn steering_offsets_match_the_kernel_and_frames_carry_their_vnet_header() -> Res
     };
     assert_eq!(seen.len(), 2 * PER_CLIENT, "every datagram received exactly once across the group: {seen:?}");
     for s in &seen {
-        assert_eq!(s.worker as u32, worker_for_client(s.src, 2), "{s:?} went to the wrong worker");
+        let expected = worker_for_connection(s.src, s.src_port, 2, Steering::Connection);
+        assert_eq!(s.worker as u32, expected, "{s:?} went to the wrong worker");
         if s.vnet_flags & 1 != 0 {
             // NEEDS_CSUM: the checksum starts at the UDP header and its field is 6 bytes in.
             assert_eq!((s.csum_start, s.csum_offset), (14 + 20, 6), "{s:?}");

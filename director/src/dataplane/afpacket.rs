@@ -58,6 +58,45 @@ impl Default for RingConfig {
     }
 }
 
+/// How the ring's frames are grouped into the blocks the kernel allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    block_size: usize,
+    block_count: usize,
+    frames_per_block: usize,
+    frame_count: usize,
+}
+
+/// The largest block considered: 4 MiB, the kernel's largest page allocation (it falls back to vmalloc).
+const MAX_BLOCK: usize = 4 << 20;
+
+impl Geometry {
+    /// The kernel allocates each block as a power-of-two run of pages: one 72 KiB frame per block would take
+    /// 128 KiB. Several frames per block fill a power of two almost exactly (7 × 72 KiB in 512 KiB), so the
+    /// ring takes little more memory than its frames. `frame_count` is rounded up to whole blocks.
+    fn new(frame_size: usize, frame_count: usize) -> Geometry {
+        let waste = |frames: usize| {
+            let used = frames * frame_size;
+            (used.next_power_of_two() - used) as f64 / used.next_power_of_two() as f64
+        };
+        let most = (MAX_BLOCK / frame_size.max(1)).clamp(1, frame_count.max(1));
+        let frames_per_block = (1..=most)
+            .find(|&k| waste(k) <= 1.0 / 16.0)
+            .unwrap_or_else(|| (1..=most).min_by(|&a, &b| waste(a).total_cmp(&waste(b))).unwrap_or(1));
+        let block_count = frame_count.div_ceil(frames_per_block);
+        Geometry {
+            block_size: (frames_per_block * frame_size).next_power_of_two(),
+            block_count,
+            frames_per_block,
+            frame_count: block_count * frames_per_block,
+        }
+    }
+
+    fn offset(&self, frame_size: usize, index: usize) -> usize {
+        (index / self.frames_per_block) * self.block_size + (index % self.frames_per_block) * frame_size
+    }
+}
+
 /// A classic-BPF fanout program choosing the worker for each packet.
 #[derive(Debug, Clone)]
 pub struct FanoutProgram(pub Vec<libc::sock_filter>);
@@ -86,6 +125,7 @@ pub struct PacketRing {
     ring: NonNull<u8>,
     ring_len: usize,
     config: RingConfig,
+    geometry: Geometry,
     /// The next slot to look at.
     head: usize,
     stats: RingStats,
@@ -147,14 +187,16 @@ impl PacketRing {
         if config.frame_size % page != 0 || config.frame_count == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "ring frame size must be whole pages"));
         }
+        let geometry = Geometry::new(config.frame_size as usize, config.frame_count as usize);
+        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "ring too large");
         let req = libc::tpacket_req {
-            tp_block_size: config.frame_size,
-            tp_block_nr: config.frame_count,
+            tp_block_size: u32::try_from(geometry.block_size).map_err(|_| too_big())?,
+            tp_block_nr: u32::try_from(geometry.block_count).map_err(|_| too_big())?,
             tp_frame_size: config.frame_size,
-            tp_frame_nr: config.frame_count,
+            tp_frame_nr: u32::try_from(geometry.frame_count).map_err(|_| too_big())?,
         };
         setsockopt(&fd, libc::SOL_PACKET, PACKET_RX_RING, &req, "PACKET_RX_RING")?;
-        let ring_len = config.frame_size as usize * config.frame_count as usize;
+        let ring_len = geometry.block_size * geometry.block_count;
         // SAFETY: mapping the ring the kernel just allocated for this socket.
         let ring = unsafe {
             libc::mmap(
@@ -187,7 +229,7 @@ impl PacketRing {
             ring
         };
         let ring = NonNull::new(ring.cast::<u8>()).ok_or_else(|| io::Error::other("null ring"))?;
-        let this = PacketRing { fd, ring, ring_len, config, head: 0, stats: RingStats::default(), ifindex };
+        let this = PacketRing { fd, ring, ring_len, config, geometry, head: 0, stats: RingStats::default(), ifindex };
 
         // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -231,7 +273,7 @@ impl PacketRing {
 
     fn slot(&self, index: usize) -> *mut u8 {
         // SAFETY: index < frame_count, so the offset stays inside the mapping.
-        unsafe { self.ring.as_ptr().add(index * self.config.frame_size as usize) }
+        unsafe { self.ring.as_ptr().add(self.geometry.offset(self.config.frame_size as usize, index)) }
     }
 
     fn status(&self, index: usize) -> u32 {
@@ -273,7 +315,7 @@ impl PacketRing {
         }
         // Order the reads of the slot after the status read.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        self.head = (self.head + 1) % self.config.frame_count as usize;
+        self.head = (self.head + 1) % self.geometry.frame_count;
         let slot = self.slot(index);
         // SAFETY: the slot starts with a tpacket2_hdr the kernel filled in; fields read unaligned-safe.
         let (len, snaplen, mac) = unsafe {
@@ -421,5 +463,27 @@ impl TxBatch {
 
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_share_blocks_that_they_nearly_fill() {
+        let g = Geometry::new(72 * 1024, 256);
+        assert_eq!((g.frames_per_block, g.block_size), (7, 512 * 1024), "{g:?}");
+        assert_eq!((g.block_count, g.frame_count), (37, 259), "rounded up to whole blocks: {g:?}");
+        // 18.5 MiB where one frame per 128 KiB block took 32 MiB.
+        assert_eq!(g.block_size * g.block_count, 37 * 512 * 1024);
+        assert_eq!(g.offset(72 * 1024, 6), 6 * 72 * 1024);
+        assert_eq!(g.offset(72 * 1024, 7), 512 * 1024, "the 8th frame opens the second block");
+        assert_eq!(g.offset(72 * 1024, 258), 36 * 512 * 1024 + 6 * 72 * 1024);
+        // A power-of-two frame needs no company; a tiny ring keeps a small block.
+        let g = Geometry::new(64 * 1024, 10);
+        assert_eq!((g.frames_per_block, g.block_size, g.frame_count), (1, 64 * 1024, 10));
+        let g = Geometry::new(72 * 1024, 2);
+        assert_eq!((g.frames_per_block, g.frame_count), (1, 2), "no better fill with two: {g:?}");
     }
 }

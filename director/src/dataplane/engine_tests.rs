@@ -673,6 +673,35 @@ mod sync {
     }
 
     #[test]
+    fn changes_lost_to_a_full_ring_are_counted_and_the_refresh_sends_them_later() {
+        let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1, 1], Scheduler::Rr)], 64);
+        let (_, mut ports, mut task) = hub(1, 4);
+        rig.engine.attach_sync(ports.remove(0), Duration::from_secs(60), rig.now);
+        for port in 40000..40010 {
+            rig.handle(&mut syn_from_client(port));
+        }
+        assert_eq!(sent(&mut task).len(), 4, "the ring holds 4");
+        assert_eq!(task.shared.dropped(crate::sync::SyncDrop::RingFull), 6);
+        // Each refresh period walks the whole table; a full ring pauses the walk, which resumes later.
+        let mut refreshed = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            rig.now += Duration::from_secs(30);
+            let mut scratch = Scratch::new();
+            rig.engine.poll(rig.now, &mut scratch);
+            for record in sent(&mut task) {
+                assert_eq!((record.kind, record.state), (RecordKind::Update, ConnState::SynRecv));
+                refreshed.insert(record.client_port);
+            }
+            // Keep the connections alive: their SYN_RECV timeout is 60 s.
+            for port in 40000..40010 {
+                rig.handle(&mut syn_from_client(port));
+            }
+        }
+        assert_eq!(refreshed.len(), 10, "every connection was sent again: {refreshed:?}");
+        assert_eq!(task.shared.dropped(crate::sync::SyncDrop::RingFull), 6, "the refresh never overfills");
+    }
+
+    #[test]
     fn records_for_unknown_services_are_counted_not_installed() {
         let (mut standby, mut task) = synced_rig(ForwardMethod::Dr, 0, false);
         let mut record = crate::sync::record::sample(RecordKind::New, 5, ConnState::Established);

@@ -29,9 +29,10 @@ use crate::config::DataplaneConfig;
 use afpacket::{PacketRing, RingConfig, SteeringHandle};
 use counters::WorkerCounters;
 use engine::{Engine, EngineConfig};
+use steer::Steering;
 use table::ServiceTable;
 
-use crate::sync::WorkerPort;
+use crate::sync::{SyncShared, WorkerPort};
 
 /// The running workers.
 pub struct Dataplane {
@@ -44,7 +45,10 @@ pub struct Dataplane {
     announce: Arc<AtomicU64>,
     steering: SteeringHandle,
     workers: u32,
-    steered_vips: Mutex<Vec<Ipv4Addr>>,
+    /// What the steering program was built for.
+    steered: Mutex<(Vec<Ipv4Addr>, Steering)>,
+    /// Connection sync, told the steering so that received connections reach their worker.
+    sync: Option<Arc<SyncShared>>,
 }
 
 impl Dataplane {
@@ -61,6 +65,7 @@ impl Dataplane {
         serving: bool,
         sync: Option<(Vec<WorkerPort>, Duration)>,
     ) -> Result<Dataplane> {
+        let sync_shared = sync.as_ref().and_then(|(ports, _)| ports.first()).map(|port| Arc::clone(&port.shared));
         let (mut sync_ports, refresh) = match sync {
             Some((ports, refresh)) => (ports.into_iter(), refresh),
             None => (Vec::new().into_iter(), Duration::ZERO),
@@ -70,7 +75,11 @@ impl Dataplane {
         netif::check_kernel_hands_off(interface, &vips)?;
         let our_mac = netif::mac_address(interface)?;
         let our_ip = netif::interface_ipv4(interface)?;
-        let program = steer::fanout_program(&vips, config.workers);
+        let steered_by = table.load().steering();
+        let program = steer::fanout_program(&vips, config.workers, steered_by);
+        if let Some(shared) = &sync_shared {
+            shared.steered_by_client.store(steered_by == Steering::Client, Ordering::Relaxed);
+        }
         // One group per process: the pid keeps two directors on one host (tests) apart.
         let group = (std::process::id() & 0xffff) as u16;
         let ring_config = RingConfig { frame_count: config.ring_frames, ..RingConfig::default() };
@@ -123,19 +132,30 @@ impl Dataplane {
             announce,
             steering: steering.context("no worker")?,
             workers: config.workers,
-            steered_vips: Mutex::new(vips),
+            steered: Mutex::new((vips, steered_by)),
+            sync: sync_shared,
         })
     }
 
     /// Follows a new service table: the steering program must know every VIP (NAT replies are steered by
-    /// destination, everything to a VIP by source).
+    /// destination, everything to a VIP by source), and steers by client alone while a service is persistent.
     pub fn follow(&self, table: &ServiceTable) {
-        let mut steered = self.steered_vips.lock().unwrap_or_else(PoisonError::into_inner);
-        if *steered == table.vips {
+        let mut steered = self.steered.lock().unwrap_or_else(PoisonError::into_inner);
+        let steering = table.steering();
+        if steered.0 == table.vips && steered.1 == steering {
             return;
         }
-        match self.steering.set_program(&steer::fanout_program(&table.vips, self.workers)) {
-            Ok(()) => *steered = table.vips.clone(),
+        if steered.1 != steering {
+            // Established connections whose key now hashes elsewhere meet a worker without their entry.
+            tracing::warn!(?steering, "persistence changed: steering connections anew; established ones may stall");
+        }
+        match self.steering.set_program(&steer::fanout_program(&table.vips, self.workers, steering)) {
+            Ok(()) => {
+                if let Some(shared) = &self.sync {
+                    shared.steered_by_client.store(steering == Steering::Client, Ordering::Relaxed);
+                }
+                *steered = (table.vips.clone(), steering)
+            }
             Err(e) => tracing::error!(error = %e, "updating the steering program; new VIPs may be mis-steered"),
         }
     }

@@ -200,6 +200,11 @@ impl ServiceTable {
     pub fn is_vip(&self, address: Ipv4Addr) -> bool {
         self.vips.contains(&address)
     }
+
+    /// How packets must be steered to workers for these services (by client alone while one is persistent).
+    pub fn steering(&self) -> super::steer::Steering {
+        super::steer::Steering::for_services(self.services.iter().map(|s| !s.persistence.is_zero()))
+    }
 }
 
 /// Makes snapshots; owned by the control plane. Remembers every server it has given an id.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::{Action, Ha, HaStatus, LoadSummary, Reason, State};
@@ -91,6 +91,7 @@ enum Event {
 pub struct HaHandle {
     events: mpsc::Sender<Event>,
     latest: Arc<Mutex<HaView>>,
+    state: watch::Receiver<State>,
 }
 
 impl HaHandle {
@@ -126,6 +127,12 @@ impl HaHandle {
                 anyhow::bail!("the peer did not take over within {timeout:?}");
             }
         }
+    }
+
+    /// This director's state, as it changes: for parts that follow mastership (connection sync sends
+    /// while MASTER and receives while BACKUP).
+    pub fn subscribe(&self) -> watch::Receiver<State> {
+        self.state.clone()
     }
 
     /// The status as of the loop's last turn (no round trip: for scrapes).
@@ -236,6 +243,7 @@ pub struct HaRuntime {
     overflows: Arc<AtomicU64>,
     /// Notify runs that could not start or exited unsuccessfully.
     notify_failures: Arc<AtomicU64>,
+    state: watch::Sender<State>,
 }
 
 impl HaRuntime {
@@ -261,6 +269,7 @@ impl HaRuntime {
             shell: ShellCounters::default(),
         }));
         let packets = total_packets(&dataplane);
+        let (state, state_rx) = watch::channel(ha.state());
         let runtime = HaRuntime {
             ha,
             peers: section.paths.iter().map(|p| p.peer).collect(),
@@ -278,9 +287,10 @@ impl HaRuntime {
             last_load: (now, packets),
             overflows: Arc::new(AtomicU64::new(0)),
             notify_failures: Arc::new(AtomicU64::new(0)),
+            state,
         };
         runtime.publish();
-        Ok((runtime, HaHandle { events: sender, latest }))
+        Ok((runtime, HaHandle { events: sender, latest, state: state_rx }))
     }
 
     /// Runs until the task is dropped.
@@ -519,6 +529,7 @@ impl HaRuntime {
     }
 
     fn publish(&self) {
+        self.state.send_if_modified(|state| std::mem::replace(state, self.ha.state()) != self.ha.state());
         *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = self.view();
     }
 }

@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::dataplane::steer::{worker_for_connection, Steering};
+
 use super::record::SyncRecord;
 use super::ring::{ring, Consumer, Producer};
 
@@ -95,9 +97,20 @@ pub struct SyncShared {
     pub outbound_connected: AtomicBool,
     /// The peer's connection to us (we receive on it) is up.
     pub inbound_connected: AtomicBool,
+    /// The data plane steers by client address alone (a service is persistent), not by connection: received
+    /// records must reach the worker the steering program would give the connection's packets. Set by the
+    /// data plane wherever it sets the program.
+    pub steered_by_client: AtomicBool,
 }
 
 impl SyncShared {
+    /// The worker that owns `record`'s connection under the data plane's current steering.
+    pub fn owning_worker(&self, record: &SyncRecord, workers: u32) -> usize {
+        let steering =
+            if self.steered_by_client.load(Ordering::Relaxed) { Steering::Client } else { Steering::Connection };
+        worker_for_connection(record.client, record.client_port, workers, steering) as usize
+    }
+
     pub fn count(&self, reason: SyncDrop, n: u64) {
         self.drops[reason as usize].fetch_add(n, Ordering::Relaxed);
     }

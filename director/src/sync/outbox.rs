@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use super::record::{RecordKey, SyncRecord};
 
+/// Waiting-room capacity kept when the outbox empties.
+const SHRINK_ABOVE: usize = 16_384;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutboxConfig {
     /// Most records per frame.
@@ -135,6 +138,11 @@ impl Outbox {
             }
         }
         self.sent += records.len() as u64;
+        if self.order.is_empty() && self.pending.capacity() > SHRINK_ABOVE {
+            // After a full-table dump: give the memory back rather than keep a million slots for good.
+            self.pending.shrink_to(SHRINK_ABOVE);
+            self.order.shrink_to(SHRINK_ABOVE);
+        }
         Some(records)
     }
 

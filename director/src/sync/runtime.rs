@@ -14,7 +14,7 @@
 //!   changes are counted as `no_peer` drops and forgotten (the peer asks for the full table on reconnecting).
 //! - **Receiving** (the peer connects): the task asks for the full table at once (a fresh connection may
 //!   follow a restart on either side), then routes each record to the worker that owns the client (the
-//!   steering hash, [`worker_for_client`]) through that worker's ring. A full ring makes the task wait (TCP
+//!   steering hash, [`SyncShared::owning_worker`]) through that worker's ring. A full ring makes the task wait (TCP
 //!   pushes back on the peer): received records are never dropped. A newer connection from the peer
 //!   replaces the older one.
 //!
@@ -38,7 +38,6 @@ use super::hub::{SyncDrop, SyncShared, TaskPorts};
 use super::outbox::{Outbox, OutboxConfig};
 use super::record::SyncRecord;
 use super::ring::{Consumer, Producer};
-use crate::dataplane::steer::worker_for_client;
 
 /// How often the sending side looks at the workers' rings.
 const TICK: Duration = Duration::from_millis(2);
@@ -49,6 +48,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A peer silent this long (data unacknowledged, or keepalives unanswered) is gone.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the task needs from the `[sync]` section.
 #[derive(Debug, Clone)]
@@ -112,12 +113,43 @@ async fn read_frame(read: &mut OwnedReadHalf, receiver: &mut Receiver) -> Result
     Ok(receiver.open(&header, &rest)?)
 }
 
+/// A peer that vanishes without closing (power loss, a cut link) must not leave the connection hanging for
+/// the kernel's default of many minutes: data unacknowledged for [`PEER_TIMEOUT`] fails the connection
+/// (`TCP_USER_TIMEOUT`), and keepalives probe an idle one.
+fn detect_dead_peers(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: a valid socket and a pointer to an int of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, PEER_TIMEOUT.as_millis() as libc::c_int)?;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)
+}
+
 /// Exchanges hellos; returns both halves ready.
 async fn handshake(
     stream: TcpStream,
     key: &[u8],
 ) -> Result<(OwnedReadHalf, OwnedWriteHalf, frame::Sender, Receiver), SessionError> {
     stream.set_nodelay(true)?;
+    detect_dead_peers(&stream)?;
     let (mut read, mut write) = stream.into_split();
     let (mut sender, mut receiver) = frame::session(key, frame::random_nonce()?);
     write.write_all(&sender.hello()).await?;
@@ -341,7 +373,7 @@ async fn receive_session(
                 shared.frames_received.fetch_add(1, Ordering::Relaxed);
                 shared.records_received.fetch_add(records.len() as u64, Ordering::Relaxed);
                 for record in records {
-                    let ring = &mut incoming[worker_for_client(record.client, workers) as usize];
+                    let ring = &mut incoming[shared.owning_worker(&record, workers)];
                     // A full ring: wait for the worker (it drains between packets); TCP holds the peer back.
                     while ring.push(record).is_err() {
                         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -416,7 +448,7 @@ mod tests {
         wait("the records on B", Duration::from_secs(10), || {
             for (worker, port) in b_workers.iter_mut().enumerate() {
                 while let Some(record) = port.incoming.pop() {
-                    assert_eq!(worker_for_client(record.client, 2) as usize, worker, "{record:?}");
+                    assert_eq!(b_shared.owning_worker(&record, 2), worker, "{record:?}");
                     received.push(record);
                 }
             }

@@ -41,6 +41,8 @@ const VIP: &str = "10.0.0.100";
 const HTTP_PORT: u16 = 80;
 const IPERF_PORT: u16 = 5201;
 const AGENT_PORT: u16 = 7946;
+/// The director's Prometheus endpoint: after each Fulcrum run its loss counters go into the notes.
+const METRICS_PORT: u16 = 9100;
 /// How long a mode has to answer a request through the VIP once set up.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each request of the latency test is abandoned this long after its intended send time.
@@ -74,6 +76,22 @@ struct Args {
     /// Fulcrum forwarding workers; HAProxy gets as many threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
+    /// Measurements to take, comma-separated: a short A/B comparison of one figure need not pay for all five.
+    /// Those left out show as `–`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bulk,keepalive,conn,latency")]
+    measure: Vec<Measure>,
+    /// Sets the director's `busy_poll_us` (its own default when absent).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    busy_poll_us: Option<u32>,
+}
+
+/// What `measure` runs: `bulk` is iperf3 with 1 and 4 streams, `conn` is wrk with `Connection: close`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Measure {
+    Bulk,
+    Keepalive,
+    Conn,
+    Latency,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
@@ -129,6 +147,17 @@ struct Sample {
     rss_mib: Option<f64>,
     /// HTTP requests each real server logged during the run (all measurements): proof of where traffic went.
     spread: Option<[u64; 3]>,
+}
+
+impl Sample {
+    /// Director CPU time per new connection (during wrk `Connection: close`), in µs: the forwarder's cost,
+    /// which stays steady on a busy machine where the rates themselves swing with the other load.
+    fn cpu_us_per_conn(&self) -> Option<f64> {
+        match (self.cpu_conn, self.conn_rps) {
+            (Some(cpu), Some(rps)) if rps > 0.0 => Some(cpu / 100.0 * 1e6 / rps),
+            _ => None,
+        }
+    }
 }
 
 type Outcome = std::result::Result<Sample, String>;
@@ -195,6 +224,8 @@ struct Bed {
     rate: u32,
     connections: u32,
     workers: u32,
+    measure: Vec<Measure>,
+    busy_poll_us: Option<u32>,
     tb: Testbed,
 }
 
@@ -246,6 +277,8 @@ impl Bed {
             rate: args.rate,
             connections: args.connections,
             workers: args.workers,
+            measure: args.measure.clone(),
+            busy_poll_us: args.busy_poll_us,
             tb,
         };
         bed.restart_iperf()?;
@@ -360,7 +393,7 @@ impl Bed {
                 let socket = self.work.path().join(format!("director-{forward}.sock"));
                 let _ = std::fs::remove_file(&socket);
                 let config = self.work.path().join(format!("director-{forward}.toml"));
-                std::fs::write(&config, director_config(&pki, &socket, self.workers, forward))
+                std::fs::write(&config, director_config(&pki, &socket, self.workers, self.busy_poll_us, forward))
                     .with_context(|| format!("writing {}", config.display()))?;
                 let check =
                     run_unchecked(Command::new(&director_bin).arg("check-config").arg("--config").arg(&config))?;
@@ -519,86 +552,96 @@ impl Bed {
             notes.push(msg);
         };
 
-        match self.iperf(target, 1) {
-            Ok(g) => sample.gbps1 = Some(g),
-            Err(e) => {
-                note(notes, "iperf3 -P1", &e);
-                let _ = self.restart_iperf();
-            }
-        }
-        log(format!("  iperf3 1 stream: {}", fmt_opt(sample.gbps1, 2)));
-        std::thread::sleep(SETTLE);
-
-        let cpu = CpuWindow::start(&self.director);
-        match self.iperf(target, 4) {
-            Ok(g) => sample.gbps4 = Some(g),
-            Err(e) => {
-                note(notes, "iperf3 -P4", &e);
-                let _ = self.restart_iperf();
-            }
-        }
-        sample.cpu_bulk = cpu.percent();
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  iperf3 4 streams: {}", fmt_opt(sample.gbps4, 2)));
-        std::thread::sleep(SETTLE);
-
-        match self.wrk(target, false) {
-            Ok((rps, errors)) => {
-                sample.keepalive_rps = Some(rps);
-                if let Some(errors) = errors {
-                    notes.push(format!("{tag}: wrk keep-alive: {errors}"));
+        if self.measure.contains(&Measure::Bulk) {
+            match self.iperf(target, 1) {
+                Ok(g) => sample.gbps1 = Some(g),
+                Err(e) => {
+                    note(notes, "iperf3 -P1", &e);
+                    let _ = self.restart_iperf();
                 }
             }
-            Err(e) => note(notes, "wrk keep-alive", &e),
-        }
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  keep-alive req/s: {}", fmt_opt(sample.keepalive_rps, 0)));
-        std::thread::sleep(SETTLE);
+            log(format!("  iperf3 1 stream: {}", fmt_opt(sample.gbps1, 2)));
+            std::thread::sleep(SETTLE);
 
-        let cpu = CpuWindow::start(&self.director);
-        match self.wrk(target, true) {
-            Ok((rps, errors)) => {
-                sample.conn_rps = Some(rps);
-                if let Some(errors) = errors {
-                    notes.push(format!("{tag}: wrk Connection: close: {errors}"));
+            let cpu = CpuWindow::start(&self.director);
+            match self.iperf(target, 4) {
+                Ok(g) => sample.gbps4 = Some(g),
+                Err(e) => {
+                    note(notes, "iperf3 -P4", &e);
+                    let _ = self.restart_iperf();
                 }
             }
-            Err(e) => note(notes, "wrk Connection: close", &e),
+            sample.cpu_bulk = cpu.percent();
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  iperf3 4 streams: {}", fmt_opt(sample.gbps4, 2)));
+            std::thread::sleep(SETTLE);
         }
-        sample.cpu_conn = cpu.percent();
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  new conn/s: {}", fmt_opt(sample.conn_rps, 0)));
-        std::thread::sleep(SETTLE);
-
-        match self.latency(target) {
-            Ok(report) => {
-                sample.p50_ms = Some(report.latency.p50.as_secs_f64() * 1e3);
-                sample.p99_ms = Some(report.latency.p99.as_secs_f64() * 1e3);
-                sample.lat_error_ratio = Some(report.errors() as f64 / report.scheduled.max(1) as f64);
-                let e = report.error_counts;
-                if e.total() > 0 {
-                    notes.push(format!(
-                        "{tag}: latency @ {} req/s: {} of {} requests failed (connect {}, io {}, status {}, timeout {})",
-                        self.rate,
-                        e.total(),
-                        report.scheduled,
-                        e.connect,
-                        e.io,
-                        e.status,
-                        e.timeout
-                    ));
+        if self.measure.contains(&Measure::Keepalive) {
+            match self.wrk(target, false) {
+                Ok((rps, errors)) => {
+                    sample.keepalive_rps = Some(rps);
+                    if let Some(errors) = errors {
+                        notes.push(format!("{tag}: wrk keep-alive: {errors}"));
+                    }
                 }
-                if report.latency.count == 0 {
-                    sample.p50_ms = None;
-                    sample.p99_ms = None;
-                }
+                Err(e) => note(notes, "wrk keep-alive", &e),
             }
-            Err(e) => note(notes, "latency", &e),
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  keep-alive req/s: {}", fmt_opt(sample.keepalive_rps, 0)));
+            std::thread::sleep(SETTLE);
         }
-        sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
-        log(format!("  p50 / p99 ms: {} / {}", fmt_opt(sample.p50_ms, 2), fmt_opt(sample.p99_ms, 2)));
+        if self.measure.contains(&Measure::Conn) {
+            let cpu = CpuWindow::start(&self.director);
+            match self.wrk(target, true) {
+                Ok((rps, errors)) => {
+                    sample.conn_rps = Some(rps);
+                    if let Some(errors) = errors {
+                        notes.push(format!("{tag}: wrk Connection: close: {errors}"));
+                    }
+                }
+                Err(e) => note(notes, "wrk Connection: close", &e),
+            }
+            sample.cpu_conn = cpu.percent();
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  new conn/s: {}", fmt_opt(sample.conn_rps, 0)));
+            std::thread::sleep(SETTLE);
+        }
+        if self.measure.contains(&Measure::Latency) {
+            match self.latency(target) {
+                Ok(report) => {
+                    sample.p50_ms = Some(report.latency.p50.as_secs_f64() * 1e3);
+                    sample.p99_ms = Some(report.latency.p99.as_secs_f64() * 1e3);
+                    sample.lat_error_ratio = Some(report.errors() as f64 / report.scheduled.max(1) as f64);
+                    let e = report.error_counts;
+                    if e.total() > 0 {
+                        notes.push(format!(
+                            "{tag}: latency @ {} req/s: {} of {} requests failed (connect {}, io {}, status {}, timeout {})",
+                            self.rate,
+                            e.total(),
+                            report.scheduled,
+                            e.connect,
+                            e.io,
+                            e.status,
+                            e.timeout
+                        ));
+                    }
+                    if report.latency.count == 0 {
+                        sample.p50_ms = None;
+                        sample.p99_ms = None;
+                    }
+                }
+                Err(e) => note(notes, "latency", &e),
+            }
+            sample.rss_mib = max_opt(sample.rss_mib, director_rss_mib(&self.director));
+            log(format!("  p50 / p99 ms: {} / {}", fmt_opt(sample.p50_ms, 2), fmt_opt(sample.p99_ms, 2)));
+        }
 
         sample.spread = self.requests_per_server();
+        if matches!(mode, Mode::FulcrumDr | Mode::FulcrumNat) {
+            if let Some(losses) = self.director_losses() {
+                notes.push(format!("{tag}: director counters: {losses}"));
+            }
+        }
 
         // A director that died mid-run invalidates what came after: say so.
         for p in &mut setup.processes {
@@ -607,6 +650,28 @@ impl Bed {
             }
         }
         sample
+    }
+
+    /// Frames the director lost (ring drops, transmit errors, refused packets) out of those it received, from
+    /// its metrics endpoint: a low figure with an idle director is explained by these.
+    fn director_losses(&self) -> Option<String> {
+        let url = format!("http://{DIRECTOR_IP}:{METRICS_PORT}/metrics");
+        let out = self.director.run_unchecked(&["curl", "-sS", "--max-time", "2", &url]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let total = |name: &str| -> u64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        };
+        Some(format!(
+            "received {}, transmitted {}, ring drops {}, transmit errors {}, dropped {}",
+            total("fulcrum_received_packets_total"),
+            total("fulcrum_transmitted_packets_total"),
+            total("fulcrum_ring_drops_total"),
+            total("fulcrum_transmit_errors_total"),
+            total("fulcrum_dropped_packets_total"),
+        ))
     }
 
     /// Requests in each nginx's access log (emptied by `reset` before every mode).
@@ -711,14 +776,17 @@ fn haproxy_config(threads: u32) -> String {
     )
 }
 
-fn director_config(pki: &Path, socket: &Path, workers: u32, forward: &str) -> String {
+fn director_config(pki: &Path, socket: &Path, workers: u32, busy_poll_us: Option<u32>, forward: &str) -> String {
     let mut text = format!(
-        "name = \"d1\"\n\n[agents]\nlisten = \"{DIRECTOR_IP}:{AGENT_PORT}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\n",
+        "name = \"d1\"\n\n[agents]\nlisten = \"{DIRECTOR_IP}:{AGENT_PORT}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[control]\nsocket = \"{socket}\"\n\n[metrics]\nlisten = \"{DIRECTOR_IP}:{METRICS_PORT}\"\n\n[dataplane]\ninterface = \"eth0\"\nworkers = {workers}\n",
         ca = pki.join("ca.pem").display(),
         cert = pki.join("d1.pem").display(),
         key = pki.join("d1.key").display(),
         socket = socket.display(),
     );
+    if let Some(us) = busy_poll_us {
+        text.push_str(&format!("busy_poll_us = {us}\n"));
+    }
     text.push_str(&format!("\n[[service]]\nvip = \"{VIP}\"\nport = {HTTP_PORT}\nscheduler = \"rr\"\n"));
     for ip in SERVER_IPS {
         text.push_str(&format!("\n[[service.server]]\naddress = \"{ip}\"\nforward = \"{forward}\"\n"));
@@ -925,14 +993,19 @@ fn render(
         s,
         "Medians of {} run(s) per mode, {} s per measurement, modes interleaved run by run. \
          wrk: 1 thread, {} connections. Latency: open loop, {rate} new connections/s (`Connection: close`), \
-         timed from each request's intended send time; {} Fulcrum worker(s), HAProxy `nbthread {}`.\n",
-        args.repeat, args.seconds, args.connections, args.workers, args.workers
+         timed from each request's intended send time; {} Fulcrum worker(s), HAProxy `nbthread {}`{}.\n",
+        args.repeat,
+        args.seconds,
+        args.connections,
+        args.workers,
+        args.workers,
+        args.busy_poll_us.map_or_else(String::new, |us| format!(", director `busy_poll_us = {us}`"))
     );
     let _ = writeln!(
         s,
-        "| mode | iperf3 1 stream Gbit/s | iperf3 4 streams Gbit/s | keep-alive req/s | new conn/s | p50 ms @ {rate}/s | p99 ms @ {rate}/s | failed @ {rate}/s | director CPU % (bulk / conn) | director RSS MiB |"
+        "| mode | iperf3 1 stream Gbit/s | iperf3 4 streams Gbit/s | keep-alive req/s | new conn/s | p50 ms @ {rate}/s | p99 ms @ {rate}/s | failed @ {rate}/s | director CPU % (bulk / conn) | director CPU µs per new conn | director RSS MiB |"
     );
-    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &mode in modes {
         let runs = outcomes.get(&mode);
         let ok = runs.into_iter().flatten().filter(|o| o.is_ok()).count();
@@ -940,7 +1013,7 @@ fn render(
             let reason = runs
                 .and_then(|r| r.iter().find_map(|o| o.as_ref().err().cloned()))
                 .unwrap_or_else(|| "not run".to_string());
-            let _ = writeln!(s, "| {} | failed: {reason} | – | – | – | – | – | – | – | – |", mode.name());
+            let _ = writeln!(s, "| {} | failed: {reason} | – | – | – | – | – | – | – | – | – |", mode.name());
             continue;
         }
         let m = |f: fn(&Sample) -> Option<f64>| med(runs, f);
@@ -954,12 +1027,16 @@ fn render(
             m if m.is_kernel() => "–".to_string(),
             _ => fmt_opt(m(|x| x.rss_mib), 1),
         };
+        let per_conn = match mode {
+            Mode::FulcrumDr | Mode::FulcrumNat => fmt_opt(m(Sample::cpu_us_per_conn), 1),
+            _ => "–".to_string(),
+        };
         let failed = m(|x| x.lat_error_ratio).map_or_else(|| "–".to_string(), |r| format!("{:.2} %", r * 100.0));
         let partial =
             if ok < args.repeat as usize { format!(" ({ok} of {} runs)", args.repeat) } else { String::new() };
         let _ = writeln!(
             s,
-            "| {}{partial} | {} | {} | {} | {} | {} | {} | {failed} | {cpu} | {rss} |",
+            "| {}{partial} | {} | {} | {} | {} | {} | {} | {failed} | {cpu} | {per_conn} | {rss} |",
             mode.name(),
             fmt_opt(m(|x| x.gbps1), 2),
             fmt_opt(m(|x| x.gbps4), 2),
@@ -1073,7 +1150,10 @@ fn render(
         "haproxy: `mode tcp`, `balance roundrobin`, the VIP on the director's eth0 (a proxy must own it).",
         "Director CPU: utime + stime of the processes in the director's namespace during iperf3 -P4 (bulk) and \
          wrk `Connection: close` (conn), in % of one core. The kernel baselines forward in softirq, which no process \
-         is charged for: their cost is not shown. RSS: the largest resident set seen after a measurement.",
+         is charged for: their cost is not shown. CPU µs per new conn is that conn figure over the new conn/s of \
+         the same run (median of runs): the forwarder's own cost, steadier than the rates on a busy machine; \
+         softirq work done in the workers' system calls counts, the receive copy into the ring (done in the \
+         sender's softirq) does not. RSS: the largest resident set seen after a measurement.",
         "Latency percentiles are over successful requests; failed ones (timeout 2 s from the intended send time, \
          refused, reset) are the `failed` column.",
     ];
@@ -1155,8 +1235,11 @@ mod tests {
         assert!(
             h.contains("nbthread 2") && h.contains("server rs3 10.0.0.13:80") && h.contains("bind 10.0.0.100:5201")
         );
-        let d = director_config(Path::new("/p"), Path::new("/s.sock"), 2, "nat");
+        let d = director_config(Path::new("/p"), Path::new("/s.sock"), 2, None, "nat");
         assert_eq!(d.matches("forward = \"nat\"").count(), 4);
-        assert!(d.contains("[dataplane]\ninterface = \"eth0\"\nworkers = 2"));
+        assert!(d.contains("[dataplane]\ninterface = \"eth0\"\nworkers = 2\n"));
+        assert!(!d.contains("busy_poll_us") && d.contains("[metrics]\nlisten = \"10.0.0.2:9100\""));
+        let d = director_config(Path::new("/p"), Path::new("/s.sock"), 2, Some(0), "dr");
+        assert!(d.contains("workers = 2\nbusy_poll_us = 0\n"));
     }
 }

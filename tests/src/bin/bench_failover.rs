@@ -5,13 +5,17 @@
 //! **outage** (the probe's longest gap between answers). "Under load" the probe's 1000 packets/s count as
 //! full load (`high_load_pps = 500`), so the period is at its shortest (`period_min_ms` = 20 ms default);
 //! "idle" keeps the default `high_load_pps` (50 000): the probe is light load and the period stays at
-//! `period_max_ms` (1 s). Also the idle heartbeat rate. Prints a table with medians; needs root.
+//! `period_max_ms` (1 s). Under load the pair also runs connection sync (`[sync]`) and carries
+//! `--connections` TCP connections (a message every 10 ms each, to a TCP echo behind the VIP): a connection
+//! that fails or stops echoing across the failover counts as lost. Also the idle heartbeat rate. Prints a
+//! table with medians; needs root.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use fulcrum_tests::ha_pair::{Pair, PairOptions};
+use fulcrum_tests::ha_pair::{Pair, PairOptions, TCP_ECHO_PORT, VIP};
+use fulcrum_tests::tcp_streams::TcpStreams;
 use fulcrum_tests::udp_probe::UdpProbe;
 
 #[derive(Debug, Parser)]
@@ -26,36 +30,42 @@ struct Args {
     /// Seconds over which the idle heartbeat rate is measured.
     #[arg(long, default_value_t = 5)]
     idle_seconds: u64,
+    /// TCP connections held across each loaded failover (with connection sync).
+    #[arg(long, default_value_t = 200)]
+    connections: usize,
 }
 
 struct Run {
     detection: Duration,
     outage: Duration,
     lost: u64,
+    /// TCP connections that failed across the failover (under load only).
+    connections_lost: Option<usize>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     fulcrum_tests::require_root();
-    let loaded_options = PairOptions::default();
+    let loaded_options = PairOptions { sync: true, tcp_echo: true, workers: 2, ..PairOptions::default() };
     let idle_options = PairOptions { high_load_pps: 50_000, ..PairOptions::default() };
 
     let rate = idle_heartbeat_rate(&idle_options, Duration::from_secs(args.idle_seconds))?;
     let mut loaded = Vec::new();
     for i in 0..args.runs {
-        let run = kill_run(&format!("bfo-l{i}"), &loaded_options)?;
+        let run = kill_run(&format!("bfo-l{i}"), &loaded_options, args.connections)?;
         eprintln!(
-            "under load, run {}: detection {:?}, outage {:?}, lost {}",
+            "under load, run {}: detection {:?}, outage {:?}, lost {}, TCP connections lost {:?}",
             i + 1,
             run.detection,
             run.outage,
-            run.lost
+            run.lost,
+            run.connections_lost
         );
         loaded.push(run);
     }
     let mut idle = Vec::new();
     for i in 0..args.idle_runs {
-        let run = kill_run(&format!("bfo-i{i}"), &idle_options)?;
+        let run = kill_run(&format!("bfo-i{i}"), &idle_options, 0)?;
         eprintln!("idle, run {}: detection {:?}, outage {:?}, lost {}", i + 1, run.detection, run.outage, run.lost);
         idle.push(run);
     }
@@ -81,7 +91,13 @@ fn main() -> Result<()> {
     println!("| --- | --- | --- |");
     println!("| idle heartbeats sent per director | {rate:.2} packets/s | ≤ 2 packets/s |");
     println!("| outage under load, median | {} | ≤ 100 ms |", ms(median(loaded.iter().map(|r| r.outage).collect())));
-    println!("| TCP connections lost across kill -9 | n/a (needs connection sync: branch `sync`) | 0 |");
+    let lost: usize = loaded.iter().filter_map(|r| r.connections_lost).sum();
+    println!(
+        "| TCP connections lost across kill -9 (with `[sync]`) | {lost} of {} ({} per run, {} runs) | 0 |",
+        args.connections * loaded.len(),
+        args.connections,
+        loaded.len()
+    );
     Ok(())
 }
 
@@ -110,13 +126,32 @@ fn wait_steady(pair: &Pair) -> Result<()> {
     )
 }
 
-fn kill_run(name: &str, options: &PairOptions) -> Result<Run> {
+fn kill_run(name: &str, options: &PairOptions, connections: usize) -> Result<Run> {
     let mut pair = Pair::start(name, options)?;
     let master = pair.wait_settled(Duration::from_secs(20))?;
     let backup = 1 - master;
     pair.client.curl("http://10.0.0.100/", &["--max-time", "5"])?;
+    let streams = if options.tcp_echo && connections > 0 {
+        wait_sync_connected(&pair)?;
+        let target = std::net::SocketAddr::new(VIP.parse()?, TCP_ECHO_PORT);
+        let streams = TcpStreams::start(pair.client.netns(), target, connections, Duration::from_millis(10))?;
+        streams.wait_rounds(10, Duration::from_secs(10))?;
+        Some(streams)
+    } else {
+        None
+    };
     let probe = UdpProbe::start(pair.client.netns(), pair.udp_target(), Duration::from_millis(1))?;
     probe.wait_answers(1000, Duration::from_secs(10))?;
+    if streams.is_some() {
+        // Every connection (and the probe's flow) is on the standby before the master goes.
+        let at_least = connections as f64 + 1.0;
+        fulcrum_tests::wait_until(
+            "the standby to track every connection",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || Ok(pair.directors[backup].metric("fulcrum_connection_table_entries")? >= at_least),
+        )?;
+    }
     if options.high_load_pps < 1000 {
         fulcrum_tests::wait_until("the period to shorten", Duration::from_secs(10), Duration::from_millis(20), || {
             Ok(pair.directors[master].metric("fulcrum_ha_heartbeat_period_seconds")? <= 0.0201)
@@ -129,10 +164,31 @@ fn kill_run(name: &str, options: &PairOptions) -> Result<Run> {
     pair.directors[backup].wait_state("MASTER", Duration::from_secs(30))?;
     probe.wait_answers(300, Duration::from_secs(10))?;
     let report = probe.stop()?;
+    let connections_lost = match streams {
+        Some(streams) => {
+            streams.wait_rounds(20, Duration::from_secs(30))?;
+            let streams = streams.stop()?;
+            Some(streams.errors.len() + connections.saturating_sub(streams.connections))
+        }
+        None => None,
+    };
     let log = pair.directors[backup].process.as_ref().context("the BACKUP is running")?.stderr();
     let became = master_log_time(&log).context("no \"HA: MASTER\" line in the BACKUP's log")?;
     let detection = became.duration_since(killed_at).unwrap_or(Duration::ZERO);
-    Ok(Run { detection, outage: report.longest_gap, lost: report.lost() })
+    Ok(Run { detection, outage: report.longest_gap, lost: report.lost(), connections_lost })
+}
+
+/// Both sync connections up on both directors (`fulcrumctl sync --json`).
+fn wait_sync_connected(pair: &Pair) -> Result<()> {
+    fulcrum_tests::wait_until("sync connected both ways", Duration::from_secs(20), Duration::from_millis(20), || {
+        for director in &pair.directors {
+            let status: serde_json::Value = serde_json::from_str(&director.fulcrumctl(&["sync", "--json"])?)?;
+            if status["sending_connected"] != true || status["receiving_connected"] != true {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
 }
 
 /// The time of the last "HA: MASTER" line of a director's log (tracing's RFC 3339 UTC timestamps).
