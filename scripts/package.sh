@@ -11,6 +11,7 @@ command -v dpkg-shlibdeps >/dev/null || {
 }
 cargo build --release --locked -p fulcrum-director -p fulcrum-agent --bins
 for package in fulcrum-director fulcrum-agent; do
-    cargo deb --no-build --locked -p "$package" -o target/debian/
+    # Stripped (the debug build keeps the symbols); fast compression keeps the step short.
+    cargo deb --no-build --locked --strip --fast -p "$package" -o target/debian/
 done
 ls -1 target/debian/*.deb
