@@ -509,6 +509,25 @@ impl DirectorConfig {
 // ----- [sync]: connection synchronisation -----
 
 /// Shortest accepted sync key.
+/// A shared secret from `path` (the HA and sync keys): refused when readable by group or others, or
+/// shorter than `min_len` bytes.
+fn read_secret_key(path: &Path, min_len: usize) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {mode:04o}: the key must not be readable by others (chmod 600)",
+            path.display()
+        ));
+    }
+    let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if key.len() < min_len {
+        return Err(format!("{} holds {} bytes; the key needs at least {min_len}", path.display(), key.len()));
+    }
+    Ok(key)
+}
+
 pub const MIN_SYNC_KEY_LEN: usize = crate::sync::frame::MIN_KEY_LEN;
 
 /// The `[sync]` section: streaming connection-table changes to the peer director (see `sync`).
@@ -586,25 +605,7 @@ impl SyncSection {
 
     /// The key file's bytes; refused when shorter than [`MIN_SYNC_KEY_LEN`] or readable by group or others.
     pub fn read_key(&self) -> Result<Vec<u8>, String> {
-        use std::os::unix::fs::PermissionsExt;
-        let path = &self.key_file;
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{} has mode {mode:04o}: the key must not be readable by others (chmod 600)",
-                path.display()
-            ));
-        }
-        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if key.len() < MIN_SYNC_KEY_LEN {
-            return Err(format!(
-                "{} holds {} bytes; the key needs at least {MIN_SYNC_KEY_LEN}",
-                path.display(),
-                key.len()
-            ));
-        }
-        Ok(key)
+        read_secret_key(&self.key_file, MIN_SYNC_KEY_LEN)
     }
 
     /// The sync task's settings (the key read from `key_file`).
@@ -795,25 +796,7 @@ impl HaSection {
 
     /// The key file's bytes; refused when shorter than [`MIN_HA_KEY_LEN`] or readable by group or others.
     pub fn read_key(&self) -> Result<Vec<u8>, String> {
-        use std::os::unix::fs::PermissionsExt;
-        let path = &self.key_file;
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{} has mode {mode:04o}: the key must not be readable by others (chmod 600)",
-                path.display()
-            ));
-        }
-        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if key.len() < MIN_HA_KEY_LEN {
-            return Err(format!(
-                "{} holds {} bytes; the key needs at least {MIN_HA_KEY_LEN}",
-                path.display(),
-                key.len()
-            ));
-        }
-        Ok(key)
+        read_secret_key(&self.key_file, MIN_HA_KEY_LEN)
     }
 
     /// The state machine's configuration (the key read from `key_file`).
