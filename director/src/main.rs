@@ -244,7 +244,11 @@ async fn daemon(path: &Path, config: DirectorConfig) -> Result<()> {
     };
     let (ha_task, ha) = match (&config.ha, &dataplane) {
         (Some(section), Some(dataplane)) => {
-            let (runtime, handle) = HaRuntime::bind(section, Arc::clone(dataplane)).await?;
+            let (mut runtime, handle) = HaRuntime::bind(section, Arc::clone(dataplane)).await?;
+            if let Some(sync) = &sync_shared {
+                // Failing back before the peer's connection table is here would drop its connections.
+                runtime.hold_preemption_until_synced(Arc::clone(sync));
+            }
             (Some(tokio::spawn(runtime.run())), Some(handle))
         }
         _ => (None, None),

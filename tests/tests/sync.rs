@@ -22,11 +22,10 @@ use serde_json::Value;
 const SETTLE: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(20);
 
-/// A restarted director must not take the VIPs back before it has its peer's table: the preemption waits
-/// `preempt_delay_ms` (the full table of a few hundred connections arrives within tens of ms).
+/// Default preemption (no `preempt_delay_ms`): a restarted director takes the VIPs back only once its peer's
+/// full table has arrived, which these tests prove by failing back without losing a connection.
 fn options(forward: &'static str) -> PairOptions {
-    let extra_ha = "preempt_delay_ms = 500\n".to_string();
-    PairOptions { forward, workers: 2, sync: true, tcp_echo: true, extra_ha, ..PairOptions::default() }
+    PairOptions { forward, workers: 2, sync: true, tcp_echo: true, ..PairOptions::default() }
 }
 
 fn echo_target() -> SocketAddr {

@@ -107,6 +107,8 @@ pub struct Ha {
     preempt_since: Option<Instant>,
     /// When a held preemption becomes due.
     preempt_at: Option<Instant>,
+    /// Preemption held by the shell (see [`Ha::hold_preemption`]).
+    preempt_held: bool,
     tb_asked: Option<Instant>,
     tb_for_takeover: bool,
     tb_grant: bool,
@@ -156,6 +158,7 @@ impl Ha {
             retired: VecDeque::new(),
             preempt_since: None,
             preempt_at: None,
+            preempt_held: false,
             tb_asked: None,
             tb_for_takeover: false,
             tb_grant: false,
@@ -340,6 +343,19 @@ impl Ha {
         self.preempt_since = None;
         self.preempt_at = None;
         self.trigger(now);
+        self.evaluate(now);
+        self.refresh_timers(now);
+        self.flush(now);
+    }
+
+    /// Shell: hold (or allow) taking mastership back from a live MASTER by preemption. A restarted director
+    /// with connection sync holds it until the peer's full connection table has arrived, so that failing back
+    /// loses no connection; taking over from a dead, faulty or yielding peer is never held.
+    pub fn hold_preemption(&mut self, now: Instant, held: bool) {
+        if self.preempt_held == held {
+            return;
+        }
+        self.preempt_held = held;
         self.evaluate(now);
         self.refresh_timers(now);
         self.flush(now);
@@ -574,6 +590,7 @@ impl Ha {
                     return Desire::Master(Reason::Promoted);
                 }
                 let preempt = self.cfg.preempt
+                    && !self.preempt_held
                     && !demoted
                     && !p.claims()
                     && (self.cfg.priority, self.cfg.node_id) > (p.priority, p.node_id)

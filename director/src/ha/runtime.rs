@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 use super::{Action, Ha, HaStatus, LoadSummary, Reason, State};
 use crate::config::HaSection;
 use crate::dataplane::Dataplane;
+use crate::sync::SyncShared;
 
 /// How often the data plane's load is sampled for the adaptive period.
 const LOAD_SAMPLE: Duration = Duration::from_millis(100);
@@ -244,7 +245,13 @@ pub struct HaRuntime {
     /// Notify runs that could not start or exited unsuccessfully.
     notify_failures: Arc<AtomicU64>,
     state: watch::Sender<State>,
+    /// While set, preemption is held until connection sync has received the peer's full table (more
+    /// full tables than the baseline) or the deadline passes.
+    sync_gate: Option<(Arc<SyncShared>, u64, Instant)>,
 }
+
+/// Longest a restarted director holds preemption waiting for the peer's connection table.
+const SYNC_HOLD_MAX: Duration = Duration::from_secs(10);
 
 impl HaRuntime {
     /// Binds every path's socket and builds the machine in INIT. The data plane must start not serving.
@@ -288,9 +295,34 @@ impl HaRuntime {
             overflows: Arc::new(AtomicU64::new(0)),
             notify_failures: Arc::new(AtomicU64::new(0)),
             state,
+            sync_gate: None,
         };
         runtime.publish();
         Ok((runtime, HaHandle { events: sender, latest, state: state_rx }))
+    }
+
+    /// With connection sync: take mastership back from a live peer (preemption, failback) only once the
+    /// peer's full connection table has arrived (or after [`SYNC_HOLD_MAX`]), so that failing back loses no
+    /// connection. Taking over from a dead peer is never held.
+    pub fn hold_preemption_until_synced(&mut self, sync: Arc<SyncShared>) {
+        let now = Instant::now();
+        let baseline = sync.full_tables_received.load(Ordering::Relaxed);
+        self.ha.hold_preemption(now, true);
+        self.sync_gate = Some((sync, baseline, now + SYNC_HOLD_MAX));
+    }
+
+    fn check_sync_gate(&mut self, now: Instant) {
+        let Some((sync, baseline, deadline)) = &self.sync_gate else { return };
+        let received = sync.full_tables_received.load(Ordering::Relaxed) > *baseline;
+        if received || now >= *deadline {
+            if received {
+                info!("HA: the peer's connection table has arrived; preemption allowed");
+            } else {
+                warn!("HA: no connection table from the peer within {SYNC_HOLD_MAX:?}; preemption allowed anyway");
+            }
+            self.sync_gate = None;
+            self.ha.hold_preemption(now, false);
+        }
     }
 
     /// Runs until the task is dropped.
@@ -359,6 +391,7 @@ impl HaRuntime {
                     let now = Instant::now();
                     let load = self.sample_load(now);
                     self.ha.set_load(now, load);
+                    self.check_sync_gate(now);
                     self.drive(now).await;
                 }
             }

@@ -655,3 +655,43 @@ fn shortening_the_period_does_not_count_as_jitter() {
     assert!(peer.jitter_us <= before, "jitter {} us after the period change, {before} us before", peer.jitter_us);
     assert!(peer.deadline <= ms(4 * 20 + 10), "deadline {:?}", peer.deadline);
 }
+
+#[test]
+fn a_held_preemption_waits_for_the_shell_but_a_dead_peer_is_taken_over_at_once() {
+    // B (low priority) alone becomes MASTER; A (high priority, preempt on) restarts with its preemption held,
+    // as a director with connection sync holds it until the peer's table has arrived.
+    let a = config(1, 200);
+    let mut p = Pair::new(a.clone(), config(2, 100), 23);
+    p.kill(0);
+    p.run_until(secs(10));
+    assert_eq!(p.state(1), State::Master);
+    p.restart(0, a.clone());
+    let now = p.now;
+    p.nodes[0].ha.hold_preemption(now, true);
+    p.drain(0);
+    p.run_for(secs(10));
+    assert_eq!(p.states(), [State::Backup, State::Master], "held: no preemption");
+    let t0 = p.elapsed();
+    let now = p.now;
+    p.nodes[0].ha.hold_preemption(now, false);
+    p.drain(0);
+    p.run_for(secs(5));
+    assert_eq!(p.states(), [State::Master, State::Backup], "released: A takes the service back");
+    let took = takeover_after(&p, 0, t0).expect("a takeover after the release");
+    assert!(took < ms(100), "took over {took:?} after the release");
+    assert!(p.always_served_since(t0), "still make-before-break");
+
+    // Held again, but the MASTER dies: the hold does not apply to a dead peer.
+    let mut p = Pair::new(a.clone(), config(2, 100), 24);
+    p.kill(0);
+    p.run_until(secs(10));
+    p.restart(0, a);
+    let now = p.now;
+    p.nodes[0].ha.hold_preemption(now, true);
+    p.drain(0);
+    p.run_for(secs(5));
+    assert_eq!(p.state(0), State::Backup);
+    p.kill(1);
+    p.run_for(secs(10));
+    assert_eq!(p.state(0), State::Master, "a dead peer is taken over although preemption is held");
+}
