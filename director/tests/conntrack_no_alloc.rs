@@ -1,8 +1,6 @@
 //! The connection table's per-packet operations never touch the allocator: a counting global allocator,
 //! armed on the test's own thread only, sees no allocation, reallocation or free while they run.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -12,55 +10,8 @@ use fulcrum_director::conntrack::{
 };
 use fulcrum_director::flow::{FlowV4, Proto};
 
-struct Counting;
-
-thread_local! {
-    // Const-initialized and without destructors: reading them never allocates.
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static CALLS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note() {
-    let _ = ARMED.try_with(|armed| {
-        if armed.get() {
-            CALLS.with(|calls| calls.set(calls.get() + 1));
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note();
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Allocator calls made by this thread while `f` runs.
-fn allocator_calls<R>(f: impl FnOnce() -> R) -> (u64, R) {
-    CALLS.with(|calls| calls.set(0));
-    ARMED.with(|armed| armed.set(true));
-    let result = f();
-    ARMED.with(|armed| armed.set(false));
-    (CALLS.with(Cell::get), result)
-}
+mod common;
+use common::allocator_calls;
 
 fn client(i: u32, proto: Proto) -> FlowV4 {
     FlowV4 {

@@ -2,8 +2,6 @@
 //! allocator (this test binary's own) counts the allocations made on the test's thread around a loop of picks
 //! for every scheduler kind.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -11,51 +9,11 @@ use fulcrum_director::sched::{
     server_key, PersistenceTable, PickInput, SchedulerKind, SchedulerOptions, SchedulerState, ServerView,
 };
 
-struct CountingAllocator;
+mod common;
 
-thread_local! {
-    /// Allocations (and reallocations) made by this thread while counting is on.
-    static COUNT: Cell<Option<u64>> = const { Cell::new(None) };
-}
-
-fn note_allocation() {
-    // `try_with`: the allocator may run while thread-locals are being torn down.
-    let _ = COUNT.try_with(|count| {
-        if let Some(n) = count.get() {
-            count.set(Some(n + 1));
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_allocation();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-/// Runs `f` and returns how many allocations this thread made meanwhile.
+/// Runs `f` and returns how many allocator calls this thread made meanwhile.
 fn allocations_in(f: impl FnOnce()) -> u64 {
-    COUNT.with(|count| count.set(Some(0)));
-    f();
-    COUNT.with(|count| count.replace(None)).unwrap()
+    common::allocator_calls(f).0
 }
 
 #[test]

@@ -3,8 +3,6 @@
 //! its ring) and a standby engine installs them and takes one over, with no allocation, reallocation or
 //! free.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,55 +18,8 @@ use fulcrum_director::dataplane::worker::{PacketHandler, Scratch, Verdict};
 use fulcrum_director::sync::{hub, TaskPorts};
 use fulcrum_director::wire::{Ipv4Packet, TcpFlags, TcpPacket, VNET_HDR_LEN};
 
-struct Counting;
-
-thread_local! {
-    // Const-initialized and without destructors: reading them never allocates.
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static CALLS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note() {
-    let _ = ARMED.try_with(|armed| {
-        if armed.get() {
-            CALLS.with(|calls| calls.set(calls.get() + 1));
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note();
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Allocator calls made by this thread while `f` runs.
-fn allocator_calls<R>(f: impl FnOnce() -> R) -> (u64, R) {
-    CALLS.with(|calls| calls.set(0));
-    ARMED.with(|armed| armed.set(true));
-    let result = f();
-    ARMED.with(|armed| armed.set(false));
-    (CALLS.with(Cell::get), result)
-}
+mod common;
+use common::allocator_calls;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 21);
