@@ -184,11 +184,7 @@ impl Pair {
             if nat {
                 host.ip_cmd(&["route", "replace", "default", "via", VIP, "dev", "eth0", "onlink"])?;
             } else {
-                host.add_address(&format!("{VIP}/32"), "lo")?;
-                for scope in ["all", "eth0"] {
-                    host.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
-                    host.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
-                }
+                host.accept_vip_for_dr(VIP)?;
             }
             let nginx = host.start_nginx(80)?;
             let mut echo = Command::new(workspace_bin("udp_echo"));

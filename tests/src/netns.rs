@@ -627,6 +627,18 @@ impl Host {
         Ok(())
     }
 
+    /// Makes this host a direct-routing real server for `vip`: the VIP on `lo` (it accepts packets for it),
+    /// and `arp_ignore=1`, `arp_announce=2` (on `all` and `eth0`), so that it never answers or announces ARP
+    /// for the VIP, which only the director may.
+    pub fn accept_vip_for_dr(&self, vip: &str) -> Result<()> {
+        self.add_address(&format!("{vip}/32"), "lo")?;
+        for scope in ["all", "eth0"] {
+            self.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
+            self.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
+        }
+        Ok(())
+    }
+
     /// Removes an address added with [`Host::add_address`].
     pub fn del_address(&self, cidr: &str, dev: &str) -> Result<()> {
         ip_ns(self.netns(), &["addr", "del", cidr, "dev", dev])

@@ -71,11 +71,7 @@ impl Lab {
             let host = bed.add_host(&format!("rs{}", i + 1), &format!("{}/24", mode.server_ip(i)))?;
             match mode {
                 Mode::Dr | Mode::Tun => {
-                    host.add_address(&format!("{VIP}/32"), "lo")?;
-                    for scope in ["all", "eth0"] {
-                        host.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
-                        host.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
-                    }
+                    host.accept_vip_for_dr(VIP)?;
                 }
                 Mode::Nat => host.set_default_route("10.0.1.1")?,
             }

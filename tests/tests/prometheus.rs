@@ -153,11 +153,7 @@ fn every_dashboard_panel_query_parses_and_returns_data_from_real_prometheus() ->
     let mut servers = Vec::new();
     for (name, ip) in [("web1", "10.0.0.11"), ("web2", "10.0.0.12")] {
         let host = bed.add_host(name, &format!("{ip}/24"))?;
-        host.add_address(&format!("{VIP}/32"), "lo")?;
-        for scope in ["all", "eth0"] {
-            host.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
-            host.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
-        }
+        host.accept_vip_for_dr(VIP)?;
         let nginx = host.start_nginx(80)?;
         servers.push((host, nginx, name, ip));
     }

@@ -415,11 +415,7 @@ impl Bed {
     /// Direct routing: every real server has the VIP on `lo` and neither answers nor announces it by ARP.
     fn dr_real_servers(&self) -> Result<()> {
         for rs in &self.servers {
-            rs.add_address(&format!("{VIP}/32"), "lo")?;
-            for dev in ["all", "eth0"] {
-                rs.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
-                rs.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
-            }
+            rs.accept_vip_for_dr(VIP)?;
         }
         Ok(())
     }

@@ -527,11 +527,7 @@ impl Bed {
         client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         // Direct routing: the VIP on lo of every real server, never answered or announced by ARP.
         for rs in &hosts {
-            rs.add_address(&format!("{VIP}/32"), "lo")?;
-            for dev in ["all", "eth0"] {
-                rs.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
-                rs.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
-            }
+            rs.accept_vip_for_dr(VIP)?;
         }
         let names: Vec<String> = hosts.iter().map(|h| h.name().to_string()).collect();
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -28,9 +28,7 @@ fn main() -> Result<()> {
     let director = bed.add_host("dir1", "10.0.0.2/24")?;
     let client = bed.add_host("client", "10.0.0.21/24")?;
     let server = bed.add_host("rs1", "10.0.0.11/24")?;
-    server.add_address(&format!("{VIP}/32"), "lo")?;
-    server.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
-    server.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+    server.accept_vip_for_dr(&VIP.to_string())?;
 
     let work = tempfile::tempdir()?;
     let pki = work.path().join("pki");

@@ -55,11 +55,7 @@ pub struct Lab {
 /// A host that takes `dr` traffic for the VIP: the VIP on `lo`, never answering ARP for it.
 fn dr_host(bed: &Testbed, name: &str, ip: &str) -> Result<Host> {
     let host = bed.add_host(name, &format!("{ip}/24"))?;
-    host.add_address(&format!("{VIP}/32"), "lo")?;
-    for scope in ["all", "eth0"] {
-        host.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
-        host.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
-    }
+    host.accept_vip_for_dr(VIP)?;
     Ok(host)
 }
 
