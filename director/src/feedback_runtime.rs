@@ -401,7 +401,10 @@ pub fn spawn(
                 }
             }
             let snapshot = table.load();
-            for event in core.tick(Instant::now(), &snapshot, &agents.latest()) {
+            // The reports first, then the clock: a report stamped between the two would otherwise be refused
+            // as received in the future.
+            let latest = agents.latest();
+            for event in core.tick(Instant::now(), &snapshot, &latest) {
                 report(&event);
             }
             publish_health(&snapshot);

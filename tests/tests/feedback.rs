@@ -95,19 +95,21 @@ fn a_cpu_loaded_server_gets_a_lower_effective_weight_and_fewer_df_connections() 
 
     // rs1's cgroup uses its whole 0.2-CPU quota; the others idle. The blender moves rs1's weight below theirs.
     let mut last = Vec::new();
-    let views = wait_until("rs1 weighted below the idle servers", Duration::from_secs(30), POLL, || {
+    wait_until("rs1 weighted below the idle servers", Duration::from_secs(30), POLL, || {
         let views = ips.iter().map(|ip| weight_and_load(&lab, ip)).collect::<Result<Vec<_>>>()?;
         last.clone_from(&views);
         let loaded = views[0].2.is_some_and(|bp| bp > 8000);
         let idle = views[1..].iter().all(|v| v.2.is_some_and(|bp| bp < 2000));
         let lower = views[1..].iter().all(|v| views[0].0 < v.0);
-        Ok((loaded && idle && lower).then_some(views))
+        // The blender itself has taken rs1's load (its df load term), not only the agent registry: until the
+        // blender accepts rs1's first report, rs1 keeps its configured weight while the idle servers' rise.
+        let blended = views[1..].iter().all(|v| views[0].1 > v.1);
+        Ok(loaded && idle && lower && blended)
     })
     .with_context(|| {
         let tails: Vec<String> = agents.iter().map(|a| a.output_tails()).collect();
         format!("(weight, df load term, CPU bp) of rs1..rs3: {last:?}; agents: {tails:?}")
     })?;
-    assert!(views[1..].iter().all(|v| views[0].1 > v.1), "rs1's df load term is the largest: {views:?}");
     let table = lab.fulcrumctl(&["list"])?;
     assert!(table.contains("TCP  10.0.0.100:80 df"), "{table}");
 
