@@ -33,9 +33,10 @@ pub struct ProbeReport {
     pub answered: u64,
     /// Answers received more than once.
     pub duplicates: u64,
-    /// Longest time between two consecutive answers, and when it started (after the probe's start).
+    /// Longest time between two consecutive answers, and the arrival of the answer that opened it (so a
+    /// caller can tell whether the gap is the failover it caused or a stall elsewhere).
     pub longest_gap: Duration,
-    pub gap_started: Duration,
+    pub gap_start: Option<Instant>,
 }
 
 impl ProbeReport {
@@ -124,7 +125,6 @@ impl UdpProbe {
     /// Stops sending, waits for the last answers and reports.
     pub fn stop(mut self) -> Result<ProbeReport> {
         self.stop.store(true, Ordering::Relaxed);
-        let started = Instant::now();
         if let Some(sender) = self.sender.take() {
             sender.join().map_err(|_| anyhow!("the probe sender panicked"))??;
         }
@@ -140,16 +140,15 @@ impl UdpProbe {
         seqs.dedup();
         let answered = seqs.len() as u64;
         let first_answered = seqs.first().copied().unwrap_or(sent);
-        let first = answers.first().map_or(started, |(_, t)| *t);
-        let (mut longest_gap, mut gap_started) = (Duration::ZERO, Duration::ZERO);
+        let (mut longest_gap, mut gap_start) = (Duration::ZERO, None);
         for pair in answers.windows(2) {
             let gap = pair[1].1.duration_since(pair[0].1);
             if gap > longest_gap {
                 longest_gap = gap;
-                gap_started = pair[0].1.duration_since(first);
+                gap_start = Some(pair[0].1);
             }
         }
-        Ok(ProbeReport { sent, first_answered, answered, duplicates: total - answered, longest_gap, gap_started })
+        Ok(ProbeReport { sent, first_answered, answered, duplicates: total - answered, longest_gap, gap_start })
     }
 }
 

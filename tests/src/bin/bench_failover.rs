@@ -38,6 +38,10 @@ struct Args {
 struct Run {
     detection: Duration,
     outage: Duration,
+    /// When the longest gap opened (its last answer before), in ms from the kill: a failover's gap opens
+    /// within a millisecond or two of it (answers already on their way arrive); one far from it is a stall
+    /// elsewhere.
+    gap_start_ms: Option<f64>,
     lost: u64,
     /// TCP connections that failed across the failover (under load only).
     connections_lost: Option<usize>,
@@ -54,10 +58,11 @@ fn main() -> Result<()> {
     for i in 0..args.runs {
         let run = kill_run(&format!("bfo-l{i}"), &loaded_options, args.connections)?;
         eprintln!(
-            "under load, run {}: detection {:?}, outage {:?}, lost {}, TCP connections lost {:?}",
+            "under load, run {}: detection {:?}, outage {:?} (the gap opened at {} from the kill), lost {}, TCP connections lost {:?}",
             i + 1,
             run.detection,
             run.outage,
+            gap_start(&run),
             run.lost,
             run.connections_lost
         );
@@ -66,7 +71,14 @@ fn main() -> Result<()> {
     let mut idle = Vec::new();
     for i in 0..args.idle_runs {
         let run = kill_run(&format!("bfo-i{i}"), &idle_options, 0)?;
-        eprintln!("idle, run {}: detection {:?}, outage {:?}, lost {}", i + 1, run.detection, run.outage, run.lost);
+        eprintln!(
+            "idle, run {}: detection {:?}, outage {:?} (the gap opened at {} from the kill), lost {}",
+            i + 1,
+            run.detection,
+            run.outage,
+            gap_start(&run),
+            run.lost
+        );
         idle.push(run);
     }
 
@@ -74,18 +86,19 @@ fn main() -> Result<()> {
     println!();
     println!("Director-pair failover (kill -9 of the MASTER, 1 ms UDP probe through the VIP), medians");
     println!();
-    println!("| | detection | outage (probe's longest gap) | runs |");
-    println!("| --- | --- | --- | --- |");
+    println!("| | detection | outage (probe's longest gap) | worst outage | runs |");
+    println!("| --- | --- | --- | --- | --- |");
     for (name, runs) in [("Fulcrum, under load (period 20 ms)", &loaded), ("Fulcrum, idle (period 1 s)", &idle)] {
         println!(
-            "| {name} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} |",
             ms(median(runs.iter().map(|r| r.detection).collect())),
             ms(median(runs.iter().map(|r| r.outage).collect())),
+            ms(runs.iter().map(|r| r.outage).max()),
             runs.len()
         );
     }
-    println!("| keepalived defaults (advert_int 1 s), on paper | 3 × 1 s + skew ≈ 3.6 s | ≥ 3.6 s | - |");
-    println!("| heartbeat (Linux-HA) deadtime 30 s, on paper | 30 s | ≥ 30 s | - |");
+    println!("| keepalived defaults (advert_int 1 s), on paper | 3 × 1 s + skew ≈ 3.6 s | ≥ 3.6 s | - | - |");
+    println!("| heartbeat (Linux-HA) deadtime 30 s, on paper | 30 s | ≥ 30 s | - | - |");
     println!();
     println!("| | value | target |");
     println!("| --- | --- | --- |");
@@ -99,6 +112,10 @@ fn main() -> Result<()> {
         loaded.len()
     );
     Ok(())
+}
+
+fn gap_start(run: &Run) -> String {
+    run.gap_start_ms.map_or("-".to_string(), |ms| format!("{ms:+.1} ms"))
 }
 
 /// Heartbeats sent per second by each director of a settled, idle pair.
@@ -159,7 +176,7 @@ fn kill_run(name: &str, options: &PairOptions, connections: usize) -> Result<Run
         // Let the BACKUP see a few heartbeats at the short period.
         probe.wait_answers(300, Duration::from_secs(10))?;
     }
-    let killed_at = SystemTime::now();
+    let (killed_at, killed) = (SystemTime::now(), std::time::Instant::now());
     pair.directors[master].kill()?;
     pair.directors[backup].wait_state("MASTER", Duration::from_secs(30))?;
     probe.wait_answers(300, Duration::from_secs(10))?;
@@ -175,7 +192,14 @@ fn kill_run(name: &str, options: &PairOptions, connections: usize) -> Result<Run
     let log = pair.directors[backup].process.as_ref().context("the BACKUP is running")?.stderr();
     let became = master_log_time(&log).context("no \"HA: MASTER\" line in the BACKUP's log")?;
     let detection = became.duration_since(killed_at).unwrap_or(Duration::ZERO);
-    Ok(Run { detection, outage: report.longest_gap, lost: report.lost(), connections_lost })
+    let gap_start_ms = report.gap_start.map(|at| {
+        if at >= killed {
+            at.duration_since(killed).as_secs_f64() * 1000.0
+        } else {
+            -(killed.duration_since(at).as_secs_f64() * 1000.0)
+        }
+    });
+    Ok(Run { detection, outage: report.longest_gap, gap_start_ms, lost: report.lost(), connections_lost })
 }
 
 /// Both sync connections up on both directors (`fulcrumctl sync --json`).
