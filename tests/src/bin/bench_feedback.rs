@@ -262,6 +262,8 @@ struct Sample {
     /// Since the run's start.
     t: Duration,
     effective_weights: Vec<u32>,
+    /// The CPU each server's agent last reported (what the blender sees), basis points of its quota.
+    reported_cpu_bp: Vec<Option<u64>>,
     /// Cumulative CPU time of each server's cgroup.
     cpu: Vec<Duration>,
     /// Each server's quota in force, cores.
@@ -661,7 +663,7 @@ impl Bed {
             .and_then(|s| s.first())
             .and_then(|s| s["servers"].as_array())
             .context("fulcrumctl list --json: no service")?;
-        let mut effective_weights = Vec::new();
+        let (mut effective_weights, mut reported_cpu_bp) = (Vec::new(), Vec::new());
         for i in 0..self.servers.len() {
             let ip = server_ip(i);
             let s = servers
@@ -669,9 +671,10 @@ impl Bed {
                 .find(|s| s["address"] == ip.as_str())
                 .with_context(|| format!("fulcrumctl list --json: no server {ip}"))?;
             effective_weights.push(s["effective_weight"].as_u64().context("effective_weight")? as u32);
+            reported_cpu_bp.push(s["cpu_bp"].as_u64());
         }
         let cpu = self.servers.iter().map(|s| s.cgroup().usage()).collect::<Result<Vec<_>>>()?;
-        Ok(Sample { t, effective_weights, cpu, quota: quota.to_vec(), antagonist })
+        Ok(Sample { t, effective_weights, reported_cpu_bp, cpu, quota: quota.to_vec(), antagonist })
     }
 
     /// `connections_total` of every server, from `fulcrumctl list --json`.
@@ -1062,20 +1065,22 @@ fn runs_csv(closed: &[Outcome], open: &[Outcome]) -> String {
 }
 
 fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
-    let mut s = String::from("kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist\n");
+    let mut s =
+        String::from("kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist,reported_cpu_bp\n");
     for r in closed.iter().chain(open).filter_map(Outcome::ok) {
         for sample in &r.samples {
             for (i, w) in sample.effective_weights.iter().enumerate() {
                 let _ = writeln!(
                     s,
-                    "{},{},{},{:.3},rs{},{w},{:.4},{}",
+                    "{},{},{},{:.3},rs{},{w},{:.4},{},{}",
                     r.load.kind(),
                     r.sched.name(),
                     r.load.label().replace(' ', ""),
                     sample.t.as_secs_f64(),
                     i + 1,
                     sample.quota[i],
-                    u8::from(sample.antagonist)
+                    u8::from(sample.antagonist),
+                    sample.reported_cpu_bp.get(i).copied().flatten().map_or(String::new(), |bp| bp.to_string())
                 );
             }
         }
@@ -1268,6 +1273,7 @@ mod tests {
         Sample {
             t: secs(t),
             effective_weights: weights.to_vec(),
+            reported_cpu_bp: vec![None; weights.len()],
             cpu: vec![Duration::ZERO; weights.len()],
             quota: vec![0.1; weights.len()],
             antagonist: false,
