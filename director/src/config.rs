@@ -847,6 +847,9 @@ pub struct FeedbackSettings {
     pub gain: f64,
     /// Largest step per period, as a share of the current weight.
     pub max_step: f64,
+    /// A weight at rest moves again only when its load is off target by more than this share (hysteresis
+    /// against report noise).
+    pub hold_band: f64,
     /// Half-life of the metrics' moving averages, milliseconds (0: no smoothing).
     pub half_life_ms: u32,
     /// A server whose newest report is older than this falls back to its configured weight.
@@ -869,6 +872,7 @@ impl Default for FeedbackSettings {
             connections: b.coefficients.connections,
             gain: b.gain,
             max_step: b.max_step,
+            hold_band: b.hold_band,
             half_life_ms: b.half_life.as_millis() as u32,
             stale_after_ms: b.stale_after.as_millis() as u32,
             down_after_ms: b.down_after.as_millis() as u32,
@@ -895,6 +899,7 @@ impl FeedbackSettings {
             },
             gain: self.gain,
             max_step: self.max_step,
+            hold_band: self.hold_band,
             half_life: Duration::from_millis(self.half_life_ms.into()),
             stale_after: Duration::from_millis(self.stale_after_ms.into()),
             down_after: Duration::from_millis(self.down_after_ms.into()),
@@ -933,6 +938,7 @@ impl FeedbackSettings {
                 let key = match field {
                     "gain" => "gain",
                     "max_step" => "max_step",
+                    "hold_band" => "hold_band",
                     _ => "enabled",
                 };
                 Err(invalid(&at(key), format!("{value} is outside {range}")))
@@ -1251,6 +1257,7 @@ mod tests {
                 "longer than stale_after",
             ),
             ("[service.feedback]\nmax_step = 2.0", 4, "service[0].feedback.max_step", "outside (0, 1]"),
+            ("[service.feedback]\nhold_band = 0.7", 4, "service[0].feedback.hold_band", "outside [0, 0.5]"),
             ("[service.feedback]\nperiod = 10", 4, "service[0].feedback.period", "unknown field"),
         ] {
             let err = refused(&with(section));

@@ -40,17 +40,31 @@
 //!   relative mode the aggregate fed to the rule is `target × aggregate / max(mean aggregate, floor)`: a server
 //!   exactly as loaded as the service's average does not move, busier ones lose weight, idler ones gain, and
 //!   the weights converge to the servers' capacity ratios. The floor (default 0.1) keeps an idle service from
-//!   reacting to noise: below it every server gains weight up to its bound. [`LoadMode::Absolute`] is the
-//!   classic rule.
+//!   reacting to noise: below it every server wants more weight, which the renormalisation cancels.
+//!   [`LoadMode::Absolute`] is the classic rule.
+//! * **Weights keep their configured sum** (relative mode). After the steps, the weights of the servers in
+//!   normal state are scaled together so that `weight / configured` averages 1: only the ratios steer traffic,
+//!   and without this the scale drifts until the weights sit on their bounds, where the ratios are lost.
+//! * **A server pinned by outside work does not skew the mean.** The mean leaves out a server on the floor of
+//!   1 that is still busier than the mean (or on its ceiling and idler): a server busy with work the director
+//!   does not send it reads busy whatever its weight, and counted in the mean it would make every other server
+//!   look idle.
 //! * **No overshoot.** Near the target `∛` is steep and, in a closed loop, makes the weight orbit the
 //!   equilibrium forever. Under the model "load is proportional to weight", the weight `w × target / aggregate`
 //!   would put the server exactly on target; one step never moves more than [`BlenderConfig::damping`]
 //!   (default ¾) of the way there. Far from the target the `∛` term is the smaller and decides.
 //! * **Dead band.** With the damping `d` and the significance `s`, a server whose load is within about
 //!   `s / d` (4 % by default) of its target no longer moves: that is what makes the weights settle and stop.
-//!   The defaults (`d` = 0.75, `s` = 0.03, half-life 1 s) come from the closed-loop simulation in the tests:
-//!   three servers of capacity 1 : 2 : 3 at 17–92 % of the total capacity settle within 15 periods to
-//!   weights within 3 % of the capacity ratio, and then never change again. LVS's 5 % doubles the dead band.
+//!   LVS's 5 % doubles the dead band.
+//! * **Hysteresis against noise.** Reported CPU jumps 10–15 points from one report to the next under a
+//!   static scheduler (measured in `bench/feedback`), far more than the dead band, so without more the weights
+//!   random-walk. After [`STEPS_TO_REST`] steps in a row inside the dead band a weight is at rest; it moves
+//!   again only when its load averaged over [`REST_SMOOTHING`] half-lives (restarted on target when it came to
+//!   rest) is more than [`BlenderConfig::hold_band`] (default 12 %) off target, or the load averaged over one
+//!   half-life more than three times that (a real change, followed at once). The defaults come from the
+//!   simulations in the tests: three servers of capacity 1 : 2 : 3 at 17–92 % of the total capacity settle
+//!   within 15 periods with every load within the hold band of the median and never change again; four servers
+//!   with ±15 points of noise per report move in under one period in ten.
 //! * **Rate cap.** One step moves a weight by at most [`BlenderConfig::max_step`] (default 25 %) of its
 //!   current value, so a whole service cannot swing at once (no herd oscillation).
 //! * **One step per new report.** Between two reports nothing new is known; stepping again on the same data
@@ -92,6 +106,13 @@ mod tests;
 pub const MAX_METRIC: f64 = 2.0;
 /// 100 % in basis points.
 pub const FULL_BP: u16 = 10_000;
+/// The half-life of the load average that decides whether a weight at rest moves again, in units of
+/// [`BlenderConfig::half_life`]: long enough that report-to-report noise does not cross the hold band, while a
+/// real change (more than twice the band) still moves the weight on the short average at once.
+pub const REST_SMOOTHING: u32 = 4;
+/// Consecutive insignificant steps before a weight comes to rest. One is not enough: the smoothed load lags
+/// the weight it responds to, so a single quiet step right after a move is often the lag, not the target.
+pub const STEPS_TO_REST: u32 = 2;
 /// Longest response time or report interval accepted.
 pub const MAX_PLAUSIBLE_TIME: Duration = Duration::from_secs(60 * 60);
 
@@ -158,6 +179,10 @@ pub struct BlenderConfig {
     pub down_probe_failures: u32,
     /// Floor of the `df` unit's connection count (default 4).
     pub df_min_connections: u32,
+    /// Hysteresis: a server whose weight has come to rest moves again only when its load, averaged over
+    /// [`REST_SMOOTHING`] × `half_life`, is off target by more than this share of the target, or its load
+    /// (averaged over `half_life`) by more than three times that (default 0.12), `[0, 0.5]`.
+    pub hold_band: f64,
 }
 
 impl Default for BlenderConfig {
@@ -178,6 +203,7 @@ impl Default for BlenderConfig {
             down_after: Duration::from_secs(10),
             down_probe_failures: 3,
             df_min_connections: 4,
+            hold_band: 0.12,
         }
     }
 }
@@ -214,6 +240,7 @@ impl BlenderConfig {
         check("significance", self.significance, (0.0..1.0).contains(&self.significance), "[0, 1)")?;
         check("max_step", self.max_step, self.max_step > 0.0 && self.max_step <= 1.0, "(0, 1]")?;
         check("damping", self.damping, self.damping > 0.0 && self.damping <= 1.0, "(0, 1]")?;
+        check("hold_band", self.hold_band, (0.0..=0.5).contains(&self.hold_band), "[0, 0.5]")?;
         if let LoadMode::ClusterRelative { floor } = self.mode {
             check("mode.floor", floor, floor > 0.0 && floor <= 1.0, "(0, 1]")?;
         }
@@ -435,6 +462,14 @@ struct Slot {
     smoothed: Smoothed,
     /// A report was accepted since the last weight step.
     fresh: bool,
+    /// `weight` before this period's step and renormalisation: the rate cap holds for both together.
+    weight_before: f64,
+    /// Consecutive steps that fell inside the dead band. After [`STEPS_TO_REST`] the weight is at rest: it
+    /// holds until the load leaves the hold band.
+    quiet_steps: u32,
+    /// The load the rule compares with the target, averaged over `REST_SMOOTHING × half_life`; restarted from
+    /// the current load whenever the weight comes to rest.
+    rest_load: Ewma,
     normal_before: bool,
     aggregate: Option<f64>,
     published: u32,
@@ -450,6 +485,9 @@ impl Slot {
             accepted: None,
             smoothed: Smoothed::default(),
             fresh: false,
+            weight_before: f64::from(configured),
+            quiet_steps: 0,
+            rest_load: Ewma::default(),
             normal_before: false,
             aggregate: None,
             published: configured,
@@ -549,6 +587,8 @@ impl Blender {
             if !normal {
                 slot.weight = f64::from(slot.configured);
                 slot.fresh = false;
+                slot.quiet_steps = 0;
+                slot.rest_load = Ewma::default();
             }
             slot.normal_before = normal;
         }
@@ -574,32 +614,51 @@ impl Blender {
         let df_unit = 256.0 * mean_active.max(f64::from(cfg.df_min_connections));
 
         // 3. Aggregates, and their mean for the relative mode.
-        let (mut sum, mut count) = (0.0, 0usize);
         for (slot, out) in self.slots.iter_mut().zip(self.outputs.iter_mut()) {
             let metrics = (out.status == FeedbackStatus::Normal && slot.configured > 0)
                 .then(|| Metrics::of(cfg, &slot.smoothed, rt_full_us));
             slot.aggregate = metrics.and_then(|m| m.aggregate(&cfg.coefficients));
             out.aggregate_load = slot.aggregate;
-            if let Some(a) = slot.aggregate {
-                sum += a;
-                count += 1;
-            }
             let m = metrics.unwrap_or_default();
             out.response_time_norm = to_units(m.rt.unwrap_or(0.0) * df_unit);
             out.cpu_norm = to_units(m.cpu.unwrap_or(0.0) * df_unit);
         }
-        let mean = (count > 0).then(|| sum / count as f64);
+        let reference = reference_load(cfg, &self.slots);
 
-        // 4. Weight steps and outputs.
-        for (slot, out) in self.slots.iter_mut().zip(self.outputs.iter_mut()) {
+        // 4. Weight steps.
+        for slot in self.slots.iter_mut() {
+            slot.weight_before = slot.weight;
             if let (true, Some(aggregate)) = (slot.fresh, slot.aggregate) {
-                let load = match (cfg.mode, mean) {
-                    (LoadMode::ClusterRelative { floor }, Some(mean)) => cfg.target * aggregate / mean.max(floor),
+                let load = match (cfg.mode, reference) {
+                    (LoadMode::ClusterRelative { floor }, Some(reference)) => {
+                        cfg.target * aggregate / reference.max(floor)
+                    }
                     _ => aggregate,
                 };
-                slot.weight = step(cfg, slot.weight, slot.configured, load);
+                let at = slot.accepted.map_or(now, |(received, _)| received);
+                slot.rest_load.feed(Some(load), at, cfg.half_life * REST_SMOOTHING);
+                let off = |load: f64| (load / cfg.target - 1.0).abs();
+                let holds = slot.quiet_steps >= STEPS_TO_REST
+                    && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
+                    && off(load) <= 3.0 * cfg.hold_band;
+                if !holds {
+                    let stepped = step(cfg, slot.weight, slot.configured, load);
+                    slot.quiet_steps = if stepped == slot.weight { slot.quiet_steps + 1 } else { 0 };
+                    if slot.quiet_steps == STEPS_TO_REST {
+                        slot.rest_load = Ewma::default();
+                        slot.rest_load.feed(Some(cfg.target), at, Duration::ZERO);
+                    }
+                    slot.weight = stepped;
+                }
                 slot.fresh = false;
             }
+        }
+        if let LoadMode::ClusterRelative { .. } = cfg.mode {
+            renormalise(cfg, &mut self.slots, &self.outputs);
+        }
+
+        // 5. Outputs.
+        for (slot, out) in self.slots.iter_mut().zip(self.outputs.iter_mut()) {
             let weight = match out.status {
                 FeedbackStatus::Down { .. } => 0,
                 _ if slot.configured == 0 => 0,
@@ -614,6 +673,56 @@ impl Blender {
             slot.published = weight;
         }
         &self.outputs
+    }
+}
+
+/// The relative mode's reference: the mean aggregate of the servers with one, leaving out those pinned at a
+/// bound their load pushes them past (on the floor of 1 and busier than the mean, or on `scale × configured`
+/// and idler). A server busy with work the director does not send it (a backup job, a noisy neighbour) reads
+/// busy whatever its weight and ends on the floor; counted in the mean, it would make every other server look
+/// idle and climb together to its bound. `None` when no server has an aggregate.
+fn reference_load(cfg: &BlenderConfig, slots: &[Slot]) -> Option<f64> {
+    let mean = |keep: &dyn Fn(&Slot, f64) -> bool| {
+        let (sum, count) = slots
+            .iter()
+            .filter_map(|slot| slot.aggregate.filter(|&a| keep(slot, a)))
+            .fold((0.0, 0usize), |(sum, count), a| (sum + a, count + 1));
+        (count > 0).then(|| sum / count as f64)
+    };
+    let all = mean(&|_, _| true)?;
+    let pinned = |slot: &Slot, a: f64| {
+        let max = f64::from(slot.configured) * f64::from(cfg.scale);
+        (slot.weight <= 1.0 && a > all) || (slot.weight >= max && a < all)
+    };
+    Some(mean(&|slot, a| !pinned(slot, a)).unwrap_or(all))
+}
+
+/// Relative mode: scales the weights of the servers in normal state so that their feedback factors
+/// (`weight / configured`) average 1 again. Only the weights' ratios decide where connections go, so the scale
+/// carries no information; left alone it drifts (every step is relative to the current weight) until the
+/// weights sit on their bounds, where the ratios are lost. Holding the mean factor at 1 keeps the service's
+/// weights summing to what was configured and the servers' room to move symmetric. When no weight stepped the
+/// factor is already 1 and nothing changes. The rate cap still holds: no weight moves by more than `max_step`
+/// in one period, step and scaling together (the rest of the scaling follows in the next periods).
+fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]) {
+    let feedback =
+        |(slot, out): &(&mut Slot, &ServerOutput)| out.status == FeedbackStatus::Normal && slot.configured > 0;
+    let (mut sum, mut count) = (0.0, 0usize);
+    for pair in slots.iter_mut().zip(outputs).filter(feedback) {
+        sum += pair.0.weight / f64::from(pair.0.configured);
+        count += 1;
+    }
+    if count == 0 {
+        return;
+    }
+    let scale = count as f64 / sum;
+    if (scale - 1.0).abs() < 1e-9 {
+        return;
+    }
+    for (slot, _) in slots.iter_mut().zip(outputs).filter(feedback) {
+        let max = f64::from(slot.configured) * f64::from(cfg.scale);
+        let (low, high) = (slot.weight_before * (1.0 - cfg.max_step), slot.weight_before * (1.0 + cfg.max_step));
+        slot.weight = (slot.weight * scale).clamp(low, high).clamp(1.0, max);
     }
 }
 
