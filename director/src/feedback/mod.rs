@@ -66,7 +66,15 @@
 //!   within 15 periods with every load within the hold band of the median and never change again; four servers
 //!   with ±15 points of noise per report move in under one period in ten.
 //! * **Rate cap.** One step moves a weight by at most [`BlenderConfig::max_step`] (default 25 %) of its
-//!   current value, so a whole service cannot swing at once (no herd oscillation).
+//!   current value or of its configured weight, whichever is larger, so a whole service cannot swing at once
+//!   (no herd oscillation). The configured weight as a lower bound matters on the way back: a server that
+//!   outside work pinned to the floor of 1 would otherwise creep up ×1.25 a report, and take ten reports to
+//!   regain a configured weight of 10 after the work stopped; it now takes four.
+//! * **Response time from the latest probe, outliers clipped.** The blender smooths the agent's latest probe
+//!   sample with its own half-life (the agent's smoothed figure is for display: smoothing it again doubled
+//!   the lag). A sample above what the metric can register (`MAX_METRIC` × the full-load reference of the
+//!   previous period) is clipped to it first: a throttled server's 30-fold response time would otherwise
+//!   keep its smoothed value high for five half-lives after it recovered.
 //! * **One step per new report.** Between two reports nothing new is known; stepping again on the same data
 //!   would integrate it twice. A period without a new accepted report holds the weight.
 //! * **Smoothing.** Every metric is an EWMA over accepted reports with a half-life
@@ -96,7 +104,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use fulcrum_protocol::messages::LoadReport;
+use fulcrum_protocol::messages::{LoadReport, ProbeOutcome};
 use thiserror::Error;
 
 #[cfg(test)]
@@ -161,7 +169,8 @@ pub struct BlenderConfig {
     pub scale: u32,
     /// A step is applied only when it changes the weight by more than this share of it (default 0.03).
     pub significance: f64,
-    /// Largest step per period as a share of the current weight (default 0.25).
+    /// Largest step per period as a share of the current weight or of the configured weight, whichever is
+    /// larger (default 0.25).
     pub max_step: f64,
     /// Share of the way to the load-proportional target weight one step may go (default 0.75), `(0, 1]`.
     pub damping: f64,
@@ -271,7 +280,8 @@ pub struct ReportInput {
     pub received: Instant,
     pub interval_ms: u32,
     pub cpu_busy_bp: Option<u16>,
-    /// Smoothed response time, microseconds.
+    /// The latest probe's response time (HTTP: time to first byte; TCP: connect time), microseconds; `None`
+    /// when it failed or none has completed. The blender does its own smoothing.
     pub response_time_us: Option<u32>,
     /// PSI CPU `some avg10`, basis points.
     pub cpu_pressure_bp: Option<u16>,
@@ -287,7 +297,10 @@ impl ReportInput {
             received,
             interval_ms: report.interval_ms,
             cpu_busy_bp: report.cpu.map(|c| c.busy_bp),
-            response_time_us: report.probe.smoothed_us,
+            response_time_us: match report.probe.last {
+                ProbeOutcome::Ok(sample) => Some(sample.first_byte_us.unwrap_or(sample.connect_us)),
+                ProbeOutcome::Pending | ProbeOutcome::Failed(_) => None,
+            },
             cpu_pressure_bp: report.cpu_pressure.map(|p| p.some_avg10_bp),
             established: report.established_connections,
             probe_failures: report.probe.consecutive_failures,
@@ -503,6 +516,9 @@ pub struct Blender {
     outputs: Vec<ServerOutput>,
     scratch: Vec<f64>,
     rejections: RejectionCounts,
+    /// The response time that counts as full load, from the last update; response-time samples are clipped to
+    /// `MAX_METRIC` times it before they are smoothed.
+    rt_full_us: Option<f64>,
 }
 
 impl Blender {
@@ -515,6 +531,7 @@ impl Blender {
             outputs: Vec::new(),
             scratch: Vec::new(),
             rejections: RejectionCounts::default(),
+            rt_full_us: None,
         })
     }
 
@@ -573,7 +590,9 @@ impl Blender {
                             let at = report.received;
                             let bp = |v: u16| f64::from(v) / f64::from(FULL_BP);
                             s.cpu.feed(report.cpu_busy_bp.map(bp), at, cfg.half_life);
-                            s.rt_us.feed(report.response_time_us.map(f64::from), at, cfg.half_life);
+                            let rt_ceiling = self.rt_full_us.map_or(f64::INFINITY, |full| MAX_METRIC * full);
+                            let rt = report.response_time_us.map(|us| f64::from(us).min(rt_ceiling));
+                            s.rt_us.feed(rt, at, cfg.half_life);
                             s.pressure.feed(report.cpu_pressure_bp.map(bp), at, cfg.half_life);
                             s.established.feed(Some(f64::from(report.established)), at, cfg.half_life);
                             slot.accepted = Some((report.received, report.probe_failures));
@@ -606,6 +625,7 @@ impl Blender {
                 median(&mut self.scratch).map(|m| m * full_load_multiple).filter(|m| *m > 0.0)
             }
         };
+        self.rt_full_us = rt_full_us;
         let mean_active = if inputs.is_empty() {
             0.0
         } else {
@@ -720,10 +740,17 @@ fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]
         return;
     }
     for (slot, _) in slots.iter_mut().zip(outputs).filter(feedback) {
-        let max = f64::from(slot.configured) * f64::from(cfg.scale);
-        let (low, high) = (slot.weight_before * (1.0 - cfg.max_step), slot.weight_before * (1.0 + cfg.max_step));
-        slot.weight = (slot.weight * scale).clamp(low, high).clamp(1.0, max);
+        let configured = f64::from(slot.configured);
+        let cap = rate_cap(cfg, slot.weight_before, configured);
+        let (low, high) = (slot.weight_before - cap, slot.weight_before + cap);
+        slot.weight = (slot.weight * scale).clamp(low, high).clamp(1.0, configured * f64::from(cfg.scale));
     }
+}
+
+/// The most a weight `w` may move in one period: `max_step` of the weight or of the configured weight,
+/// whichever is larger.
+fn rate_cap(cfg: &BlenderConfig, w: f64, configured: f64) -> f64 {
+    cfg.max_step * w.max(configured)
 }
 
 /// The new feedback weight from the current one and the load the rule compares with the target.
@@ -734,7 +761,7 @@ fn step(cfg: &BlenderConfig, w: f64, configured: u32, load: f64) -> f64 {
     let raw = cfg.gain * configured * error.cbrt();
     // Never more than `damping` of the way to the weight that would put a load-proportional server on target.
     let no_overshoot = if load > 1e-9 { cfg.damping * (w * cfg.target / load - w).abs() } else { f64::INFINITY };
-    let limit = no_overshoot.min(cfg.max_step * w);
+    let limit = no_overshoot.min(rate_cap(cfg, w, configured));
     let max = configured * f64::from(cfg.scale);
     let candidate = (w + raw.clamp(-limit, limit)).clamp(1.0, max);
     // Reaching a bound is always significant, or the last small step to it would never be taken.

@@ -242,10 +242,12 @@ fn climbing_cpu_loses_weight_smoothly_and_regains_it() {
     let share = f64::from(a_weights[59]) / f64::from(a_weights[59] + b_at_59);
     assert!(share < 0.3, "{a_weights:?}, B {b_at_59}");
     assert!(((0.6 + share) / (1.0 - share) - 1.0).abs() < 0.08, "CPUs balanced: {a_weights:?}, B {b_at_59}");
-    // Rising back once it stops (B's weight falling at the same time), smoothly, to about B's weight.
+    // Rising back once it stops (B's weight falling at the same time), smoothly, to about B's weight: never
+    // by more than the rate cap (a quarter of the larger of the weight and the configured 100) per period.
     assert!(a_weights[65] > a_weights[59] * 2, "{a_weights:?}");
     for k in 61..120 {
-        assert!(f64::from(a_weights[k]) <= f64::from(a_weights[k - 1]) * 1.25 + 1.0, "jump at {k}: {a_weights:?}");
+        let cap = 0.25 * f64::from(a_weights[k - 1].max(100));
+        assert!(f64::from(a_weights[k]) <= f64::from(a_weights[k - 1]) + cap + 1.0, "jump at {k}: {a_weights:?}");
     }
     let share = f64::from(wa) / f64::from(wa + wb);
     assert!((share - 0.5).abs() < 0.02, "regained: {a_weights:?}, B {wb}");
@@ -589,4 +591,44 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_server_freed_from_outside_work_regains_its_share_within_four_seconds() {
+    // Four servers of capacity 1 : 2 : 4 : 4 (configured weight 10 each) at 60 % of the total, reporting
+    // every 500 ms in a closed loop. A CPU antagonist fills server 2 for 30 s: its CPU reads 100 % and its
+    // probe answers 30 times slower than the others, so it is pinned to the floor. Then the antagonist stops.
+    let capacities = [1.0, 2.0, 4.0, 4.0];
+    let offered = 0.6 * 11.0;
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let mut weights = vec![10u32; 4];
+    let off_at = 60u32;
+    let mut regained_at = None;
+    for k in 0..off_at + 20 {
+        let now = start + SEC * k / 2;
+        let antagonist = k < off_at;
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let inputs: Vec<ServerInput> = (0..4)
+            .map(|i| {
+                let util = (offered * f64::from(weights[i]) / total / capacities[i]).min(0.99);
+                let (util, rt_us) =
+                    if antagonist && i == 2 { (1.0, 30_000) } else { (util, (1000.0 / (1.0 - util)) as u32) };
+                let bp = (util * 10_000.0).round() as u16;
+                let report = ReportInput { response_time_us: Some(rt_us), ..report(u64::from(k) + 1, now, bp) };
+                server(i as u64, 10, Some(report))
+            })
+            .collect();
+        weights = b.update(now, &inputs).iter().map(|o| o.effective_weight).collect();
+        if k == off_at - 1 {
+            assert_eq!(weights[2], 1, "the antagonist pins server 2 to the floor: {weights:?}");
+        }
+        if !antagonist && regained_at.is_none() && f64::from(weights[2]) >= 0.8 * f64::from(weights[3]) {
+            regained_at = Some(k - off_at + 1);
+        }
+    }
+    // 9 reports here; 14 when the rate cap was a share of the current weight alone and the probe's outlier
+    // response times were smoothed unclipped.
+    let reports = regained_at.expect("server 2 never regained its share");
+    assert!(reports <= 10, "server 2 took {reports} reports to regain 80 % of its twin's weight: {weights:?}");
 }

@@ -1,6 +1,8 @@
 use std::path::Path;
 
-use fulcrum_protocol::messages::{CpuSource, CpuUsage, LoadReport, MemoryUsage, ProbeKind, ProbeOutcome, ProbeReport};
+use fulcrum_protocol::messages::{
+    CpuSource, CpuUsage, LoadReport, MemoryUsage, ProbeFailure, ProbeKind, ProbeOutcome, ProbeReport, ProbeSample,
+};
 
 use super::*;
 use crate::dataplane::table::TableBuilder;
@@ -82,6 +84,23 @@ fn health_kinds(events: &[Event]) -> Vec<ReasonKind> {
             _ => None,
         })
         .collect()
+}
+
+#[test]
+fn the_blender_takes_the_latest_probe_not_the_agents_smoothed_figure() {
+    // The blender smooths with its own half-life; the agent's smoothed response time would be smoothed twice.
+    let at = Instant::now();
+    let with_probe = |kind, last| {
+        let mut r = report(1, 5_000);
+        r.probe = ProbeReport { kind, last, smoothed_us: Some(9_999), consecutive_failures: 0, total_failures: 0 };
+        ReportInput::from_report(&r, at).response_time_us
+    };
+    let http = ProbeSample { connect_us: 150, first_byte_us: Some(2_400), http_status: Some(200) };
+    assert_eq!(with_probe(ProbeKind::Http, ProbeOutcome::Ok(http)), Some(2_400), "HTTP: time to first byte");
+    let tcp = ProbeSample { connect_us: 150, first_byte_us: None, http_status: None };
+    assert_eq!(with_probe(ProbeKind::Tcp, ProbeOutcome::Ok(tcp)), Some(150), "TCP: connect time");
+    assert_eq!(with_probe(ProbeKind::Http, ProbeOutcome::Failed(ProbeFailure::Timeout)), None);
+    assert_eq!(with_probe(ProbeKind::Http, ProbeOutcome::Pending), None);
 }
 
 #[test]
