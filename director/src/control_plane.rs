@@ -241,7 +241,7 @@ impl ControlPlane {
                                 .mac()
                                 .map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                             cpu_bp: last.and_then(|r| r.cpu).map(|c| c.busy_bp),
-                            response_time_us: last.and_then(|r| r.probe.smoothed_us),
+                            response_time_us: last.and_then(|r| r.probe.latest_us()),
                             report_age_ms: report.and_then(|r| r.report_age_ms),
                             health: state.health().name().to_string(),
                             df_response_time_term: state.response_time_norm.load(std::sync::atomic::Ordering::Relaxed),

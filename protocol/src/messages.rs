@@ -166,6 +166,17 @@ pub struct ProbeReport {
     pub total_failures: u64,
 }
 
+impl ProbeReport {
+    /// The latest probe's response time (HTTP: time to first byte; TCP: connect time), in microseconds;
+    /// `None` when it failed or none has completed.
+    pub fn latest_us(&self) -> Option<u32> {
+        match self.last {
+            ProbeOutcome::Ok(sample) => Some(sample.first_byte_us.unwrap_or(sample.connect_us)),
+            ProbeOutcome::Pending | ProbeOutcome::Failed(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum ProbeKind {
     Tcp,

@@ -23,7 +23,7 @@
 //! | metric | coefficient (default) | normalisation |
 //! | --- | --- | --- |
 //! | CPU | `cpu` = 0.5 | `busy_bp / 10 000` |
-//! | response time | `response_time` = 0.3 | `smoothed_us / reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0) |
+//! | response time | `response_time` = 0.3 | the latest probe (clipped to `MAX_METRIC × reference`), smoothed, `/ reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0) |
 //! | CPU pressure | `pressure` = 0.2 | PSI `some avg10` in bp / 10 000 |
 //! | connections | `connections` = 0.0 | agent-counted established connections / [`BlenderConfig::connections_full`] |
 //!
@@ -104,7 +104,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use fulcrum_protocol::messages::{LoadReport, ProbeOutcome};
+use fulcrum_protocol::messages::LoadReport;
 use thiserror::Error;
 
 #[cfg(test)]
@@ -297,10 +297,7 @@ impl ReportInput {
             received,
             interval_ms: report.interval_ms,
             cpu_busy_bp: report.cpu.map(|c| c.busy_bp),
-            response_time_us: match report.probe.last {
-                ProbeOutcome::Ok(sample) => Some(sample.first_byte_us.unwrap_or(sample.connect_us)),
-                ProbeOutcome::Pending | ProbeOutcome::Failed(_) => None,
-            },
+            response_time_us: report.probe.latest_us(),
             cpu_pressure_bp: report.cpu_pressure.map(|p| p.some_avg10_bp),
             established: report.established_connections,
             probe_failures: report.probe.consecutive_failures,

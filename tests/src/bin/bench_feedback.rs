@@ -256,14 +256,26 @@ impl Timeline {
     }
 }
 
+/// A server's latest agent figures and the blender's `df` terms, from `fulcrumctl list --json`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Reported {
+    /// CPU, basis points of the quota (what the blender sees).
+    cpu_bp: Option<u64>,
+    /// The agent's smoothed probe response time, µs.
+    response_time_us: Option<u64>,
+    /// `df`'s response-time and load terms (0 without feedback).
+    df_response_time_term: u64,
+    df_load_term: u64,
+}
+
 /// One reading during a run.
 #[derive(Clone, Debug, PartialEq)]
 struct Sample {
     /// Since the run's start.
     t: Duration,
     effective_weights: Vec<u32>,
-    /// The CPU each server's agent last reported (what the blender sees), basis points of its quota.
-    reported_cpu_bp: Vec<Option<u64>>,
+    /// What each server's agent last reported and what the blender made of it.
+    reported: Vec<Reported>,
     /// Cumulative CPU time of each server's cgroup.
     cpu: Vec<Duration>,
     /// Each server's quota in force, cores.
@@ -663,7 +675,7 @@ impl Bed {
             .and_then(|s| s.first())
             .and_then(|s| s["servers"].as_array())
             .context("fulcrumctl list --json: no service")?;
-        let (mut effective_weights, mut reported_cpu_bp) = (Vec::new(), Vec::new());
+        let (mut effective_weights, mut reported) = (Vec::new(), Vec::new());
         for i in 0..self.servers.len() {
             let ip = server_ip(i);
             let s = servers
@@ -671,10 +683,15 @@ impl Bed {
                 .find(|s| s["address"] == ip.as_str())
                 .with_context(|| format!("fulcrumctl list --json: no server {ip}"))?;
             effective_weights.push(s["effective_weight"].as_u64().context("effective_weight")? as u32);
-            reported_cpu_bp.push(s["cpu_bp"].as_u64());
+            reported.push(Reported {
+                cpu_bp: s["cpu_bp"].as_u64(),
+                response_time_us: s["response_time_us"].as_u64(),
+                df_response_time_term: s["df_response_time_term"].as_u64().unwrap_or(0),
+                df_load_term: s["df_load_term"].as_u64().unwrap_or(0),
+            });
         }
         let cpu = self.servers.iter().map(|s| s.cgroup().usage()).collect::<Result<Vec<_>>>()?;
-        Ok(Sample { t, effective_weights, reported_cpu_bp, cpu, quota: quota.to_vec(), antagonist })
+        Ok(Sample { t, effective_weights, reported, cpu, quota: quota.to_vec(), antagonist })
     }
 
     /// `connections_total` of every server, from `fulcrumctl list --json`.
@@ -1065,14 +1082,18 @@ fn runs_csv(closed: &[Outcome], open: &[Outcome]) -> String {
 }
 
 fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
-    let mut s =
-        String::from("kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist,reported_cpu_bp\n");
+    let mut s = String::from(
+        "kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist,reported_cpu_bp,\
+         reported_response_time_us,df_response_time_term,df_load_term\n",
+    );
+    let opt = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     for r in closed.iter().chain(open).filter_map(Outcome::ok) {
         for sample in &r.samples {
             for (i, w) in sample.effective_weights.iter().enumerate() {
+                let reported = sample.reported.get(i).copied().unwrap_or_default();
                 let _ = writeln!(
                     s,
-                    "{},{},{},{:.3},rs{},{w},{:.4},{},{}",
+                    "{},{},{},{:.3},rs{},{w},{:.4},{},{},{},{},{}",
                     r.load.kind(),
                     r.sched.name(),
                     r.load.label().replace(' ', ""),
@@ -1080,7 +1101,10 @@ fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
                     i + 1,
                     sample.quota[i],
                     u8::from(sample.antagonist),
-                    sample.reported_cpu_bp.get(i).copied().flatten().map_or(String::new(), |bp| bp.to_string())
+                    opt(reported.cpu_bp),
+                    opt(reported.response_time_us),
+                    reported.df_response_time_term,
+                    reported.df_load_term,
                 );
             }
         }
@@ -1273,7 +1297,7 @@ mod tests {
         Sample {
             t: secs(t),
             effective_weights: weights.to_vec(),
-            reported_cpu_bp: vec![None; weights.len()],
+            reported: vec![Reported::default(); weights.len()],
             cpu: vec![Duration::ZERO; weights.len()],
             quota: vec![0.1; weights.len()],
             antagonist: false,
