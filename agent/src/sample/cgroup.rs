@@ -110,6 +110,15 @@ impl CgroupCpu {
         }
     }
 
+    /// The cgroup's own CPU pressure file: v2's `cpu.pressure`. `None` for v1, whose cgroups have no PSI; the
+    /// host's pressure there would describe the cgroup's neighbours, not the cgroup.
+    pub fn pressure_file(&self) -> Option<PathBuf> {
+        match self {
+            CgroupCpu::V1 { .. } => None,
+            CgroupCpu::V2 { dir } => Some(dir.join("cpu.pressure")),
+        }
+    }
+
     /// Reads the cumulative usage and the current limit.
     pub fn read(&self) -> Result<CgroupReading, SampleError> {
         match self {

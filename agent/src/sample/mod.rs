@@ -237,7 +237,14 @@ impl Sampler {
             cpu,
             load_avg_milli: system::read_loadavg(&p.loadavg)?,
             memory: system::read_meminfo(&p.meminfo)?,
-            cpu_pressure: system::read_cpu_pressure(&p.pressure_cpu)?,
+            cpu_pressure: match &self.source {
+                CpuSourceConfig::Proc => system::read_cpu_pressure(&p.pressure_cpu)?,
+                // The pressure of the same thing as the CPU figure: the cgroup's own, or none.
+                CpuSourceConfig::Cgroup(cgroup) => match cgroup.pressure_file() {
+                    Some(path) => system::read_cpu_pressure(&path)?,
+                    None => None,
+                },
+            },
             established_connections: established,
         })
     }
@@ -362,6 +369,29 @@ mod tests {
         // 0.25 CPU-seconds in 1 s against a quota of 1 CPU.
         assert_eq!(sample.cpu, Some(CpuUsage { source: CpuSource::CgroupV2, busy_bp: 2_500 }));
         assert_eq!(sample.established_connections, 1, "::1 on 8080");
+    }
+
+    #[test]
+    fn a_cgroup_reports_its_own_pressure_never_the_hosts() {
+        // The host's PSI (recorded_paths) is 12.34 %: in cgroup mode it describes the neighbours, not the service.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cpu.stat"), "usage_usec 1000000\n").unwrap();
+        let v2 = CgroupCpu::V2 { dir: dir.path().to_owned() };
+        let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(v2.clone()), vec![80], recorded_paths());
+        assert_eq!(sampler.sample(Instant::now()).unwrap().cpu_pressure, None, "v2 without cpu.pressure (PSI off)");
+        std::fs::write(
+            dir.path().join("cpu.pressure"),
+            "some avg10=55.00 avg60=20.00 avg300=5.00 total=777\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+        )
+        .unwrap();
+        let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(v2), vec![80], recorded_paths());
+        let own = CpuPressure { some_avg10_bp: 5_500, some_avg60_bp: 2_000, some_total_us: 777 };
+        assert_eq!(sampler.sample(Instant::now()).unwrap().cpu_pressure, Some(own));
+
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join("cgroup_v1");
+        let v1 = CgroupCpu::V1 { cpuacct_dir: base.join("cpuacct"), cpu_dir: base.join("cpu") };
+        let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(v1), vec![80], recorded_paths());
+        assert_eq!(sampler.sample(Instant::now()).unwrap().cpu_pressure, None, "v1 cgroups have no PSI");
     }
 
     #[test]
