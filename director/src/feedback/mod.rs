@@ -61,7 +61,9 @@
 //!   random-walk. After [`STEPS_TO_REST`] steps in a row inside the dead band a weight is at rest; it moves
 //!   again only when its load averaged over [`REST_SMOOTHING`] half-lives (restarted on target when it came to
 //!   rest) is more than [`BlenderConfig::hold_band`] (default 12 %) off target, or the load averaged over one
-//!   half-life more than three times that (a real change, followed at once). The defaults come from the
+//!   half-life more than three times that (a real change, followed at once).
+//!   A weight held on a bound by a load pushing past it (a server on the floor while an antagonist runs) is
+//!   pinned, not at rest: it follows the load as soon as the load turns. The defaults come from the
 //!   simulations in the tests: three servers of capacity 1 : 2 : 3 at 17–92 % of the total capacity settle
 //!   within 15 periods with every load within the hold band of the median and never change again; four servers
 //!   with ±15 points of noise per report move in under one period in ten.
@@ -660,7 +662,12 @@ impl Blender {
                     && off(load) <= 3.0 * cfg.hold_band;
                 if !holds {
                     let stepped = step(cfg, slot.weight, slot.configured, load);
-                    slot.quiet_steps = if stepped == slot.weight { slot.quiet_steps + 1 } else { 0 };
+                    // A weight held on a bound that its load pushes against is pinned, not on target: it must
+                    // follow the load as soon as the load turns, so it never comes to rest there.
+                    let max = f64::from(slot.configured) * f64::from(cfg.scale);
+                    let pinned = (slot.weight <= 1.0 && load > cfg.target) || (slot.weight >= max && load < cfg.target);
+                    let quiet = stepped == slot.weight && !pinned;
+                    slot.quiet_steps = if quiet { slot.quiet_steps + 1 } else { 0 };
                     if slot.quiet_steps == STEPS_TO_REST {
                         slot.rest_load = Ewma::default();
                         slot.rest_load.feed(Some(cfg.target), at, Duration::ZERO);

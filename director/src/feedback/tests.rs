@@ -632,3 +632,31 @@ fn a_server_freed_from_outside_work_regains_its_share_within_four_seconds() {
     let reports = regained_at.expect("server 2 never regained its share");
     assert!(reports <= 10, "server 2 took {reports} reports to regain 80 % of its twin's weight: {weights:?}");
 }
+
+#[test]
+fn a_weight_pinned_on_the_floor_is_not_at_rest_and_follows_the_load_at_once() {
+    // Server 0 reads 66.5 % against the others' 60 % (a mild noisy neighbour): 11 % over target, inside the
+    // hold band, and its weight falls to the floor of 1, where the rule would push it lower still. Then the
+    // neighbour leaves and it reads 45 %: below target, so its weight must start climbing within a few
+    // reports. A weight that counted as at rest on the floor waited for its rest average to leave the band:
+    // 22 reports.
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let off_at = 80u32;
+    let mut first_rise = None;
+    for k in 0..off_at + 30 {
+        let now = start + SEC * k / 2;
+        let cpus = [if k < off_at { 6_650 } else { 4_500 }, 6_000, 6_000];
+        let inputs: Vec<ServerInput> =
+            (0..3).map(|i| server(i as u64, 10, Some(report(u64::from(k) + 1, now, cpus[i])))).collect();
+        let out = b.update(now, &inputs);
+        if k == off_at - 1 {
+            assert_eq!(out[0].effective_weight, 1, "pinned on the floor");
+        }
+        if k >= off_at && first_rise.is_none() && out[0].effective_weight > 1 {
+            first_rise = Some(k - off_at + 1);
+        }
+    }
+    let reports = first_rise.expect("the weight never left the floor");
+    assert!(reports <= 6, "left the floor only after {reports} reports");
+}
