@@ -845,7 +845,7 @@ pub struct FeedbackSettings {
     pub connections: f64,
     /// `A`, in units of the configured weight.
     pub gain: f64,
-    /// Largest step per period, as a share of the current weight.
+    /// Largest step per period, as a share of the current or the configured weight, whichever is larger.
     pub max_step: f64,
     /// A weight at rest moves again only when its load is off target by more than this share (hysteresis
     /// against report noise).

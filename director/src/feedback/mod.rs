@@ -42,9 +42,13 @@
 //!   the weights converge to the servers' capacity ratios. The floor (default 0.1) keeps an idle service from
 //!   reacting to noise: below it every server wants more weight, which the renormalisation cancels.
 //!   [`LoadMode::Absolute`] is the classic rule.
-//! * **Weights keep their configured sum** (relative mode). After the steps, the weights of the servers in
-//!   normal state are scaled together so that `weight / configured` averages 1: only the ratios steer traffic,
-//!   and without this the scale drifts until the weights sit on their bounds, where the ratios are lost.
+//! * **Weights keep their scale** (relative mode). After the steps, the weights of the servers in normal state
+//!   are scaled together so that `weight / configured` averages the service's neutral factor: only the ratios
+//!   steer traffic, and without this the scale drifts until the weights sit on their bounds, where the ratios
+//!   are lost. The neutral factor is 1 when every configured weight is at least `scale` (with equal configured
+//!   weights they then keep their configured sum); with smaller configured weights it is `√(scale / smallest)`,
+//!   so that a weight can fall as well as rise (configured 1: neutral 3.2, range 1 … 10). A new, stale or
+//!   never-reported server stands at `neutral × configured`, which keeps the configured ratios.
 //! * **A server pinned by outside work does not skew the mean.** The mean leaves out a server on the floor of
 //!   1 that is still busier than the mean (or on its ceiling and idler): a server busy with work the director
 //!   does not send it reads busy whatever its weight, and counted in the mean it would make every other server
@@ -84,9 +88,10 @@
 //!   reports' receipt `Instant`s.
 //! * **Stale and missing reports.** A server whose newest accepted report is older than
 //!   [`BlenderConfig::stale_after`] (default 3 s, three report intervals) or that never reported falls back to
-//!   its configured weight ([`FeedbackStatus::Stale`]); older than [`BlenderConfig::down_after`] (default 10 s)
+//!   its configured share, `neutral × configured` (its configured weight whenever configured weights are at
+//!   least `scale`) ([`FeedbackStatus::Stale`]); older than [`BlenderConfig::down_after`] (default 10 s)
 //!   or with at least [`BlenderConfig::down_probe_failures`] (default 3) consecutive agent probe failures it is
-//!   marked down: weight 0 ([`FeedbackStatus::Down`]). Coming back, it restarts from its configured weight with
+//!   marked down: weight 0 ([`FeedbackStatus::Down`]). Coming back, it restarts from its configured share with
 //!   fresh averages.
 //! * **Impossible values are refused**: CPU or pressure above 100 %, a response time above one hour, a report
 //!   interval of 0 or above one hour, a receipt time in the future. A refused report feeds nothing; it is
@@ -118,7 +123,7 @@ pub const MAX_METRIC: f64 = 2.0;
 pub const FULL_BP: u16 = 10_000;
 /// The half-life of the load average that decides whether a weight at rest moves again, in units of
 /// [`BlenderConfig::half_life`]: long enough that report-to-report noise does not cross the hold band, while a
-/// real change (more than twice the band) still moves the weight on the short average at once.
+/// real change (more than three times the band) still moves the weight on the short average at once.
 pub const REST_SMOOTHING: u32 = 4;
 /// Consecutive insignificant steps before a weight comes to rest. One is not enough: the smoothed load lags
 /// the weight it responds to, so a single quiet step right after a move is often the lag, not the target.
@@ -182,7 +187,7 @@ pub struct BlenderConfig {
     pub connections_full: u32,
     /// EWMA half-life of the metrics (default 1 s); zero disables smoothing.
     pub half_life: Duration,
-    /// Report age after which the server falls back to its configured weight (default 3 s).
+    /// Report age after which the server falls back to its configured share (default 3 s).
     pub stale_after: Duration,
     /// Report age after which the server is marked down (default 10 s); must exceed `stale_after`.
     pub down_after: Duration,
@@ -371,7 +376,7 @@ impl RejectionCounts {
     }
 }
 
-/// Why a server is on its configured weight rather than feedback.
+/// Why a server is on its configured share rather than feedback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StaleReason {
     /// No report accepted yet.
@@ -479,8 +484,8 @@ struct Slot {
     /// Consecutive steps that fell inside the dead band. After [`STEPS_TO_REST`] the weight is at rest: it
     /// holds until the load leaves the hold band.
     quiet_steps: u32,
-    /// The load the rule compares with the target, averaged over `REST_SMOOTHING × half_life`; restarted from
-    /// the current load whenever the weight comes to rest.
+    /// The load the rule compares with the target, averaged over `REST_SMOOTHING × half_life`; restarted at
+    /// the target whenever the weight comes to rest.
     rest_load: Ewma,
     normal_before: bool,
     aggregate: Option<f64>,
@@ -488,11 +493,12 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(key: u64, configured: u32) -> Slot {
+    /// A slot at the service's neutral point, `neutral × configured`.
+    fn new(key: u64, configured: u32, neutral: f64) -> Slot {
         Slot {
             key,
             configured,
-            weight: f64::from(configured),
+            weight: neutral * f64::from(configured),
             seen: None,
             accepted: None,
             smoothed: Smoothed::default(),
@@ -552,10 +558,11 @@ impl Blender {
     /// weights and returns one output per input, in order. Allocates only when the server list grows.
     pub fn update(&mut self, now: Instant, inputs: &[ServerInput]) -> &[ServerOutput] {
         let cfg = &self.config;
+        let neutral = neutral_factor(cfg, inputs);
         if self.slots.len() != inputs.len() {
             self.slots.truncate(inputs.len());
             let kept = self.slots.len();
-            self.slots.extend(inputs[kept..].iter().map(|i| Slot::new(i.key, i.configured_weight)));
+            self.slots.extend(inputs[kept..].iter().map(|i| Slot::new(i.key, i.configured_weight, neutral)));
             self.outputs.resize(inputs.len(), ServerOutput::EMPTY);
             self.scratch.reserve(inputs.len());
         }
@@ -563,7 +570,7 @@ impl Blender {
         // 1. Reports, averages and status.
         for ((slot, input), out) in self.slots.iter_mut().zip(inputs).zip(self.outputs.iter_mut()) {
             if slot.key != input.key {
-                *slot = Slot::new(input.key, input.configured_weight);
+                *slot = Slot::new(input.key, input.configured_weight, neutral);
             }
             if slot.configured != input.configured_weight {
                 // A configuration change: rescale the feedback weight with it.
@@ -603,7 +610,7 @@ impl Blender {
             out.status = status(cfg, slot.accepted, now);
             let normal = out.status == FeedbackStatus::Normal;
             if !normal {
-                slot.weight = f64::from(slot.configured);
+                slot.weight = neutral * f64::from(slot.configured);
                 slot.fresh = false;
                 slot.quiet_steps = 0;
                 slot.rest_load = Ewma::default();
@@ -664,8 +671,8 @@ impl Blender {
                     let stepped = step(cfg, slot.weight, slot.configured, load);
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must
                     // follow the load as soon as the load turns, so it never comes to rest there.
-                    let max = f64::from(slot.configured) * f64::from(cfg.scale);
-                    let pinned = (slot.weight <= 1.0 && load > cfg.target) || (slot.weight >= max && load < cfg.target);
+                    let pinned = (on_floor(cfg, slot.weight) && load > cfg.target)
+                        || (on_ceiling(cfg, slot.weight, slot.configured) && load < cfg.target);
                     let quiet = stepped == slot.weight && !pinned;
                     slot.quiet_steps = if quiet { slot.quiet_steps + 1 } else { 0 };
                     if slot.quiet_steps == STEPS_TO_REST {
@@ -678,7 +685,7 @@ impl Blender {
             }
         }
         if let LoadMode::ClusterRelative { .. } = cfg.mode {
-            renormalise(cfg, &mut self.slots, &self.outputs);
+            renormalise(cfg, &mut self.slots, &self.outputs, neutral);
         }
 
         // 5. Outputs.
@@ -686,7 +693,7 @@ impl Blender {
             let weight = match out.status {
                 FeedbackStatus::Down { .. } => 0,
                 _ if slot.configured == 0 => 0,
-                FeedbackStatus::Stale { .. } => slot.configured,
+                FeedbackStatus::Stale { .. } => to_units(neutral * f64::from(slot.configured)),
                 FeedbackStatus::Normal => {
                     let max = f64::from(slot.configured) * f64::from(cfg.scale);
                     slot.weight.round().clamp(1.0, max) as u32
@@ -715,20 +722,19 @@ fn reference_load(cfg: &BlenderConfig, slots: &[Slot]) -> Option<f64> {
     };
     let all = mean(&|_, _| true)?;
     let pinned = |slot: &Slot, a: f64| {
-        let max = f64::from(slot.configured) * f64::from(cfg.scale);
-        (slot.weight <= 1.0 && a > all) || (slot.weight >= max && a < all)
+        (on_floor(cfg, slot.weight) && a > all) || (on_ceiling(cfg, slot.weight, slot.configured) && a < all)
     };
     Some(mean(&|slot, a| !pinned(slot, a)).unwrap_or(all))
 }
 
 /// Relative mode: scales the weights of the servers in normal state so that their feedback factors
-/// (`weight / configured`) average 1 again. Only the weights' ratios decide where connections go, so the scale
-/// carries no information; left alone it drifts (every step is relative to the current weight) until the
-/// weights sit on their bounds, where the ratios are lost. Holding the mean factor at 1 keeps the service's
-/// weights summing to what was configured and the servers' room to move symmetric. When no weight stepped the
-/// factor is already 1 and nothing changes. The rate cap still holds: no weight moves by more than `max_step`
-/// in one period, step and scaling together (the rest of the scaling follows in the next periods).
-fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]) {
+/// (`weight / configured`) average the service's `neutral` factor again. Only the weights' ratios decide where
+/// connections go, so the scale carries no information; left alone it drifts (every step is relative to the
+/// current weight) until the weights sit on their bounds, where the ratios are lost. With equal configured
+/// weights of at least `scale`, `neutral` is 1 and the weights keep summing to the configured ones. When no
+/// weight stepped the mean is already `neutral` and nothing changes. The rate cap still holds: no weight moves
+/// by more than `max_step` in one period, step and scaling together (the rest follows in the next periods).
+fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput], neutral: f64) {
     let feedback =
         |(slot, out): &(&mut Slot, &ServerOutput)| out.status == FeedbackStatus::Normal && slot.configured > 0;
     let (mut sum, mut count) = (0.0, 0usize);
@@ -739,7 +745,7 @@ fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]
     if count == 0 {
         return;
     }
-    let scale = count as f64 / sum;
+    let scale = neutral * count as f64 / sum;
     if (scale - 1.0).abs() < 1e-9 {
         return;
     }
@@ -749,6 +755,29 @@ fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]
         let (low, high) = (slot.weight_before - cap, slot.weight_before + cap);
         slot.weight = (slot.weight * scale).clamp(low, high).clamp(1.0, configured * f64::from(cfg.scale));
     }
+}
+
+/// The service's neutral feedback factor: where a weight stands with no feedback (a new, stale or
+/// never-reported server: `neutral × configured`) and where relative mode holds the mean factor. 1, the
+/// configured weight, when that leaves room both ways, i.e. when every configured weight is at least `scale`
+/// (down to 1, a factor of 1 / configured, and up to `scale`); otherwise `√(scale / smallest configured)`,
+/// the geometric middle of the smallest one's range. With configured weight 1 and `scale` 10, a factor of 1 is
+/// the floor itself: no server could lose weight, and holding the mean at 1 would hold every weight at 1. The
+/// same factor for every server of the service keeps their configured ratios.
+fn neutral_factor(cfg: &BlenderConfig, inputs: &[ServerInput]) -> f64 {
+    let smallest = inputs.iter().map(|i| i.configured_weight).filter(|&w| w > 0).min().unwrap_or(u32::MAX);
+    (f64::from(cfg.scale) / f64::from(smallest)).sqrt().max(1.0)
+}
+
+/// Whether `w` is on the floor of 1, to within the significance (renormalisation may lift a floored weight by a
+/// fraction of a percent).
+fn on_floor(cfg: &BlenderConfig, w: f64) -> bool {
+    w <= 1.0 + cfg.significance
+}
+
+/// Whether `w` is on its ceiling, `scale × configured`, to within the significance.
+fn on_ceiling(cfg: &BlenderConfig, w: f64, configured: u32) -> bool {
+    w >= f64::from(configured) * f64::from(cfg.scale) * (1.0 - cfg.significance)
 }
 
 /// The most a weight `w` may move in one period: `max_step` of the weight or of the configured weight,

@@ -62,10 +62,9 @@ const GAP: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A weight within this fraction of its final value counts as settled.
 const SETTLE_BAND: f64 = 0.10;
-/// Closed connections leave the director's table after 1 s instead of LVS's 2 minutes. The client reuses its
-/// ports (thousands of new connections per second over 64 k ports): a SYN that finds its 5-tuple still in the
-/// table is forwarded to that entry's server without being scheduled, which would make every scheduler repeat
-/// the placement of earlier runs.
+/// Closed connections leave the director's table after 1 s instead of LVS's 2 minutes, so each run starts with
+/// an empty table. (The client reuses its ports within seconds; a SYN over a closing entry of the same 5-tuple
+/// is scheduled afresh in any case, as IPVS's `conn_reuse_mode` does.)
 const TIMEOUTS: &str = "[dataplane.timeouts]\ntcp_fin_wait_s = 1\ntcp_time_wait_s = 1\ntcp_close_s = 1\n";
 /// The longest antagonist half-cycle.
 const MAX_ANTAGONIST_PERIOD: Duration = Duration::from_secs(30);
