@@ -256,7 +256,7 @@ impl Timeline {
 }
 
 /// A server's latest agent figures and the blender's `df` terms, from `fulcrumctl list --json`.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct Reported {
     /// CPU, basis points of the quota (what the blender sees).
     cpu_bp: Option<u64>,
@@ -265,6 +265,10 @@ struct Reported {
     /// `df`'s response-time and load terms (0 without feedback).
     df_response_time_term: u64,
     df_load_term: u64,
+    /// Age of the newest report when sampled, ms.
+    report_age_ms: Option<u64>,
+    /// `up`, `down`, `slow-start`, … or `unchecked`.
+    health: String,
 }
 
 /// One reading during a run.
@@ -687,6 +691,8 @@ impl Bed {
                 response_time_us: s["response_time_us"].as_u64(),
                 df_response_time_term: s["df_response_time_term"].as_u64().unwrap_or(0),
                 df_load_term: s["df_load_term"].as_u64().unwrap_or(0),
+                report_age_ms: s["report_age_ms"].as_u64(),
+                health: s["health"].as_str().unwrap_or_default().to_string(),
             });
         }
         let cpu = self.servers.iter().map(|s| s.cgroup().usage()).collect::<Result<Vec<_>>>()?;
@@ -1083,16 +1089,16 @@ fn runs_csv(closed: &[Outcome], open: &[Outcome]) -> String {
 fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
     let mut s = String::from(
         "kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist,reported_cpu_bp,\
-         reported_response_time_us,df_response_time_term,df_load_term\n",
+         reported_response_time_us,df_response_time_term,df_load_term,report_age_ms,health\n",
     );
     let opt = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     for r in closed.iter().chain(open).filter_map(Outcome::ok) {
         for sample in &r.samples {
             for (i, w) in sample.effective_weights.iter().enumerate() {
-                let reported = sample.reported.get(i).copied().unwrap_or_default();
+                let reported = sample.reported.get(i).cloned().unwrap_or_default();
                 let _ = writeln!(
                     s,
-                    "{},{},{},{:.3},rs{},{w},{:.4},{},{},{},{},{}",
+                    "{},{},{},{:.3},rs{},{w},{:.4},{},{},{},{},{},{},{}",
                     r.load.kind(),
                     r.sched.name(),
                     r.load.label().replace(' ', ""),
@@ -1104,6 +1110,8 @@ fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
                     opt(reported.response_time_us),
                     reported.df_response_time_term,
                     reported.df_load_term,
+                    opt(reported.report_age_ms),
+                    reported.health,
                 );
             }
         }
