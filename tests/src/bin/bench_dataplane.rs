@@ -675,8 +675,17 @@ impl Bed {
     /// its metrics endpoint: a low figure with an idle director is explained by these.
     fn director_losses(&self) -> Option<String> {
         let url = format!("http://{DIRECTOR_IP}:{METRICS_PORT}/metrics");
-        let out = self.director.run_unchecked(&["curl", "-sS", "--max-time", "2", &url]).ok()?;
+        let out = match self.director.run_unchecked(&["curl", "-sS", "--max-time", "2", &url]) {
+            Ok(out) => out,
+            Err(e) => return Some(format!("not read ({url}: {})", short_reason(&e))),
+        };
         let text = String::from_utf8_lossy(&out.stdout);
+        // An unanswered scrape must not read as a run without losses.
+        if !out.status.success() || !text.contains("fulcrum_received_packets_total") {
+            let why = last_line(&String::from_utf8_lossy(&out.stderr));
+            let why = if why.is_empty() { "no data-plane counters in the answer".to_string() } else { why };
+            return Some(format!("not read ({url}: {why})"));
+        }
         let total = |name: &str| -> u64 {
             text.lines()
                 .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
