@@ -503,7 +503,7 @@ impl Slot {
             accepted: None,
             smoothed: Smoothed::default(),
             fresh: false,
-            weight_before: f64::from(configured),
+            weight_before: neutral * f64::from(configured),
             quiet_steps: 0,
             rest_load: Ewma::default(),
             normal_before: false,
@@ -671,9 +671,7 @@ impl Blender {
                     let stepped = step(cfg, slot.weight, slot.configured, load);
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must
                     // follow the load as soon as the load turns, so it never comes to rest there.
-                    let pinned = (on_floor(cfg, slot.weight) && load > cfg.target)
-                        || (on_ceiling(cfg, slot.weight, slot.configured) && load < cfg.target);
-                    let quiet = stepped == slot.weight && !pinned;
+                    let quiet = stepped == slot.weight && !pinned(cfg, slot, load, cfg.target);
                     slot.quiet_steps = if quiet { slot.quiet_steps + 1 } else { 0 };
                     if slot.quiet_steps == STEPS_TO_REST {
                         slot.rest_load = Ewma::default();
@@ -694,10 +692,7 @@ impl Blender {
                 FeedbackStatus::Down { .. } => 0,
                 _ if slot.configured == 0 => 0,
                 FeedbackStatus::Stale { .. } => to_units(neutral * f64::from(slot.configured)),
-                FeedbackStatus::Normal => {
-                    let max = f64::from(slot.configured) * f64::from(cfg.scale);
-                    slot.weight.round().clamp(1.0, max) as u32
-                }
+                FeedbackStatus::Normal => slot.weight.round().clamp(1.0, ceiling(cfg, slot.configured)) as u32,
             };
             out.changed = weight != slot.published;
             out.effective_weight = weight;
@@ -721,10 +716,7 @@ fn reference_load(cfg: &BlenderConfig, slots: &[Slot]) -> Option<f64> {
         (count > 0).then(|| sum / count as f64)
     };
     let all = mean(&|_, _| true)?;
-    let pinned = |slot: &Slot, a: f64| {
-        (on_floor(cfg, slot.weight) && a > all) || (on_ceiling(cfg, slot.weight, slot.configured) && a < all)
-    };
-    Some(mean(&|slot, a| !pinned(slot, a)).unwrap_or(all))
+    Some(mean(&|slot, a| !pinned(cfg, slot, a, all)).unwrap_or(all))
 }
 
 /// Relative mode: scales the weights of the servers in normal state so that their feedback factors
@@ -753,7 +745,7 @@ fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]
         let configured = f64::from(slot.configured);
         let cap = rate_cap(cfg, slot.weight_before, configured);
         let (low, high) = (slot.weight_before - cap, slot.weight_before + cap);
-        slot.weight = (slot.weight * scale).clamp(low, high).clamp(1.0, configured * f64::from(cfg.scale));
+        slot.weight = (slot.weight * scale).clamp(low, high).clamp(1.0, ceiling(cfg, slot.configured));
     }
 }
 
@@ -775,9 +767,22 @@ fn on_floor(cfg: &BlenderConfig, w: f64) -> bool {
     w <= 1.0 + cfg.significance
 }
 
-/// Whether `w` is on its ceiling, `scale × configured`, to within the significance.
+/// The highest weight of a server configured at `configured`: `scale × configured`.
+fn ceiling(cfg: &BlenderConfig, configured: u32) -> f64 {
+    f64::from(configured) * f64::from(cfg.scale)
+}
+
+/// Whether `w` is on its ceiling, to within the significance.
 fn on_ceiling(cfg: &BlenderConfig, w: f64, configured: u32) -> bool {
-    w >= f64::from(configured) * f64::from(cfg.scale) * (1.0 - cfg.significance)
+    w >= ceiling(cfg, configured) * (1.0 - cfg.significance)
+}
+
+/// Whether the slot's weight is held on a bound that `load` pushes past: on the floor with `load` above
+/// `reference`, or on the ceiling with it below. Such a weight is pinned, neither at rest nor a fair sample of
+/// the service's load.
+fn pinned(cfg: &BlenderConfig, slot: &Slot, load: f64, reference: f64) -> bool {
+    (on_floor(cfg, slot.weight) && load > reference)
+        || (on_ceiling(cfg, slot.weight, slot.configured) && load < reference)
 }
 
 /// The most a weight `w` may move in one period: `max_step` of the weight or of the configured weight,
@@ -788,6 +793,7 @@ fn rate_cap(cfg: &BlenderConfig, w: f64, configured: f64) -> f64 {
 
 /// The new feedback weight from the current one and the load the rule compares with the target.
 fn step(cfg: &BlenderConfig, w: f64, configured: u32, load: f64) -> f64 {
+    let max = ceiling(cfg, configured);
     let configured = f64::from(configured);
     let error = cfg.target - load;
     // The LVS rule, with the gain in units of the configured weight.
@@ -795,7 +801,6 @@ fn step(cfg: &BlenderConfig, w: f64, configured: u32, load: f64) -> f64 {
     // Never more than `damping` of the way to the weight that would put a load-proportional server on target.
     let no_overshoot = if load > 1e-9 { cfg.damping * (w * cfg.target / load - w).abs() } else { f64::INFINITY };
     let limit = no_overshoot.min(rate_cap(cfg, w, configured));
-    let max = configured * f64::from(cfg.scale);
     let candidate = (w + raw.clamp(-limit, limit)).clamp(1.0, max);
     // Reaching a bound is always significant, or the last small step to it would never be taken.
     let at_bound = candidate != w && (candidate == 1.0 || candidate == max);
