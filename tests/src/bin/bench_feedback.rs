@@ -260,7 +260,7 @@ impl Timeline {
 struct Reported {
     /// CPU, basis points of the quota (what the blender sees).
     cpu_bp: Option<u64>,
-    /// The agent's smoothed probe response time, µs.
+    /// The agent's latest probe response time, µs (what the blender smooths).
     response_time_us: Option<u64>,
     /// `df`'s response-time and load terms (0 without feedback).
     df_response_time_term: u64,
@@ -1092,10 +1092,11 @@ fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
          reported_response_time_us,df_response_time_term,df_load_term,report_age_ms,health\n",
     );
     let opt = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
+    let unknown = Reported::default();
     for r in closed.iter().chain(open).filter_map(Outcome::ok) {
         for sample in &r.samples {
             for (i, w) in sample.effective_weights.iter().enumerate() {
-                let reported = sample.reported.get(i).cloned().unwrap_or_default();
+                let reported = sample.reported.get(i).unwrap_or(&unknown);
                 let _ = writeln!(
                     s,
                     "{},{},{},{:.3},rs{},{w},{:.4},{},{},{},{},{},{},{}",
