@@ -252,6 +252,19 @@ impl Testbed {
             host_names: Mutex::new(HashSet::new()),
         };
         tb.create_netns(&switch_ns).context("creating the testbed's switch namespace")?;
+        // A LAN switch does not run the IP firewall on the frames it bridges. Where the kernel has
+        // br_netfilter (built in here, `bridge-nf-call-*` = 1 by default) every bridged frame would go through
+        // the switch namespace's netfilter hooks: a cost on each hop that no real LAN has, and one that falls
+        // twice on a balanced client packet (client → director → server) but once on a direct one.
+        if std::path::Path::new("/proc/sys/net/bridge").exists() {
+            for key in [
+                "net.bridge.bridge-nf-call-iptables",
+                "net.bridge.bridge-nf-call-ip6tables",
+                "net.bridge.bridge-nf-call-arptables",
+            ] {
+                write_sysctl(&switch_ns, key, "0")?;
+            }
+        }
         tb.add_lan("lan")?;
         Ok(tb)
     }
