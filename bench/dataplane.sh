@@ -14,7 +14,7 @@
 # the machine; keeps a copy in bench/results/dataplane-<UTC date>.md. A mode that does not work is reported as
 # "failed: <reason>" and the others still run. Needs root; installs what it needs with apt-get.
 #
-#   bench/dataplane.sh [--seconds 10] [--repeat 3] [--rate 2000] [--connections 64] [--workers 2]
+#   bench/dataplane.sh [--seconds 10] [--repeat 3] [--rate 2000] [--connections 64] [--wrk-threads CPUS] [--workers 2]
 #                      [--modes direct,nft-fwd,nft-dnat,haproxy,fulcrum-dr,fulcrum-nat]
 #
 # Takes about (6 x 5 measurements x seconds + setup) x repeat: some 15 minutes with the defaults.
