@@ -104,9 +104,19 @@
 //!
 //! `T = response_time_metric × unit` and `L = cpu_metric × unit` in the scheduler's connection-overhead units
 //! (one active connection = 256, see `sched::conn_overhead`), where
-//! `unit = 256 × max(mean active connections per server, df_min_connections)`: a fully busy CPU weighs as much
-//! as an average server's whole active connection count, so the feedback terms stay comparable with the
-//! connection term at any load. Servers not in normal state get `T = L = 0` (`df` is then `wlc` for them).
+//! `unit = 256 × max(mean active connections per server, df_min_connections) × W / mean W` (`W` the effective
+//! weight): a fully busy CPU weighs as much as the server's fair share of the active connections, so the
+//! feedback terms stay comparable with the connection term at any load. Servers not in normal state get
+//! `T = L = 0` (`df` is then `wlc` for them).
+//!
+//! The share of the weight matters because `df` divides the whole sum by `W`: it balances
+//! `connections / W + (T + L) / W`. With terms in proportion to `W` the second part is `k × metrics`, the same
+//! for every server equally loaded, so equally loaded servers are balanced exactly as `wlc` balances them and
+//! only a difference in load moves connections. A term the same size for every server (the first version)
+//! weighed `1 / W` on each: at equal load it steered new connections away from the small weights, and with
+//! few connections in flight starved them outright (measured in `bench/feedback`: the 5 % server of four
+//! alternated between 0 and 100 % of its quota report by report, and its throttled half-periods made the
+//! p99).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -489,6 +499,8 @@ struct Slot {
     rest_load: Ewma,
     normal_before: bool,
     aggregate: Option<f64>,
+    /// This period's normalised response time and CPU (0 when unknown or not in normal state), for df's terms.
+    df_metrics: (f64, f64),
     published: u32,
 }
 
@@ -508,6 +520,7 @@ impl Slot {
             rest_load: Ewma::default(),
             normal_before: false,
             aggregate: None,
+            df_metrics: (0.0, 0.0),
             published: configured,
         }
     }
@@ -646,8 +659,7 @@ impl Blender {
             slot.aggregate = metrics.and_then(|m| m.aggregate(&cfg.coefficients));
             out.aggregate_load = slot.aggregate;
             let m = metrics.unwrap_or_default();
-            out.response_time_norm = to_units(m.rt.unwrap_or(0.0) * df_unit);
-            out.cpu_norm = to_units(m.cpu.unwrap_or(0.0) * df_unit);
+            slot.df_metrics = (m.rt.unwrap_or(0.0), m.cpu.unwrap_or(0.0));
         }
         let reference = reference_load(cfg, &self.slots);
 
@@ -697,6 +709,19 @@ impl Blender {
             out.changed = weight != slot.published;
             out.effective_weight = weight;
             slot.published = weight;
+        }
+
+        // 6. df's terms, each in proportion to the server's share of the weight (see the module documentation).
+        let (weight_sum, weighted) = self
+            .outputs
+            .iter()
+            .filter(|out| out.effective_weight > 0)
+            .fold((0.0, 0usize), |(sum, n), out| (sum + f64::from(out.effective_weight), n + 1));
+        let mean_weight = if weighted > 0 { weight_sum / weighted as f64 } else { 1.0 };
+        for (slot, out) in self.slots.iter().zip(self.outputs.iter_mut()) {
+            let unit = df_unit * f64::from(out.effective_weight) / mean_weight;
+            out.response_time_norm = to_units(slot.df_metrics.0 * unit);
+            out.cpu_norm = to_units(slot.df_metrics.1 * unit);
         }
         &self.outputs
     }

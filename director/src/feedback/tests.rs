@@ -479,15 +479,57 @@ fn df_terms_are_in_connection_units_and_zero_without_feedback() {
         server(3, 10, None),
     ];
     let out = b.update(now, &inputs);
-    // Mean active = 40/3 ≥ 4: unit = 256 · 40/3. CPU 1.0 and 0.5; response time at the median: 0.5.
-    let unit: f64 = 256.0 * 40.0 / 3.0;
-    assert_eq!(out[0].cpu_norm, (unit).round() as u32);
-    assert_eq!(out[1].cpu_norm, (0.5 * unit).round() as u32);
-    assert_eq!(out[0].response_time_norm, (0.5 * unit).round() as u32);
+    // Mean active = 40/3 ≥ 4: unit = 256 · 40/3 · W / mean W. CPU 1.0 and 0.5; response time at the median: 0.5.
+    let weights: Vec<f64> = out.iter().map(|o| f64::from(o.effective_weight)).collect();
+    let mean_weight = weights.iter().sum::<f64>() / 3.0;
+    let unit = |i: usize| 256.0 * 40.0 / 3.0 * weights[i] / mean_weight;
+    assert_eq!(out[0].cpu_norm, unit(0).round() as u32);
+    assert_eq!(out[1].cpu_norm, (0.5 * unit(1)).round() as u32);
+    assert_eq!(out[0].response_time_norm, (0.5 * unit(0)).round() as u32);
     assert_eq!((out[2].cpu_norm, out[2].response_time_norm), (0, 0), "stale: df is wlc for it");
     // Few connections: the floor of 4.
     let mut b = blender(BlenderConfig::default());
     assert_eq!(b.update(now, &[server(1, 10, Some(report(1, now, 10_000)))])[0].cpu_norm, 1024);
+}
+
+/// `df` balances `(connections + T + L) / W`. Terms the same size for every server weighed `1 / W` on each and
+/// pushed new connections off the small weights even when every server was equally loaded; in proportion to the
+/// weight, equally loaded servers get the same `(T + L) / W`, and `df` places connections exactly as `wlc` does.
+#[test]
+fn df_terms_follow_the_weight_so_equal_load_is_balanced_like_wlc() {
+    let mut b = blender(BlenderConfig::default());
+    let now = t0();
+    let mut inputs = Vec::new();
+    for (key, configured) in [(1, 10), (2, 30), (3, 20)] {
+        let mut r = report(1, now, 6000);
+        r.response_time_us = Some(800);
+        inputs.push(ServerInput { active: 2, ..server(key, configured, Some(r)) });
+    }
+    let out = b.update(now, &inputs).to_vec();
+    let per_weight: Vec<f64> =
+        out.iter().map(|o| f64::from(o.cpu_norm + o.response_time_norm) / f64::from(o.effective_weight)).collect();
+    assert!(out.iter().all(|o| o.cpu_norm > 0 && o.response_time_norm > 0), "{out:?}");
+    for pair in per_weight.windows(2) {
+        assert!((pair[0] - pair[1]).abs() <= 0.01 * pair[0], "(T + L) / W differs at equal load: {per_weight:?}");
+    }
+    // Through the scheduler: 60 new connections over weights 10 : 30 : 20 land 10 : 30 : 20, as with wlc.
+    let mut views: Vec<crate::sched::ServerView> = out
+        .iter()
+        .enumerate()
+        .map(|(i, o)| crate::sched::ServerView {
+            response_time_norm: o.response_time_norm,
+            cpu_norm: o.cpu_norm,
+            ..crate::sched::ServerView::new(i as u64, o.effective_weight)
+        })
+        .collect();
+    let mut df = crate::sched::test_util::state(crate::sched::SchedulerKind::Df, &views);
+    for _ in 0..60 {
+        let input = crate::sched::test_util::input(&views, std::net::Ipv4Addr::new(192, 0, 2, 7), now);
+        let pick = df.pick(&input).expect("a server");
+        views[pick].active += 1;
+    }
+    let placed: Vec<u32> = views.iter().map(|v| v.active).collect();
+    assert_eq!(placed, vec![10, 30, 20], "weights {:?}", out.iter().map(|o| o.effective_weight).collect::<Vec<_>>());
 }
 
 #[test]

@@ -219,7 +219,14 @@ fn df_feedback_lowers_a_loaded_servers_weight_and_sets_its_terms() {
         let state = &table.server(table.services[0].servers[i]).unwrap().state;
         (state.cpu_norm.load(Ordering::Relaxed), state.response_time_norm.load(Ordering::Relaxed))
     };
-    assert!(terms(0).0 > terms(1).0, "L is larger for the loaded server: {:?} {:?}", terms(0), terms(1));
+    // df divides its terms by the weight: per unit of weight, L is larger for the loaded server.
+    let per_weight = |i: usize| f64::from(terms(i).0) / f64::from(weights[i].0);
+    assert!(
+        per_weight(0) > per_weight(1),
+        "L / W is larger for the loaded server: {:?} {:?} {weights:?}",
+        terms(0),
+        terms(1)
+    );
 
     // An impossible report is refused and said so, once.
     let now = t0 + SEC * 11;
