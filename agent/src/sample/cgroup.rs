@@ -110,12 +110,31 @@ impl CgroupCpu {
         }
     }
 
-    /// The cgroup's own CPU pressure file: v2's `cpu.pressure`. `None` for v1, whose cgroups have no PSI; the
-    /// host's pressure there would describe the cgroup's neighbours, not the cgroup.
+    /// The cgroup's own CPU pressure file: v2's `cpu.pressure`. `None` for v1, whose cgroups have no PSI (the
+    /// sampler derives the pressure from [`CgroupCpu::read_throttled_ns`] there); the host's pressure would
+    /// describe the cgroup's neighbours, not the cgroup.
     pub fn pressure_file(&self) -> Option<PathBuf> {
         match self {
             CgroupCpu::V1 { .. } => None,
             CgroupCpu::V2 { dir } => Some(dir.join("cpu.pressure")),
+        }
+    }
+
+    /// Nanoseconds for which the CFS quota has held the cgroup's runnable tasks back: v1's `cpu.stat`
+    /// `throttled_time`, the stand-in for the PSI that v1 cgroups lack (v2's `cpu.pressure` counts throttled
+    /// tasks as stalled too). `None` for v2, and for a v1 kernel without CFS bandwidth control (no `cpu.stat`
+    /// or no such line). Summed over the cgroup's CPUs by the kernel.
+    pub fn read_throttled_ns(&self) -> Result<Option<u64>, SampleError> {
+        match self {
+            CgroupCpu::V2 { .. } => Ok(None),
+            CgroupCpu::V1 { cpu_dir, .. } => {
+                let stat = cpu_dir.join("cpu.stat");
+                match std::fs::read_to_string(&stat) {
+                    Ok(text) => cpu_stat_value(&text, &stat, "throttled_time"),
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(SampleError::Io { path: stat, source }),
+                }
+            }
         }
     }
 
@@ -212,18 +231,23 @@ pub fn parse_cfs_period_us(text: &str, path: &Path) -> Result<u64, SampleError> 
 
 /// The `usage_usec` line of a v2 `cpu.stat`.
 pub fn parse_cpu_stat_usage_usec(text: &str, path: &Path) -> Result<u64, SampleError> {
+    cpu_stat_value(text, path, "usage_usec")?.ok_or_else(|| SampleError::parse(path, "no usage_usec line"))
+}
+
+/// The value on the `key` line of a `cpu.stat` (v2: `usage_usec`; v1: `throttled_time`), `None` without one.
+pub fn cpu_stat_value(text: &str, path: &Path, key: &str) -> Result<Option<u64>, SampleError> {
     for (index, line) in text.lines().enumerate() {
         let mut fields = line.split_whitespace();
-        if fields.next() != Some("usage_usec") {
+        if fields.next() != Some(key) {
             continue;
         }
         let value = fields.next().unwrap_or("");
         return match (value.parse::<u64>(), fields.next()) {
-            (Ok(usage), None) => Ok(usage),
-            _ => Err(SampleError::line(path, index + 1, format!("usage_usec value {value:?} is not a number"))),
+            (Ok(value), None) => Ok(Some(value)),
+            _ => Err(SampleError::line(path, index + 1, format!("{key} value {value:?} is not a number"))),
         };
     }
-    Err(SampleError::parse(path, "no usage_usec line"))
+    Ok(None)
 }
 
 /// A v2 `cpu.max`: `max 100000` or `50000 100000` (quota and period in microseconds).

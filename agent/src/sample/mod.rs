@@ -163,6 +163,8 @@ struct RawSample {
     load_avg_milli: [u32; 3],
     memory: MemoryUsage,
     cpu_pressure: Option<CpuPressure>,
+    /// A v1 cgroup's cumulative throttled time, nanoseconds: its pressure, see [`ThrottleAverages`].
+    throttled_ns: Option<u64>,
     established_connections: u32,
 }
 
@@ -173,7 +175,38 @@ pub struct Sampler {
     ports: Vec<u16>,
     paths: SystemPaths,
     cpu: CpuTracker,
+    throttle: ThrottleAverages,
     connections: ConnectionCounter,
+}
+
+/// PSI-style figures for a v1 cgroup, which has no PSI, from its CFS throttled time: the share of each interval
+/// in which the quota held its tasks back, averaged over 10 s and 60 s as the kernel averages PSI, and the
+/// cumulative time as `some_total_us` (from which the director takes the share of each report's interval).
+/// Throttled time is stall time: v2's `cpu.pressure` counts throttled tasks as stalled.
+#[derive(Debug, Clone, Default)]
+struct ThrottleAverages {
+    previous: Option<(Instant, u64)>,
+    avg10: f64,
+    avg60: f64,
+}
+
+impl ThrottleAverages {
+    fn update(&mut self, now: Instant, throttled_ns: u64) -> CpuPressure {
+        if let Some((then, before)) = self.previous {
+            let wall = now.saturating_duration_since(then).as_secs_f64();
+            // A counter that went back belongs to a re-created cgroup: rebase without a sample.
+            if let (true, Some(stalled)) = (wall > 0.0, throttled_ns.checked_sub(before)) {
+                let share = (stalled as f64 / 1e9 / wall).min(1.0);
+                for (avg, window_s) in [(&mut self.avg10, 10.0), (&mut self.avg60, 60.0)] {
+                    let keep = (-wall / window_s).exp();
+                    *avg = *avg * keep + share * (1.0 - keep);
+                }
+            }
+        }
+        self.previous = Some((now, throttled_ns));
+        let bp = |share: f64| (share * 10_000.0).round().clamp(0.0, 10_000.0) as u16;
+        CpuPressure { some_avg10_bp: bp(self.avg10), some_avg60_bp: bp(self.avg60), some_total_us: throttled_ns / 1000 }
+    }
 }
 
 /// How established connections are counted.
@@ -195,7 +228,14 @@ impl Sampler {
 
     /// A sampler reading other files than the system's (for tests, or a /proc mounted elsewhere).
     pub fn with_paths(source: CpuSourceConfig, ports: Vec<u16>, paths: SystemPaths) -> Sampler {
-        Sampler { source, ports, paths, cpu: CpuTracker::default(), connections: ConnectionCounter::ProcFiles }
+        Sampler {
+            source,
+            ports,
+            paths,
+            cpu: CpuTracker::default(),
+            throttle: ThrottleAverages::default(),
+            connections: ConnectionCounter::ProcFiles,
+        }
     }
 
     /// Reads every source and returns the sample for the interval since the previous call, `now` being the
@@ -245,6 +285,10 @@ impl Sampler {
                     None => None,
                 },
             },
+            throttled_ns: match &self.source {
+                CpuSourceConfig::Cgroup(cgroup) => cgroup.read_throttled_ns()?,
+                CpuSourceConfig::Proc => None,
+            },
             established_connections: established,
         })
     }
@@ -254,7 +298,7 @@ impl Sampler {
             cpu: self.cpu.update(now, raw.cpu),
             load_avg_milli: raw.load_avg_milli,
             memory: raw.memory,
-            cpu_pressure: raw.cpu_pressure,
+            cpu_pressure: raw.cpu_pressure.or_else(|| raw.throttled_ns.map(|ns| self.throttle.update(now, ns))),
             established_connections: raw.established_connections,
         }
     }
@@ -391,7 +435,45 @@ mod tests {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join("cgroup_v1");
         let v1 = CgroupCpu::V1 { cpuacct_dir: base.join("cpuacct"), cpu_dir: base.join("cpu") };
         let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(v1), vec![80], recorded_paths());
-        assert_eq!(sampler.sample(Instant::now()).unwrap().cpu_pressure, None, "v1 cgroups have no PSI");
+        assert_eq!(sampler.sample(Instant::now()).unwrap().cpu_pressure, None, "v1 without cpu.stat: none");
+    }
+
+    /// v1 cgroups have no PSI: their pressure is the time the CFS quota throttled them, as PSI-style averages
+    /// and a cumulative total.
+    #[test]
+    fn a_v1_cgroup_reports_its_throttled_time_as_pressure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (acct, cpu) = (dir.path().join("cpuacct"), dir.path().join("cpu"));
+        std::fs::create_dir_all(&acct).unwrap();
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::write(acct.join("cpuacct.usage"), "1000000000\n").unwrap();
+        std::fs::write(cpu.join("cpu.cfs_quota_us"), "1000\n").unwrap();
+        std::fs::write(cpu.join("cpu.cfs_period_us"), "20000\n").unwrap();
+        let stat = |throttled_ns: u64| {
+            std::fs::write(
+                cpu.join("cpu.stat"),
+                format!("nr_periods 50\nnr_throttled 20\nthrottled_time {throttled_ns}\n"),
+            )
+            .unwrap()
+        };
+        stat(3_000_000_000);
+        let v1 = CgroupCpu::V1 { cpuacct_dir: acct.clone(), cpu_dir: cpu.clone() };
+        let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(v1), vec![80], recorded_paths());
+        let t0 = Instant::now();
+        let first = sampler.sample(t0).unwrap().cpu_pressure.unwrap();
+        assert_eq!(first, CpuPressure { some_avg10_bp: 0, some_avg60_bp: 0, some_total_us: 3_000_000 });
+        // Half of the next second throttled: avg10 moves by (1 − e^(−1/10)) of the way to 50 %.
+        stat(3_500_000_000);
+        let second = sampler.sample(t0 + Duration::from_secs(1)).unwrap().cpu_pressure.unwrap();
+        let expect = |window: f64| (5000.0 * (1.0 - (-1.0f64 / window).exp())).round() as u16;
+        assert_eq!(
+            second,
+            CpuPressure { some_avg10_bp: expect(10.0), some_avg60_bp: expect(60.0), some_total_us: 3_500_000 }
+        );
+        // A garbled line is an error naming the file and line.
+        std::fs::write(cpu.join("cpu.stat"), "nr_periods 50\nthrottled_time lots\n").unwrap();
+        let err = sampler.sample(t0 + Duration::from_secs(2)).unwrap_err().to_string();
+        assert!(err.contains("cpu.stat") && err.contains("throttled_time"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //! | --- | --- | --- |
 //! | CPU | `cpu` = 0.5 | `busy_bp / 10 000` |
 //! | response time | `response_time` = 0.3 | the latest probe (clipped to `MAX_METRIC × reference`), smoothed, `/ reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0) |
-//! | CPU pressure | `pressure` = 0.2 | PSI `some avg10` in bp / 10 000 |
+//! | CPU pressure | `pressure` = 0.2 | the share of the interval since the previous report in which some task stalled on CPU (PSI `some total`'s growth; `some avg10` for a first report); for a v1 cgroup, which has no PSI, the agent reports the time its CFS quota throttled it |
 //! | connections | `connections` = 0.0 | agent-counted established connections / [`BlenderConfig::connections_full`] |
 //!
 //! A metric a report does not carry (no CPU sample yet, no PSI, no successful probe yet) is left out and the
@@ -302,6 +302,9 @@ pub struct ReportInput {
     pub response_time_us: Option<u32>,
     /// PSI CPU `some avg10`, basis points.
     pub cpu_pressure_bp: Option<u16>,
+    /// PSI CPU `some total`, microseconds (cumulative): from two reports in a row the blender takes the stall
+    /// share of the interval between them, where `avg10` would lag by its ten seconds.
+    pub cpu_pressure_total_us: Option<u64>,
     pub established: u32,
     pub probe_failures: u32,
 }
@@ -316,6 +319,7 @@ impl ReportInput {
             cpu_busy_bp: report.cpu.map(|c| c.busy_bp),
             response_time_us: report.probe.latest_us(),
             cpu_pressure_bp: report.cpu_pressure.map(|p| p.some_avg10_bp),
+            cpu_pressure_total_us: report.cpu_pressure.map(|p| p.some_total_us),
             established: report.established_connections,
             probe_failures: report.probe.consecutive_failures,
         }
@@ -499,6 +503,8 @@ struct Slot {
     rest_load: Ewma,
     normal_before: bool,
     aggregate: Option<f64>,
+    /// Sequence number and PSI `some total` of the newest accepted report that had one.
+    pressure_total: Option<(u64, u64)>,
     /// This period's normalised response time and CPU (0 when unknown or not in normal state), for df's terms.
     df_metrics: (f64, f64),
     published: u32,
@@ -521,6 +527,7 @@ impl Slot {
             normal_before: false,
             aggregate: None,
             df_metrics: (0.0, 0.0),
+            pressure_total: None,
             published: configured,
         }
     }
@@ -612,7 +619,10 @@ impl Blender {
                             let rt_ceiling = self.rt_full_us.map_or(f64::INFINITY, |full| MAX_METRIC * full);
                             let rt = report.response_time_us.map(|us| f64::from(us).min(rt_ceiling));
                             s.rt_us.feed(rt, at, cfg.half_life);
-                            s.pressure.feed(report.cpu_pressure_bp.map(bp), at, cfg.half_life);
+                            let pressure = interval_pressure(&report, slot.pressure_total)
+                                .or_else(|| report.cpu_pressure_bp.map(bp));
+                            slot.pressure_total = report.cpu_pressure_total_us.map(|total| (report.seq, total));
+                            s.pressure.feed(pressure, at, cfg.half_life);
                             s.established.feed(Some(f64::from(report.established)), at, cfg.half_life);
                             slot.accepted = Some((report.received, report.probe_failures));
                             slot.fresh = true;
@@ -725,6 +735,16 @@ impl Blender {
         }
         &self.outputs
     }
+}
+
+/// The share of the time since the previous accepted report (`previous`: its sequence number and PSI total)
+/// in which the server's tasks stalled on CPU: `Δ some total / (Δ seq × interval)`, at most 1. `None` without
+/// two totals in a row of the same counter (a restarted agent's counter may start lower).
+fn interval_pressure(report: &ReportInput, previous: Option<(u64, u64)>) -> Option<f64> {
+    let (total, (seq, before)) = (report.cpu_pressure_total_us?, previous?);
+    let span_us = report.seq.checked_sub(seq)?.checked_mul(u64::from(report.interval_ms))?.checked_mul(1000)?;
+    let stalled_us = total.checked_sub(before)?;
+    (span_us > 0).then(|| (stalled_us as f64 / span_us as f64).min(1.0))
 }
 
 /// The relative mode's reference: the mean aggregate of the servers with one, leaving out those pinned at a

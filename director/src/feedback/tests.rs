@@ -19,6 +19,7 @@ fn report(seq: u64, received: Instant, cpu_bp: u16) -> ReportInput {
         cpu_busy_bp: Some(cpu_bp),
         response_time_us: None,
         cpu_pressure_bp: None,
+        cpu_pressure_total_us: None,
         established: 0,
         probe_failures: 0,
     }
@@ -446,6 +447,39 @@ fn missing_metrics_are_left_out_of_the_aggregate() {
     let mut b = blender(BlenderConfig::default());
     let out = b.update(now, &[server(1, 10, Some(none))]);
     assert_eq!((out[0].status, out[0].aggregate_load, out[0].effective_weight), (FeedbackStatus::Normal, None, 10));
+}
+
+/// Pressure is the stall share of the interval since the previous report, from PSI's cumulative total: `avg10`
+/// trails a change by ten seconds. A first report, a lost one and a counter that went back are handled.
+#[test]
+fn pressure_is_the_stall_share_of_the_last_interval() {
+    let now = t0();
+    let with_total = |seq: u64, avg10_bp: u16, total_us: u64| ReportInput {
+        cpu_pressure_bp: Some(avg10_bp),
+        cpu_pressure_total_us: Some(total_us),
+        interval_ms: 500,
+        ..report(seq, now, 5000)
+    };
+    // First report: avg10 (10 %). Then 250 ms stalled of 500 ms: 50 %, whatever avg10 says.
+    assert_eq!(interval_pressure(&with_total(1, 1000, 40_000), None), None);
+    assert_eq!(interval_pressure(&with_total(2, 1000, 290_000), Some((1, 40_000))), Some(0.5));
+    // Report 3 lost: 4 after 2 spans two intervals.
+    assert_eq!(interval_pressure(&with_total(4, 1000, 790_000), Some((2, 290_000))), Some(0.5));
+    // More stall than time (a multi-CPU cgroup's summed throttling): at most 1.
+    assert_eq!(interval_pressure(&with_total(5, 1000, 9_000_000), Some((4, 790_000))), Some(1.0));
+    // A restarted agent's counter, or the same sequence number again: no interval.
+    assert_eq!(interval_pressure(&with_total(6, 1000, 10), Some((5, 9_000_000))), None);
+    assert_eq!(interval_pressure(&with_total(5, 1000, 9_000_000), Some((5, 9_000_000))), None);
+
+    // Through the blender: the second report's aggregate carries 50 % pressure, not avg10's 10 %.
+    let mut b = blender(BlenderConfig { half_life: Duration::ZERO, ..BlenderConfig::default() });
+    let first = ReportInput { received: now, ..with_total(1, 1000, 40_000) };
+    b.update(now, &[server(1, 10, Some(first))]);
+    let later = now + Duration::from_millis(500);
+    let second = ReportInput { received: later, ..with_total(2, 1000, 290_000) };
+    let out = b.update(later, &[server(1, 10, Some(second))]);
+    // CPU 0.5 and pressure 0.5: (0.5·0.5 + 0.2·0.5) / 0.7 = 0.5.
+    assert!((out[0].aggregate_load.unwrap() - 0.5).abs() < 1e-12, "{:?}", out[0]);
 }
 
 #[test]
