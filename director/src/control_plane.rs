@@ -110,6 +110,12 @@ pub struct ServerView {
     /// From the server's agent, when one reports.
     pub cpu_bp: Option<u16>,
     pub response_time_us: Option<u32>,
+    /// CPU pressure as reported (PSI `some avg10`, or a v1 cgroup's throttling in that form), basis points, and
+    /// its cumulative stall time in microseconds, from which the blender takes each interval's share.
+    #[serde(default)]
+    pub cpu_pressure_bp: Option<u16>,
+    #[serde(default)]
+    pub cpu_pressure_total_us: Option<u64>,
     pub report_age_ms: Option<u64>,
     /// `up`, `slow-start`, `down`, `held-down`, `removed`, `unchecked` (no health signal configured), or for
     /// the sorry server `sorry-standby` / `sorry-active` (see `dataplane::table::Health`).
@@ -242,6 +248,8 @@ impl ControlPlane {
                                 .map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                             cpu_bp: last.and_then(|r| r.cpu).map(|c| c.busy_bp),
                             response_time_us: last.and_then(|r| r.probe.latest_us()),
+                            cpu_pressure_bp: last.and_then(|r| r.cpu_pressure.as_ref()).map(|p| p.some_avg10_bp),
+                            cpu_pressure_total_us: last.and_then(|r| r.cpu_pressure.as_ref()).map(|p| p.some_total_us),
                             report_age_ms: report.and_then(|r| r.report_age_ms),
                             health: state.health().name().to_string(),
                             df_response_time_term: state.response_time_norm.load(std::sync::atomic::Ordering::Relaxed),

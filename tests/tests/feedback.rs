@@ -103,7 +103,9 @@ fn a_cpu_loaded_server_gets_a_lower_effective_weight_and_fewer_df_connections() 
         let lower = views[1..].iter().all(|v| views[0].0 < v.0);
         // The blender itself has taken rs1's load (its df load term), not only the agent registry: until the
         // blender accepts rs1's first report, rs1 keeps its configured weight while the idle servers' rise.
-        let blended = views[1..].iter().all(|v| views[0].1 > v.1);
+        // df divides the term by the weight, and sizes it to the weight: per unit of weight it is larger.
+        let per_weight = |v: &(u64, u64, Option<u64>)| v.1 as f64 / v.0.max(1) as f64;
+        let blended = views[1..].iter().all(|v| per_weight(&views[0]) > per_weight(v));
         Ok(loaded && idle && lower && blended)
     })
     .with_context(|| {

@@ -269,6 +269,9 @@ struct Reported {
     df_load_term: u64,
     /// Age of the newest report when sampled, ms.
     report_age_ms: Option<u64>,
+    /// Cumulative CPU stall (PSI `some total`, or a v1 cgroup's throttled time), µs: its growth between two
+    /// samples over their interval is the pressure the blender sees.
+    pressure_total_us: Option<u64>,
     /// `up`, `down`, `slow-start`, … or `unchecked`.
     health: String,
 }
@@ -694,6 +697,7 @@ impl Bed {
                 df_response_time_term: s["df_response_time_term"].as_u64().unwrap_or(0),
                 df_load_term: s["df_load_term"].as_u64().unwrap_or(0),
                 report_age_ms: s["report_age_ms"].as_u64(),
+                pressure_total_us: s["cpu_pressure_total_us"].as_u64(),
                 health: s["health"].as_str().unwrap_or_default().to_string(),
             });
         }
@@ -1095,7 +1099,7 @@ fn runs_csv(closed: &[Outcome], open: &[Outcome]) -> String {
 fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
     let mut s = String::from(
         "kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist,reported_cpu_bp,\
-         reported_response_time_us,df_response_time_term,df_load_term,report_age_ms,health\n",
+         reported_response_time_us,df_response_time_term,df_load_term,report_age_ms,health,reported_pressure_total_us\n",
     );
     let opt = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     let unknown = Reported::default();
@@ -1105,7 +1109,7 @@ fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
                 let reported = sample.reported.get(i).unwrap_or(&unknown);
                 let _ = writeln!(
                     s,
-                    "{},{},{},{:.3},rs{},{w},{:.4},{},{},{},{},{},{},{}",
+                    "{},{},{},{:.3},rs{},{w},{:.4},{},{},{},{},{},{},{},{}",
                     r.load.kind(),
                     r.sched.name(),
                     r.load.label().replace(' ', ""),
@@ -1119,6 +1123,7 @@ fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
                     reported.df_load_term,
                     opt(reported.report_age_ms),
                     reported.health,
+                    opt(reported.pressure_total_us),
                 );
             }
         }
