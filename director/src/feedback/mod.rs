@@ -23,7 +23,7 @@
 //! | metric | coefficient (default) | normalisation |
 //! | --- | --- | --- |
 //! | CPU | `cpu` = 0.5 | `busy_bp / 10 000` |
-//! | response time | `response_time` = 0.3 | the latest probe (clipped to `MAX_METRIC × reference`), smoothed, `/ reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0) |
+//! | response time | `response_time` = 0.3 | the latest probe (clipped to `MAX_METRIC × reference`), smoothed, `/ reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0), at least 1 ms (below that, probe times differ by scheduling jitter) |
 //! | CPU pressure | `pressure` = 0.2 | the share of the interval since the previous report in which some task stalled on CPU (PSI `some total`'s growth; `some avg10` for a first report); for a v1 cgroup, which has no PSI, the agent reports the time its CFS quota throttled it |
 //! | connections | `connections` = 0.0 | agent-counted established connections / [`BlenderConfig::connections_full`] |
 //!
@@ -170,8 +170,11 @@ pub enum LoadMode {
 pub enum RtReference {
     /// A fixed response time, in microseconds.
     Fixed { full_load_us: u32 },
-    /// `full_load_multiple ×` the median smoothed response time of the service's servers in normal state.
-    ClusterMedian { full_load_multiple: f64 },
+    /// `full_load_multiple ×` the median smoothed response time of the service's servers in normal state, but
+    /// never less than `min_full_load_us`: probes that answer in tens of microseconds differ by scheduling
+    /// jitter, not load (measured in `bench/feedback`: 17 µs and 243 µs from the same idle server in
+    /// consecutive reports), and against a median of 30 µs a server would read 8 times busier for it.
+    ClusterMedian { full_load_multiple: f64, min_full_load_us: u32 },
 }
 
 /// Per-service blender settings; see the module documentation for each formula.
@@ -222,7 +225,7 @@ impl Default for BlenderConfig {
             max_step: 0.25,
             damping: 0.75,
             mode: LoadMode::ClusterRelative { floor: 0.1 },
-            response_time_reference: RtReference::ClusterMedian { full_load_multiple: 2.0 },
+            response_time_reference: RtReference::ClusterMedian { full_load_multiple: 2.0, min_full_load_us: 1000 },
             connections_full: 10_000,
             half_life: Duration::from_secs(1),
             stale_after: Duration::from_secs(3),
@@ -274,7 +277,7 @@ impl BlenderConfig {
             RtReference::Fixed { full_load_us } => {
                 check("response_time_reference", f64::from(full_load_us), full_load_us > 0, "> 0 µs")?
             }
-            RtReference::ClusterMedian { full_load_multiple: m } => {
+            RtReference::ClusterMedian { full_load_multiple: m, .. } => {
                 check("response_time_reference", m, m > 0.0 && m <= 100.0, "(0, 100]")?
             }
         }
@@ -650,9 +653,9 @@ impl Blender {
         }
         let rt_full_us = match cfg.response_time_reference {
             RtReference::Fixed { full_load_us } => Some(f64::from(full_load_us)),
-            RtReference::ClusterMedian { full_load_multiple } => {
-                median(&mut self.scratch).map(|m| m * full_load_multiple).filter(|m| *m > 0.0)
-            }
+            RtReference::ClusterMedian { full_load_multiple, min_full_load_us } => median(&mut self.scratch)
+                .map(|m| (m * full_load_multiple).max(f64::from(min_full_load_us)))
+                .filter(|m| *m > 0.0),
         };
         self.rt_full_us = rt_full_us;
         let mean_active = if inputs.is_empty() {

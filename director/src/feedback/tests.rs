@@ -420,7 +420,7 @@ fn response_time_is_relative_to_the_cluster_median() {
         coefficients: Coefficients { cpu: 0.0, response_time: 1.0, pressure: 0.0, connections: 0.0 },
         ..BlenderConfig::default()
     };
-    let mut b = blender(config);
+    let mut b = blender(config.clone());
     let now = t0();
     let rt = |seq, us| ReportInput { cpu_busy_bp: None, response_time_us: Some(us), ..report(seq, now, 0) };
     let out = b.update(
@@ -431,6 +431,15 @@ fn response_time_is_relative_to_the_cluster_median() {
     let aggregates: Vec<f64> = out.iter().map(|o| o.aggregate_load.unwrap()).collect();
     assert_eq!(aggregates, [0.25, 0.5, 2.0]);
     assert!(out[0].effective_weight > 10 && out[2].effective_weight < 10);
+    // Tens of microseconds are jitter, not load: against the floor of 1 ms, 20, 50 and 250 µs read 0.02, 0.05
+    // and 0.25, not 0.2, 0.5 and 2.0 against twice their median.
+    let mut b = blender(config);
+    let out = b.update(
+        now,
+        &[server(1, 10, Some(rt(1, 20))), server(2, 10, Some(rt(1, 50))), server(3, 10, Some(rt(1, 250)))],
+    );
+    let aggregates: Vec<f64> = out.iter().map(|o| o.aggregate_load.unwrap()).collect();
+    assert_eq!(aggregates, [0.02, 0.05, 0.25]);
 }
 
 #[test]
