@@ -232,6 +232,7 @@ impl ControlPlane {
                         let state = &server.state;
                         let report = reports.iter().find(|(ip, _)| *ip == IpAddr::V4(server.address)).map(|(_, v)| v);
                         let last = report.and_then(|r| r.last_report.as_ref());
+                        let pressure = last.and_then(|r| r.cpu_pressure.as_ref());
                         ServerView {
                             address: server.address,
                             port: server.port,
@@ -248,8 +249,8 @@ impl ControlPlane {
                                 .map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                             cpu_bp: last.and_then(|r| r.cpu).map(|c| c.busy_bp),
                             response_time_us: last.and_then(|r| r.probe.latest_us()),
-                            cpu_pressure_bp: last.and_then(|r| r.cpu_pressure.as_ref()).map(|p| p.some_avg10_bp),
-                            cpu_pressure_total_us: last.and_then(|r| r.cpu_pressure.as_ref()).map(|p| p.some_total_us),
+                            cpu_pressure_bp: pressure.map(|p| p.some_avg10_bp),
+                            cpu_pressure_total_us: pressure.map(|p| p.some_total_us),
                             report_age_ms: report.and_then(|r| r.report_age_ms),
                             health: state.health().name().to_string(),
                             df_response_time_term: state.response_time_norm.load(std::sync::atomic::Ordering::Relaxed),

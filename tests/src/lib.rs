@@ -119,6 +119,17 @@ pub fn write_random_file(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// The median of `values` (the mean of the middle two for an even count); `None` for none. For the benchmarks'
+/// summaries, where one run's outlier must not decide a figure.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 })
+}
+
 /// The SHA-256 of a file as lowercase hex (via `sha256sum`).
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut cmd = std::process::Command::new("sha256sum");

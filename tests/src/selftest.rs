@@ -330,3 +330,11 @@ fn random_files_are_deterministic() {
     assert_eq!(sha256_file(&a).unwrap(), sha256_file(&b).unwrap());
     assert_ne!(sha256_file(&a).unwrap(), sha256_file(&c).unwrap());
 }
+
+#[test]
+fn medians() {
+    assert_eq!(median(vec![]), None);
+    assert_eq!(median(vec![3.0]), Some(3.0));
+    assert_eq!(median(vec![5.0, 1.0, 3.0]), Some(3.0));
+    assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+}

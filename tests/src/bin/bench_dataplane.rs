@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec};
-use fulcrum_tests::{in_netns, netns_pids, require_root, try_workspace_bin, ChildGuard, Host, Nginx, Testbed};
+use fulcrum_tests::{in_netns, median, netns_pids, require_root, try_workspace_bin, ChildGuard, Host, Nginx, Testbed};
 use serde_json::Value;
 
 const CLIENT_IP: &str = "10.0.0.1";
@@ -92,6 +92,11 @@ struct Args {
     /// Sets the director's `busy_poll_us` (its own default when absent).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     busy_poll_us: Option<u32>,
+}
+
+/// wrk threads in `direct-spread`: `--wrk-threads`, but at least one per real server (each aims at its own).
+fn spread_threads(wrk_threads: u32) -> u32 {
+    wrk_threads.max(SERVER_IPS.len() as u32)
 }
 
 fn default_wrk_threads() -> u32 {
@@ -761,11 +766,7 @@ impl Bed {
         let url = format!("http://{target}/");
         let conns = self.connections.to_string();
         let secs = format!("{}s", self.seconds);
-        let threads = if spread {
-            format!("-t{}", self.wrk_threads.max(SERVER_IPS.len() as u32))
-        } else {
-            format!("-t{}", self.wrk_threads)
-        };
+        let threads = format!("-t{}", if spread { spread_threads(self.wrk_threads) } else { self.wrk_threads });
         let script =
             spread.then(|| std::env::temp_dir().join(format!("fulcrum-bench-spread-{}.lua", std::process::id())));
         if let Some(script) = &script {
@@ -980,15 +981,6 @@ fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    Some(if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 })
-}
-
 /// `num / den` of one measurement, run by run, over the runs where both succeeded. The host's speed swings
 /// by 1.5–2× within minutes here; a run measures every mode within a minute or so, so the ratio inside one
 /// run is far steadier than the ratio of two medians taken from different runs.
@@ -1081,7 +1073,7 @@ fn render(
         args.repeat,
         args.seconds,
         args.wrk_threads,
-        args.wrk_threads.max(SERVER_IPS.len() as u32),
+        spread_threads(args.wrk_threads),
         args.connections,
         args.workers,
         args.workers,
@@ -1296,14 +1288,6 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(vec![]), None);
-        assert_eq!(median(vec![3.0]), Some(3.0));
-        assert_eq!(median(vec![5.0, 1.0, 3.0]), Some(3.0));
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
-    }
 
     #[test]
     fn ratios_are_paired_run_by_run() {

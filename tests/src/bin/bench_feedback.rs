@@ -43,7 +43,7 @@ use clap::{Parser, ValueEnum};
 use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec};
 use fulcrum_tests::pki::Pki;
 use fulcrum_tests::quota::QuotaServer;
-use fulcrum_tests::{in_netns, require_root, try_workspace_bin, ChildGuard, Host, Testbed};
+use fulcrum_tests::{in_netns, median, require_root, try_workspace_bin, ChildGuard, Host, Testbed};
 use serde_json::Value;
 
 const CLIENT_IP: &str = "10.0.0.1";
@@ -310,19 +310,14 @@ fn measured_capacity(closed: &[Outcome]) -> Option<f64> {
     concurrencies
         .into_iter()
         .filter_map(|c| {
-            let mut rates: Vec<f64> = closed
-                .iter()
-                .filter(|o| o.load == Load::Closed { concurrency: c } && (!balanced || o.sched != Sched::Rr))
-                .filter_map(Outcome::ok)
-                .map(|r| r.measured.throughput)
-                .collect();
-            rates.sort_by(f64::total_cmp);
-            let n = rates.len();
-            match n {
-                0 => None,
-                _ if n % 2 == 1 => Some(rates[n / 2]),
-                _ => Some((rates[n / 2 - 1] + rates[n / 2]) / 2.0),
-            }
+            median(
+                closed
+                    .iter()
+                    .filter(|o| o.load == Load::Closed { concurrency: c } && (!balanced || o.sched != Sched::Rr))
+                    .filter_map(Outcome::ok)
+                    .map(|r| r.measured.throughput)
+                    .collect(),
+            )
         })
         .filter(|c| *c > 0.0)
         .max_by(f64::total_cmp)
