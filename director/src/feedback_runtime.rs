@@ -212,6 +212,7 @@ impl FeedbackCore {
                             .map(|(report, at)| ReportInput::from_report(report, *at)),
                         active: s.state.active(),
                         inactive: s.state.inactive(),
+                        connections_total: s.state.sum(|w| &w.connections_total),
                     })
                     .collect();
                 for ((out, f), s) in blender.update(now, &inputs).iter().zip(&mut full).zip(&real) {

@@ -22,7 +22,7 @@
 //!
 //! | metric | coefficient (default) | normalisation |
 //! | --- | --- | --- |
-//! | CPU | `cpu` = 0.5 | `busy_bp / 10 000` |
+//! | CPU | `cpu` = 0.5 | `busy_bp / 10 000`; for a saturated server (≥ 90 %) the demand on it if higher (below) |
 //! | response time | `response_time` = 0.3 | the latest probe (clipped to `MAX_METRIC × reference`), smoothed, `/ reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0), at least 1 ms (below that, probe times differ by scheduling jitter) |
 //! | CPU pressure | `pressure` = 0.2 | the share of the interval since the previous report in which some task stalled on CPU (PSI `some total`'s growth; `some avg10` for a first report); for a v1 cgroup, which has no PSI, the agent reports the time its CFS quota throttled it |
 //! | connections | `connections` = 0.0 | agent-counted established connections / [`BlenderConfig::connections_full`] |
@@ -76,6 +76,17 @@
 //!   (no herd oscillation). The configured weight as a lower bound matters on the way back: a server that
 //!   outside work pinned to the floor of 1 would otherwise creep up ×1.25 a report, and take ten reports to
 //!   regain a configured weight of 10 after the work stopped; it now takes four.
+//! * **Demand, not CPU, under saturation.** A saturated CPU reads 100 % however much work waits for it, so
+//!   under full load every server looks the same and the weights stop wherever they were, even after one of
+//!   them lost capacity (measured in `bench/feedback`: at 90 % load a server whose quota a CPU antagonist took
+//!   kept its weight for 3 s and needed 13 s to shed it, while `wlc` saw its connections pile up at once). The
+//!   director knows what it sent each server (`ServerInput::connections_total`) and how its active connections
+//!   grew; from that and the reported CPU the blender keeps each server's capacity (connections completed per
+//!   second at full CPU, sampled when the CPU is at least 20 %) and, for a server at 90 % CPU or more, takes
+//!   the demand (arrivals over capacity, 1.5 for a server sent half again what it can do) as its CPU figure
+//!   when that is higher. Below saturation nothing changes. Simulated (tests): at 110 % of the capacity the
+//!   weights reach the capacities' ratios, where from the CPU alone they stayed 30 % and more off; a server
+//!   halving its capacity at 95 % load starts losing weight in the second report after.
 //! * **Response time from the latest probe, outliers clipped.** The blender smooths the agent's latest probe
 //!   sample with its own half-life (the agent's smoothed figure is for display: smoothing it again doubled
 //!   the lag). A sample above what the metric can register (`MAX_METRIC` × the full-load reference of the
@@ -138,6 +149,12 @@ pub const REST_SMOOTHING: u32 = 4;
 /// Consecutive insignificant steps before a weight comes to rest. One is not enough: the smoothed load lags
 /// the weight it responds to, so a single quiet step right after a move is often the lag, not the target.
 pub const STEPS_TO_REST: u32 = 2;
+/// A reported CPU share at or above which the server counts as saturated: its CPU then says nothing of how
+/// much more work waits, and the blender reads the demand instead (see the module documentation).
+pub const SATURATED_CPU: f64 = 0.9;
+/// The least CPU share an interval must show to sample the server's capacity: below it the server's fixed
+/// costs (the agent, idle timers) are a large part of the CPU, and completions per CPU would understate it.
+pub const CAPACITY_MIN_CPU: f64 = 0.2;
 /// Longest response time or report interval accepted.
 pub const MAX_PLAUSIBLE_TIME: Duration = Duration::from_secs(60 * 60);
 
@@ -342,6 +359,9 @@ pub struct ServerInput {
     pub active: u32,
     /// The director's inactive connections to this server.
     pub inactive: u32,
+    /// New connections the director has scheduled to this server so far (cumulative, summed over workers): with
+    /// `active`, what the server was sent and completed between two reports (see [`SATURATED_CPU`]).
+    pub connections_total: u64,
 }
 
 /// Why a report was refused.
@@ -480,6 +500,12 @@ struct Smoothed {
     rt_us: Ewma,
     pressure: Ewma,
     established: Ewma,
+    /// Connections per second the server completes at full CPU: completions over CPU share, from intervals
+    /// with at least [`CAPACITY_MIN_CPU`].
+    capacity: Ewma,
+    /// A saturated server's demand in the newest interval: arrivals over capacity (see [`demand`]); `None` when
+    /// the server was not saturated or its capacity is not known yet.
+    demand: Option<f64>,
 }
 
 /// Per-server state kept between periods.
@@ -508,6 +534,9 @@ struct Slot {
     aggregate: Option<f64>,
     /// Sequence number and PSI `some total` of the newest accepted report that had one.
     pressure_total: Option<(u64, u64)>,
+    /// The director's own counts when the previous report was accepted: (update time, connections scheduled so
+    /// far, active connections).
+    counted: Option<(Instant, u64, u32)>,
     /// This period's normalised response time and CPU (0 when unknown or not in normal state), for df's terms.
     df_metrics: (f64, f64),
     published: u32,
@@ -531,6 +560,7 @@ impl Slot {
             aggregate: None,
             df_metrics: (0.0, 0.0),
             pressure_total: None,
+            counted: None,
             published: configured,
         }
     }
@@ -614,11 +644,16 @@ impl Blender {
                         Ok(()) => {
                             if !slot.normal_before {
                                 slot.smoothed = Smoothed::default();
+                                slot.counted = None;
                             }
                             let s = &mut slot.smoothed;
                             let at = report.received;
                             let bp = |v: u16| f64::from(v) / f64::from(FULL_BP);
-                            s.cpu.feed(report.cpu_busy_bp.map(bp), at, cfg.half_life);
+                            let cpu = report.cpu_busy_bp.map(bp);
+                            let counts = (now, input.connections_total, input.active);
+                            s.demand = cpu.and_then(|cpu| demand(cfg, &mut s.capacity, cpu, slot.counted, counts, at));
+                            slot.counted = Some(counts);
+                            s.cpu.feed(cpu, at, cfg.half_life);
                             let rt_ceiling = self.rt_full_us.map_or(f64::INFINITY, |full| MAX_METRIC * full);
                             let rt = report.response_time_us.map(|us| f64::from(us).min(rt_ceiling));
                             s.rt_us.feed(rt, at, cfg.half_life);
@@ -738,6 +773,39 @@ impl Blender {
         }
         &self.outputs
     }
+}
+
+/// A saturated server's demand over the interval since the previous report, `None` below saturation; also
+/// feeds the capacity estimate. The CPU metric is the higher of the smoothed CPU share and this.
+///
+/// The director counts what it sent the server since the previous report (`arrived`) and, from the change in
+/// active connections, what the server completed (`arrived − Δactive`: a saturated server's backlog grows).
+/// Completions per CPU share sample the server's capacity (connections per second at full CPU); the demand is
+/// the arrivals over that capacity. Below saturation the demand equals the CPU share and would add only noise;
+/// at saturation the CPU reads 100 % however much work waits, while the demand reads 150 % for a server sent
+/// half again what it can do, so a server that lost capacity under full load (a noisy neighbour, a halved
+/// quota) loses weight at once rather than when its backlog shows in its response time. The director's
+/// counts are exact, so the demand is not smoothed again: the capacity is, once.
+fn demand(
+    cfg: &BlenderConfig,
+    capacity: &mut Ewma,
+    cpu: f64,
+    before: Option<(Instant, u64, u32)>,
+    (now, total, active): (Instant, u64, u32),
+    at: Instant,
+) -> Option<f64> {
+    let (then, total_before, active_before) = before?;
+    let seconds = now.saturating_duration_since(then).as_secs_f64();
+    if seconds <= 0.0 || total < total_before {
+        return None;
+    }
+    let arrived = (total - total_before) as f64;
+    let completed = (arrived - (f64::from(active) - f64::from(active_before))).max(0.0);
+    if cpu >= CAPACITY_MIN_CPU && completed > 0.0 {
+        capacity.feed(Some(completed / seconds / cpu), at, cfg.half_life);
+    }
+    let per_second = capacity.value.filter(|&c| c > 0.0)?;
+    (cpu >= SATURATED_CPU).then(|| arrived / seconds / per_second)
 }
 
 /// The share of the time since the previous accepted report (`previous`: its sequence number and PSI total)
@@ -922,7 +990,7 @@ impl Metrics {
     fn of(cfg: &BlenderConfig, s: &Smoothed, rt_full_us: Option<f64>) -> Metrics {
         let cap = |x: f64| x.clamp(0.0, MAX_METRIC);
         Metrics {
-            cpu: s.cpu.value.map(cap),
+            cpu: s.cpu.value.map(|cpu| cap(s.demand.map_or(cpu, |demand| cpu.max(demand)))),
             rt: s.rt_us.value.zip(rt_full_us).map(|(rt, full)| cap(rt / full)),
             pressure: s.pressure.value.map(cap),
             connections: (cfg.coefficients.connections > 0.0)

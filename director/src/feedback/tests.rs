@@ -26,7 +26,7 @@ fn report(seq: u64, received: Instant, cpu_bp: u16) -> ReportInput {
 }
 
 fn server(key: u64, weight: u32, report: Option<ReportInput>) -> ServerInput {
-    ServerInput { key, configured_weight: weight, report, active: 0, inactive: 0 }
+    ServerInput { key, configured_weight: weight, report, active: 0, inactive: 0, connections_total: 0 }
 }
 
 fn blender(config: BlenderConfig) -> Blender {
@@ -796,4 +796,83 @@ fn configured_weight_one_still_gets_feedback() {
     let silent = [server(0, 1, None), server(1, 1, None)];
     let out = blender(BlenderConfig::default()).update(t0(), &silent).to_vec();
     assert_eq!(out.iter().map(|o| o.effective_weight).collect::<Vec<_>>(), [3, 3]);
+}
+
+/// Overload with backlogs, one report a second: server `i` is sent `offered × wᵢ / Σw` new connections a
+/// second, completes what its capacity allows of its backlog and those, and reports CPU = completed /
+/// capacity. With `counts` the director's counts go with the reports (connections scheduled so far, active =
+/// the backlog); without them the blender sees the CPU alone. `capacities(k)` gives period k's capacities.
+/// Returns each period's effective weights.
+fn backlog_loop(capacities: impl Fn(u64) -> Vec<f64>, offered: f64, periods: u64, counts: bool) -> Vec<Vec<u32>> {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let n = capacities(0).len();
+    let mut weights = vec![100u32; n];
+    let (mut sent, mut backlog) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut history = Vec::new();
+    for k in 0..periods {
+        let now = start + SEC * k as u32;
+        let caps = capacities(k);
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let inputs: Vec<ServerInput> = (0..n)
+            .map(|i| {
+                let arrived = offered * f64::from(weights[i]) / total;
+                let completed = (backlog[i] + arrived).min(caps[i]);
+                backlog[i] += arrived - completed;
+                sent[i] += arrived;
+                let cpu = ((completed / caps[i]).min(1.0) * 10_000.0).round() as u16;
+                let mut input = server(i as u64, 100, Some(report(k + 1, now, cpu)));
+                if counts {
+                    input.connections_total = sent[i].round() as u64;
+                    input.active = backlog[i].round() as u32;
+                }
+                input
+            })
+            .collect();
+        weights = b.update(now, &inputs).iter().map(|o| o.effective_weight).collect();
+        history.push(weights.clone());
+    }
+    history
+}
+
+/// Each server's share of the weight sum.
+fn shares(weights: &[u32]) -> Vec<f64> {
+    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    weights.iter().map(|&w| f64::from(w) / total).collect()
+}
+
+#[test]
+fn under_overload_the_directors_counts_steer_to_the_capacities() {
+    // 110 % of the capacity: every server ends saturated, reporting 100 % CPU whatever it is sent. From the CPU
+    // alone the weights stop where the last server saturated; the director's counts of what it sent and what
+    // came back give each server's demand, and the weights go on to the capacities' ratios.
+    let capacities = [100.0, 200.0, 300.0];
+    let with = backlog_loop(|_| capacities.to_vec(), 660.0, 40, true);
+    let without = backlog_loop(|_| capacities.to_vec(), 660.0, 40, false);
+    let wanted = [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0];
+    let off = |weights: &[u32]| {
+        shares(weights).iter().zip(wanted).map(|(s, w)| (s / w - 1.0).abs()).fold(0.0, f64::max)
+    };
+    let last_with = with.last().unwrap();
+    let last_without = without.last().unwrap();
+    assert!(off(last_with) <= 0.15, "with the counts {last_with:?} is more than 15 % off 1 : 2 : 3");
+    assert!(off(last_without) > 0.3, "without them {last_without:?} should stay off 1 : 2 : 3 (the test's premise)");
+}
+
+#[test]
+fn a_server_losing_capacity_under_full_load_loses_weight_within_seconds() {
+    // 95 % of the capacity until period 30, when the biggest server's capacity halves: 127 % from then on.
+    // Its CPU read 100 % before and after; its demand doubles.
+    let capacities = |k: u64| if k < 30 { vec![100.0, 200.0, 300.0] } else { vec![100.0, 200.0, 150.0] };
+    let history = backlog_loop(capacities, 570.0, 50, true);
+    let before = shares(&history[29])[2];
+    assert!((before - 0.5).abs() < 0.08, "before the loss it had {before:.2} of the weight, not about 1/2");
+    let after = |k: usize| shares(&history[k])[2];
+    let within = (30..history.len()).find(|&k| after(k) <= 0.36).map(|k| k - 30);
+    assert!(
+        within.is_some_and(|periods| periods <= 5),
+        "its share fell to {:.2} at best, reaching 0.36 after {within:?} periods (want ≤ 5): {:?}",
+        (30..history.len()).map(after).fold(1.0, f64::min),
+        &history[29..]
+    );
 }
