@@ -95,7 +95,8 @@ pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watc
         timeout: config.probe.timeout,
     };
     let (probe_tx, probe_rx) = watch::channel(ProbeTracker::new(config.probe.kind, config.probe.smoothing).report());
-    let probe_task = tokio::spawn(probe_loop(probe_config, config.probe.smoothing, config.interval, probe_tx));
+    let probe_every = config.interval / config.probe.per_interval;
+    let probe_task = tokio::spawn(probe_loop(probe_config, config.probe.smoothing, probe_every, probe_tx));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -195,11 +196,12 @@ fn effective_interval(configured: Duration, statuses: &[Arc<LinkStatus>]) -> Dur
         .map_or(configured, |ms| Duration::from_millis(ms.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS).into()))
 }
 
-/// Probes the service once per interval, independently of reporting, so a slow or dead service never delays
-/// a report: the report carries the newest probe result.
-async fn probe_loop(config: ProbeConfig, smoothing: f64, interval: Duration, out: watch::Sender<ProbeReport>) {
+/// Probes the service every `every` (the report interval over `probe.per_interval`), independently of reporting,
+/// so a slow or dead service never delays a report: the report carries the newest probe result and the smoothed
+/// response time of the probes so far.
+async fn probe_loop(config: ProbeConfig, smoothing: f64, every: Duration, out: watch::Sender<ProbeReport>) {
     let mut tracker = ProbeTracker::new(config.kind, smoothing);
-    let mut ticker = new_ticker(interval);
+    let mut ticker = new_ticker(every);
     loop {
         ticker.tick().await;
         let outcome = probe_once(&config).await;

@@ -207,7 +207,7 @@ impl AgentRegistry {
                 metrics::gauge!("fulcrum_server_cpu_ratio", "server" => label.clone())
                     .set(f64::from(cpu.busy_bp) / f64::from(fulcrum_protocol::FULL_SCALE_BP));
             }
-            if let Some(us) = report.probe.latest_us() {
+            if let Some(us) = report.probe.response_time_us() {
                 metrics::gauge!("fulcrum_server_response_time_seconds", "server" => label.clone())
                     .set(f64::from(us) / 1e6);
             }

@@ -248,7 +248,7 @@ impl ControlPlane {
                                 .mac()
                                 .map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                             cpu_bp: last.and_then(|r| r.cpu).map(|c| c.busy_bp),
-                            response_time_us: last.and_then(|r| r.probe.latest_us()),
+                            response_time_us: last.and_then(|r| r.probe.response_time_us()),
                             cpu_pressure_bp: pressure.map(|p| p.some_avg10_bp),
                             cpu_pressure_total_us: pressure.map(|p| p.some_total_us),
                             report_age_ms: report.and_then(|r| r.report_age_ms),

@@ -167,11 +167,13 @@ pub struct ProbeReport {
 }
 
 impl ProbeReport {
-    /// The latest probe's response time (HTTP: time to first byte; TCP: connect time), in microseconds;
-    /// `None` when it failed or none has completed.
-    pub fn latest_us(&self) -> Option<u32> {
+    /// The response time the director goes by, in microseconds: the smoothed figure while the latest probe
+    /// succeeded; `None` when it failed or none has completed. The agent probes several times per report
+    /// interval, so the smoothed figure mostly averages the last interval's probes, where one probe alone is a
+    /// poor sample of a service that answers in microseconds or, when its CPU quota is spent, milliseconds.
+    pub fn response_time_us(&self) -> Option<u32> {
         match self.last {
-            ProbeOutcome::Ok(sample) => Some(sample.first_byte_us.unwrap_or(sample.connect_us)),
+            ProbeOutcome::Ok(_) => self.smoothed_us,
             ProbeOutcome::Pending | ProbeOutcome::Failed(_) => None,
         }
     }

@@ -283,11 +283,13 @@ mod tests {
         t.record(ok(50, Some(2_000)));
         // 0.3 × 2000 + 0.7 × 1000 = 1300
         assert_eq!(t.report().smoothed_us, Some(1_300));
+        assert_eq!(t.report().response_time_us(), Some(1_300), "the director goes by the smoothed figure");
 
         t.record(Err(ProbeFailure::Timeout));
         t.record(Err(ProbeFailure::HttpStatus(503)));
         let report = t.report();
         assert_eq!(report.smoothed_us, Some(1_300), "failures do not move the average");
+        assert_eq!(report.response_time_us(), None, "a failing service has no response time");
         assert_eq!(report.last, ProbeOutcome::Failed(ProbeFailure::HttpStatus(503)));
         assert_eq!((report.consecutive_failures, report.total_failures), (2, 3));
 

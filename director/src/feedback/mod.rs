@@ -23,7 +23,7 @@
 //! | metric | coefficient (default) | normalisation |
 //! | --- | --- | --- |
 //! | CPU | `cpu` = 0.5 | `busy_bp / 10 000`; for a saturated server (≥ 90 %) the demand on it if higher (below) |
-//! | response time | `response_time` = 0.3 | the latest probe (clipped to `MAX_METRIC × reference`), smoothed, `/ reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0), at least 1 ms (below that, probe times differ by scheduling jitter) |
+//! | response time | `response_time` = 0.3 | the agent's figure for its last interval's probes (clipped to `MAX_METRIC × reference`), smoothed, `/ reference`; the reference is either fixed ([`RtReference::Fixed`]) or `multiple ×` the median over the service's servers in normal state ([`RtReference::ClusterMedian`], default multiple 2: a server at the median scores 0.5, one at twice the median 1.0), at least 1 ms (below that, probe times differ by scheduling jitter) |
 //! | CPU pressure | `pressure` = 0.2 | the share of the interval since the previous report in which some task stalled on CPU (PSI `some total`'s growth; `some avg10` for a first report); for a v1 cgroup, which has no PSI, the agent reports the time its CFS quota throttled it |
 //! | connections | `connections` = 0.0 | agent-counted established connections / [`BlenderConfig::connections_full`] |
 //!
@@ -87,9 +87,12 @@
 //!   when that is higher. Below saturation nothing changes. Simulated (tests): at 110 % of the capacity the
 //!   weights reach the capacities' ratios, where from the CPU alone they stayed 30 % and more off; a server
 //!   halving its capacity at 95 % load starts losing weight in the second report after.
-//! * **Response time from the latest probe, outliers clipped.** The blender smooths the agent's latest probe
-//!   sample with its own half-life (the agent's smoothed figure is for display: smoothing it again doubled
-//!   the lag). A sample above what the metric can register (`MAX_METRIC` × the full-load reference of the
+//! * **Response time from several probes a report, outliers clipped.** The agent probes `probe.per_interval`
+//!   times per report (default 4) and smooths them (0.3 a probe, so three quarters of its figure is the last
+//!   interval's); the blender smooths that with its own half-life. With one probe a report, the figure was one
+//!   sample of a bimodal time (a server whose CPU quota is spent answers after up to a CFS period: 20 µs and
+//!   15 ms in consecutive reports of the same server), and the weights chased it; the agent's short average
+//!   adds about a quarter of a report interval of lag. A sample above what the metric can register (`MAX_METRIC` × the full-load reference of the
 //!   previous period) is clipped to it first: a throttled server's 30-fold response time would otherwise
 //!   keep its smoothed value high for five half-lives after it recovered.
 //! * **One step per new report.** Between two reports nothing new is known; stepping again on the same data
@@ -317,8 +320,9 @@ pub struct ReportInput {
     pub received: Instant,
     pub interval_ms: u32,
     pub cpu_busy_bp: Option<u16>,
-    /// The latest probe's response time (HTTP: time to first byte; TCP: connect time), microseconds; `None`
-    /// when it failed or none has completed. The blender does its own smoothing.
+    /// The agent's response time (HTTP: time to first byte; TCP: connect time), microseconds, smoothed over
+    /// its last few probes (`ProbeReport::response_time_us`); `None` when the latest probe failed or none has
+    /// completed.
     pub response_time_us: Option<u32>,
     /// PSI CPU `some avg10`, basis points.
     pub cpu_pressure_bp: Option<u16>,
@@ -337,7 +341,7 @@ impl ReportInput {
             received,
             interval_ms: report.interval_ms,
             cpu_busy_bp: report.cpu.map(|c| c.busy_bp),
-            response_time_us: report.probe.latest_us(),
+            response_time_us: report.probe.response_time_us(),
             cpu_pressure_bp: report.cpu_pressure.map(|p| p.some_avg10_bp),
             cpu_pressure_total_us: report.cpu_pressure.map(|p| p.some_total_us),
             established: report.established_connections,

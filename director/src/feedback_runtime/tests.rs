@@ -87,8 +87,9 @@ fn health_kinds(events: &[Event]) -> Vec<ReasonKind> {
 }
 
 #[test]
-fn the_blender_takes_the_latest_probe_not_the_agents_smoothed_figure() {
-    // The blender smooths with its own half-life; the agent's smoothed response time would be smoothed twice.
+fn the_blender_takes_the_agents_smoothed_response_time_while_its_probe_succeeds() {
+    // The agent probes several times per report and smooths them: one probe alone is a poor sample of a server
+    // that answers in microseconds or, throttled, milliseconds. A failing probe has no response time.
     let at = Instant::now();
     let with_probe = |kind, last| {
         let mut r = report(1, 5_000);
@@ -96,9 +97,9 @@ fn the_blender_takes_the_latest_probe_not_the_agents_smoothed_figure() {
         ReportInput::from_report(&r, at).response_time_us
     };
     let http = ProbeSample { connect_us: 150, first_byte_us: Some(2_400), http_status: Some(200) };
-    assert_eq!(with_probe(ProbeKind::Http, ProbeOutcome::Ok(http)), Some(2_400), "HTTP: time to first byte");
+    assert_eq!(with_probe(ProbeKind::Http, ProbeOutcome::Ok(http)), Some(9_999));
     let tcp = ProbeSample { connect_us: 150, first_byte_us: None, http_status: None };
-    assert_eq!(with_probe(ProbeKind::Tcp, ProbeOutcome::Ok(tcp)), Some(150), "TCP: connect time");
+    assert_eq!(with_probe(ProbeKind::Tcp, ProbeOutcome::Ok(tcp)), Some(9_999));
     assert_eq!(with_probe(ProbeKind::Http, ProbeOutcome::Failed(ProbeFailure::Timeout)), None);
     assert_eq!(with_probe(ProbeKind::Http, ProbeOutcome::Pending), None);
 }
