@@ -66,6 +66,9 @@
 //!   again only when its load averaged over [`REST_SMOOTHING`] half-lives (restarted on target when it came to
 //!   rest) is more than [`BlenderConfig::hold_band`] (default 12 %) off target, or the load averaged over one
 //!   half-life more than three times that (a real change, followed at once).
+//!   A saturated server (one whose demand is known, see below) busier than the target is not held: it moves
+//!   as soon as its recent load is more than `hold_band` off, since its backlog grows while the long average
+//!   catches up (in the simulation below, the halved server moves on the first report instead of the third).
 //!   A weight held on a bound by a load pushing past it (a server on the floor while an antagonist runs) is
 //!   pinned, not at rest: it follows the load as soon as the load turns. The defaults come from the
 //!   simulations in the tests: three servers of capacity 1 : 2 : 3 at 17–92 % of the total capacity settle
@@ -86,7 +89,7 @@
 //!   the demand (arrivals over capacity, 1.5 for a server sent half again what it can do) as its CPU figure
 //!   when that is higher. Below saturation nothing changes. Simulated (tests): at 110 % of the capacity the
 //!   weights reach the capacities' ratios, where from the CPU alone they stayed 30 % and more off; a server
-//!   halving its capacity at 95 % load starts losing weight in the second report after.
+//!   halving its capacity at 95 % load loses weight from the first report after.
 //! * **Response time from several probes a report, outliers clipped.** The agent probes `probe.per_interval`
 //!   times per report (default 4) and smooths them (0.3 a probe, so three quarters of its figure is the last
 //!   interval's); the blender smooths that with its own half-life. With one probe a report, the figure was one
@@ -728,9 +731,13 @@ impl Blender {
                 let at = slot.accepted.map_or(now, |(received, _)| received);
                 slot.rest_load.feed(Some(load), at, cfg.half_life * REST_SMOOTHING);
                 let off = |load: f64| (load / cfg.target - 1.0).abs();
+                // A saturated server busier than its share is not noise to sit out: its backlog grows while the
+                // long average catches up, so it moves once its recent load leaves the band itself.
+                let shedding = slot.smoothed.demand.is_some() && load > cfg.target;
+                let band = if shedding { cfg.hold_band } else { 3.0 * cfg.hold_band };
                 let holds = slot.quiet_steps >= STEPS_TO_REST
                     && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
-                    && off(load) <= 3.0 * cfg.hold_band;
+                    && off(load) <= band;
                 if !holds {
                     let stepped = step(cfg, slot.weight, slot.configured, load);
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must

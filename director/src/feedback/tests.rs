@@ -869,9 +869,11 @@ fn a_server_losing_capacity_under_full_load_loses_weight_within_seconds() {
     assert!((before - 0.5).abs() < 0.08, "before the loss it had {before:.2} of the weight, not about 1/2");
     let after = |k: usize| shares(&history[k])[2];
     let within = (30..history.len()).find(|&k| after(k) <= 0.36).map(|k| k - 30);
+    // A saturated server busier than its share is not held by the hysteresis: it moves on the first report.
+    assert!(history[30][2] < history[29][2], "it held its weight through the first report: {:?}", &history[29..]);
     assert!(
-        within.is_some_and(|periods| periods <= 5),
-        "its share fell to {:.2} at best, reaching 0.36 after {within:?} periods (want ≤ 5): {:?}",
+        within.is_some_and(|periods| periods <= 4),
+        "its share fell to {:.2} at best, reaching 0.36 after {within:?} periods (want ≤ 4): {:?}",
         (30..history.len()).map(after).fold(1.0, f64::min),
         &history[29..]
     );
