@@ -445,13 +445,8 @@ impl AgentConfig {
             return Err(smoothing_at.error(path, format!("{smoothing} is outside (0, 1]")));
         }
         let per_interval_key = probe_key("per_interval");
-        let (per_interval, per_interval_at) = pick(
-            flags.probe_per_interval,
-            "--probe-per-interval",
-            file.probe.per_interval,
-            &source,
-            &per_interval_key,
-        );
+        let (per_interval, per_interval_at) =
+            pick(flags.probe_per_interval, "--probe-per-interval", file.probe.per_interval, &source, &per_interval_key);
         let per_interval = per_interval.unwrap_or(PROBES_PER_INTERVAL);
         if !(1..=MAX_PROBES_PER_INTERVAL).contains(&per_interval) {
             return Err(per_interval_at.error(path, format!("{per_interval} is outside 1..={MAX_PROBES_PER_INTERVAL}")));

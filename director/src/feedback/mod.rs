@@ -95,9 +95,10 @@
 //!   interval's); the blender smooths that with its own half-life. With one probe a report, the figure was one
 //!   sample of a bimodal time (a server whose CPU quota is spent answers after up to a CFS period: 20 µs and
 //!   15 ms in consecutive reports of the same server), and the weights chased it; the agent's short average
-//!   adds about a quarter of a report interval of lag. A sample above what the metric can register (`MAX_METRIC` × the full-load reference of the
-//!   previous period) is clipped to it first: a throttled server's 30-fold response time would otherwise
-//!   keep its smoothed value high for five half-lives after it recovered.
+//!   adds about a quarter of a report interval of lag. A sample above what the metric can register
+//!   (`MAX_METRIC` × the full-load reference of the previous period) is clipped to it first: a throttled
+//!   server's 30-fold response time would otherwise keep its smoothed value high for five half-lives after it
+//!   recovered.
 //! * **One step per new report.** Between two reports nothing new is known; stepping again on the same data
 //!   would integrate it twice. A period without a new accepted report holds the weight.
 //! * **Smoothing.** Every metric is an EWMA over accepted reports with a half-life

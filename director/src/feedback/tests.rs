@@ -850,9 +850,8 @@ fn under_overload_the_directors_counts_steer_to_the_capacities() {
     let with = backlog_loop(|_| capacities.to_vec(), 660.0, 40, true);
     let without = backlog_loop(|_| capacities.to_vec(), 660.0, 40, false);
     let wanted = [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0];
-    let off = |weights: &[u32]| {
-        shares(weights).iter().zip(wanted).map(|(s, w)| (s / w - 1.0).abs()).fold(0.0, f64::max)
-    };
+    let off =
+        |weights: &[u32]| shares(weights).iter().zip(wanted).map(|(s, w)| (s / w - 1.0).abs()).fold(0.0, f64::max);
     let last_with = with.last().unwrap();
     let last_without = without.last().unwrap();
     assert!(off(last_with) <= 0.15, "with the counts {last_with:?} is more than 15 % off 1 : 2 : 3");
