@@ -109,6 +109,10 @@ struct Args {
     /// Use this capacity (requests/s) for the open-loop levels instead of the one the closed loop measures.
     #[arg(long)]
     capacity: Option<f64>,
+    /// A `[service.feedback]` setting for the director, e.g. `--feedback response_time=0.4` (repeatable): what
+    /// `df` runs with. The director's config check refuses a bad key or value before any run.
+    #[arg(long = "feedback", value_name = "KEY=VALUE", value_parser = parse_feedback_setting)]
+    feedback: Vec<(String, String)>,
     /// Write one line per run here (CSV).
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -160,6 +164,18 @@ struct Plan {
     weight: u32,
     workers: u32,
     quick: bool,
+    /// `[service.feedback]` settings, as given.
+    feedback: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` with a bare key.
+fn parse_feedback_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let (key, value) = (key.trim(), value.trim());
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || value.is_empty() {
+        return Err(format!("{text:?} is not KEY=VALUE with a bare key (e.g. response_time=0.4)"));
+    }
+    Ok((key.to_string(), value.to_string()))
 }
 
 impl Plan {
@@ -200,6 +216,7 @@ impl Plan {
             weight: args.weight,
             workers: args.workers,
             quick,
+            feedback: args.feedback.clone(),
         })
     }
 
@@ -1002,6 +1019,12 @@ fn director_config(pki_dir: &Path, socket: &Path, plan: &Plan) -> String {
         socket = socket.display(),
         workers = plan.workers,
     );
+    if !plan.feedback.is_empty() {
+        text.push_str("\n[service.feedback]\n");
+        for (key, value) in &plan.feedback {
+            let _ = writeln!(text, "{key} = {value}");
+        }
+    }
     for i in 0..plan.servers() {
         let _ = write!(
             text,
@@ -1495,5 +1518,12 @@ mod tests {
         assert!(config.contains("ca = \"/p/ca.pem\"") && config.contains("scheduler = \"wlc\""));
         assert_eq!(config.matches("forward = \"dr\"").count(), 4);
         assert!(config.contains("address = \"10.0.0.14\"\nweight = 10"));
+        assert!(!config.contains("[service.feedback]"));
+        let args = ["bench_feedback", "--feedback", "cpu=0.3", "--feedback", "response_time = 0.5"];
+        let tuned = Plan::from_args(&Args::parse_from(args)).unwrap();
+        let config = director_config(Path::new("/p"), Path::new("/s.sock"), &tuned);
+        assert!(config.contains("[service.feedback]\ncpu = 0.3\nresponse_time = 0.5\n"), "{config}");
+        assert!(Args::try_parse_from(["bench_feedback", "--feedback", "cpu"]).is_err());
+        assert!(Args::try_parse_from(["bench_feedback", "--feedback", "a b=1"]).is_err());
     }
 }
