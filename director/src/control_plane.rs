@@ -123,6 +123,10 @@ pub struct ServerView {
     /// `df`'s response-time and load terms from the feedback blender (0 with feedback off).
     pub df_response_time_term: u32,
     pub df_load_term: u32,
+    /// The blender's estimate of the connections per second the server completes at full CPU (from the
+    /// director's counts and the reported CPU); `None` until sampled or with feedback off.
+    #[serde(default)]
+    pub capacity_per_s: Option<u32>,
 }
 
 /// A virtual service as `fulcrumctl list` shows it.
@@ -255,6 +259,8 @@ impl ControlPlane {
                             health: state.health().name().to_string(),
                             df_response_time_term: state.response_time_norm.load(std::sync::atomic::Ordering::Relaxed),
                             df_load_term: state.cpu_norm.load(std::sync::atomic::Ordering::Relaxed),
+                            capacity_per_s: Some(state.capacity_per_s.load(std::sync::atomic::Ordering::Relaxed))
+                                .filter(|&c| c > 0),
                         }
                     })
                     .collect();

@@ -200,7 +200,8 @@ impl FeedbackCore {
             let agent_of = |address: Ipv4Addr| agents.iter().find(|a| a.real_server == IpAddr::V4(address));
 
             // 1. Feedback: the full weight and df's terms.
-            let mut full: Vec<(u32, u32, u32)> = real.iter().map(|s| (s.configured_weight, 0, 0)).collect();
+            // (weight, df's T, df's L, estimated capacity per second or 0) per real server.
+            let mut full: Vec<(u32, u32, u32, u32)> = real.iter().map(|s| (s.configured_weight, 0, 0, 0)).collect();
             if let Some(blender) = &mut service.blender {
                 let inputs: Vec<ServerInput> = real
                     .iter()
@@ -216,7 +217,8 @@ impl FeedbackCore {
                     })
                     .collect();
                 for ((out, f), s) in blender.update(now, &inputs).iter().zip(&mut full).zip(&real) {
-                    *f = (out.effective_weight, out.response_time_norm, out.cpu_norm);
+                    let capacity = out.capacity_per_s.map_or(0, |c| c.round().clamp(1.0, f64::from(u32::MAX)) as u32);
+                    *f = (out.effective_weight, out.response_time_norm, out.cpu_norm, capacity);
                     if let Some(reason) = out.rejected {
                         events.push(Event::Rejected { service: service.key, server: (s.address, s.port), reason });
                     }
@@ -225,7 +227,7 @@ impl FeedbackCore {
 
             // 2. Health: agent liveness, due transitions, slow-start ramp.
             let mut decided: Vec<(u32, Health, bool)> = Vec::with_capacity(real.len());
-            for (s, &(weight, _, _)) in real.iter().zip(&full) {
+            for (s, &(weight, ..)) in real.iter().zip(&full) {
                 let health = service.servers.iter_mut().find(|h| h.server == (s.address, s.port));
                 let Some(state) = health.and_then(|h| h.state.as_mut()) else {
                     decided.push((weight, Health::Unchecked, true));
@@ -263,11 +265,12 @@ impl FeedbackCore {
             let sorry_active = matches!(routing, Routing::SorryServer(_));
 
             // 4. Publish.
-            for ((s, &(_, t, l)), &(weight, health, _)) in real.iter().zip(&full).zip(&decided) {
+            for ((s, &(_, t, l, capacity)), &(weight, health, _)) in real.iter().zip(&full).zip(&decided) {
                 let weight = if sorry_active { 0 } else { weight };
                 s.state.effective_weight.store(weight, Ordering::Relaxed);
                 s.state.response_time_norm.store(t, Ordering::Relaxed);
                 s.state.cpu_norm.store(l, Ordering::Relaxed);
+                s.state.capacity_per_s.store(capacity, Ordering::Relaxed);
                 s.state.health.store(health as u8, Ordering::Relaxed);
             }
             if let Some(sorry) = sorry {

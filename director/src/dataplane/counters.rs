@@ -155,6 +155,10 @@ pub fn publish(workers: &[std::sync::Arc<WorkerCounters>], table: &ServiceTable)
             metrics::gauge!("fulcrum_server_configured_weight", &labels).set(f64::from(server.configured_weight));
             metrics::gauge!("fulcrum_server_effective_weight", &labels)
                 .set(f64::from(state.effective_weight.load(Ordering::Relaxed)));
+            let capacity = state.capacity_per_s.load(Ordering::Relaxed);
+            if capacity > 0 {
+                metrics::gauge!("fulcrum_server_capacity_connections_per_second", &labels).set(f64::from(capacity));
+            }
         }
     }
 }

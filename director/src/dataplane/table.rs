@@ -39,6 +39,9 @@ pub struct ServerState {
     /// `df`'s response-time term T and load term L (`sched::ServerView`), written by the feedback task.
     pub response_time_norm: AtomicU32,
     pub cpu_norm: AtomicU32,
+    /// The feedback blender's estimate of the connections per second the server completes at full CPU, rounded;
+    /// 0 while unknown. Shown by `fulcrumctl list --json` and the metrics.
+    pub capacity_per_s: AtomicU32,
     /// A [`Health`] as u8, written by the feedback task, read by `fulcrumctl list` and the metrics.
     pub health: AtomicU8,
     pub workers: Box<[WorkerServerSlot]>,
@@ -105,6 +108,7 @@ impl ServerState {
             mac: AtomicU64::new(0),
             response_time_norm: AtomicU32::new(0),
             cpu_norm: AtomicU32::new(0),
+            capacity_per_s: AtomicU32::new(0),
             health: AtomicU8::new(Health::Unchecked as u8),
             workers: (0..workers).map(|_| WorkerServerSlot::default()).collect(),
         }

@@ -462,6 +462,9 @@ pub struct ServerOutput {
     /// The server's aggregate load `Σ Rᵢ·Mᵢ` (before the cluster-relative scaling); `None` without metrics or
     /// when not in normal state.
     pub aggregate_load: Option<f64>,
+    /// The server's estimated capacity, connections per second at full CPU (see the module documentation on
+    /// demand); `None` until sampled or when not in normal state.
+    pub capacity_per_s: Option<f64>,
     /// This period's new report was refused, and why.
     pub rejected: Option<RejectReason>,
     /// `effective_weight` differs from the previous period's.
@@ -475,6 +478,7 @@ impl ServerOutput {
         cpu_norm: 0,
         status: FeedbackStatus::Stale { reason: StaleReason::NeverReported },
         aggregate_load: None,
+        capacity_per_s: None,
         rejected: None,
         changed: false,
     };
@@ -768,6 +772,7 @@ impl Blender {
             };
             out.changed = weight != slot.published;
             out.effective_weight = weight;
+            out.capacity_per_s = slot.smoothed.capacity.value.filter(|_| out.status == FeedbackStatus::Normal);
             slot.published = weight;
         }
 

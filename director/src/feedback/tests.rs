@@ -877,3 +877,28 @@ fn a_server_losing_capacity_under_full_load_loses_weight_within_seconds() {
         &history[29..]
     );
 }
+
+#[test]
+fn capacity_is_completions_per_cpu_share_and_shown_in_the_output() {
+    // Unsmoothed, so each period shows its own sample.
+    let mut b = blender(BlenderConfig { half_life: Duration::ZERO, ..BlenderConfig::default() });
+    let start = t0();
+    let input = |k: u32, cpu_bp: u16, total: u64, active: u32| ServerInput {
+        connections_total: total,
+        active,
+        ..server(1, 10, Some(report(u64::from(k) + 1, start + SEC * k, cpu_bp)))
+    };
+    let capacity = |b: &mut Blender, k: u32, cpu_bp, total, active| {
+        b.update(start + SEC * k, &[input(k, cpu_bp, total, active)])[0].capacity_per_s
+    };
+    assert_eq!(capacity(&mut b, 0, 5_000, 1_000, 10), None, "one report is no interval");
+    // 100 sent, none left waiting, at half the CPU: 200 a second at full CPU.
+    assert_eq!(capacity(&mut b, 1, 5_000, 1_100, 10), Some(200.0));
+    // Saturated: 300 sent, 100 more waiting than before, so 200 completed at full CPU.
+    assert_eq!(capacity(&mut b, 2, 10_000, 1_400, 110), Some(200.0));
+    // Below 20 % CPU the server's fixed costs dominate: no sample, the estimate stands.
+    assert_eq!(capacity(&mut b, 3, 1_000, 1_410, 110), Some(200.0));
+    // A stale server shows none.
+    let stale = b.update(start + SEC * 20, &[input(3, 1_000, 1_410, 110)])[0];
+    assert_eq!((stale.capacity_per_s, matches!(stale.status, FeedbackStatus::Normal)), (None, false));
+}
