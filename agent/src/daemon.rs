@@ -95,7 +95,9 @@ pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watc
         timeout: config.probe.timeout,
     };
     let (probe_tx, probe_rx) = watch::channel(ProbeTracker::new(config.probe.kind, config.probe.smoothing).report());
-    let probe_every = config.interval / config.probe.per_interval;
+    // Per configured interval; a director asking for another report interval does not change it. Never more
+    // often than every 10 ms (50 ms intervals with 20 probes would be one every 2.5 ms).
+    let probe_every = (config.interval / config.probe.per_interval).max(MIN_PROBE_SPACING);
     let probe_task = tokio::spawn(probe_loop(probe_config, config.probe.smoothing, probe_every, probe_tx));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -198,6 +200,9 @@ fn effective_interval(configured: Duration, statuses: &[Arc<LinkStatus>]) -> Dur
 
 /// Probes the service every `every` (the report interval over `probe.per_interval`), independently of reporting,
 /// so a slow or dead service never delays a report: the report carries the newest probe result and the smoothed
+/// The shortest time between two probes of the service.
+const MIN_PROBE_SPACING: Duration = Duration::from_millis(10);
+
 /// response time of the probes so far.
 async fn probe_loop(config: ProbeConfig, smoothing: f64, every: Duration, out: watch::Sender<ProbeReport>) {
     let mut tracker = ProbeTracker::new(config.kind, smoothing);

@@ -155,10 +155,9 @@ pub fn publish(workers: &[std::sync::Arc<WorkerCounters>], table: &ServiceTable)
             metrics::gauge!("fulcrum_server_configured_weight", &labels).set(f64::from(server.configured_weight));
             metrics::gauge!("fulcrum_server_effective_weight", &labels)
                 .set(f64::from(state.effective_weight.load(Ordering::Relaxed)));
-            let capacity = state.capacity_per_s.load(Ordering::Relaxed);
-            if capacity > 0 {
-                metrics::gauge!("fulcrum_server_capacity_connections_per_second", &labels).set(f64::from(capacity));
-            }
+            // 0 while unknown (never sampled, stale reports, feedback off), so that a stale figure never lingers.
+            metrics::gauge!("fulcrum_server_capacity_connections_per_second", &labels)
+                .set(f64::from(state.capacity_per_s.load(Ordering::Relaxed)));
         }
     }
 }

@@ -66,7 +66,8 @@
 //!   again only when its load averaged over [`REST_SMOOTHING`] half-lives (restarted on target when it came to
 //!   rest) is more than [`BlenderConfig::hold_band`] (default 12 %) off target, or the load averaged over one
 //!   half-life more than three times that (a real change, followed at once).
-//!   A saturated server (one whose demand is known, see below) busier than the target is not held: it moves
+//!   A saturated server sent more than it can complete (demand above 1, see below) and busier than the
+//!   target is not held: it moves
 //!   as soon as its recent load is more than `hold_band` off, since its backlog grows while the long average
 //!   catches up (in the simulation below, the halved server moves on the first report instead of the third).
 //!   A weight held on a bound by a load pushing past it (a server on the floor while an antagonist runs) is
@@ -736,9 +737,10 @@ impl Blender {
                 let at = slot.accepted.map_or(now, |(received, _)| received);
                 slot.rest_load.feed(Some(load), at, cfg.half_life * REST_SMOOTHING);
                 let off = |load: f64| (load / cfg.target - 1.0).abs();
-                // A saturated server busier than its share is not noise to sit out: its backlog grows while the
-                // long average catches up, so it moves once its recent load leaves the band itself.
-                let shedding = slot.smoothed.demand.is_some() && load > cfg.target;
+                // A saturated server sent more than it completes, and busier than its share, is not noise to sit
+                // out: its backlog grows while the long average catches up, so it moves once its recent load
+                // leaves the band itself.
+                let shedding = slot.smoothed.demand.is_some_and(|d| d > 1.0) && load > cfg.target;
                 let band = if shedding { cfg.hold_band } else { 3.0 * cfg.hold_band };
                 let holds = slot.quiet_steps >= STEPS_TO_REST
                     && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
@@ -819,7 +821,10 @@ fn demand(
     let arrived = (total - total_before) as f64;
     let completed = (arrived - (f64::from(active) - f64::from(active_before))).max(0.0);
     if cpu >= CAPACITY_MIN_CPU && completed > 0.0 {
-        capacity.feed(Some(completed / seconds / cpu), at, cfg.half_life);
+        // At most twice the estimate per sample: active connections can also fall without completing (idle
+        // ones expiring), and one such interval would otherwise read as a burst of completions.
+        let sample = (completed / seconds / cpu).min(capacity.value.map_or(f64::INFINITY, |c| 2.0 * c));
+        capacity.feed(Some(sample), at, cfg.half_life);
     }
     let per_second = capacity.value.filter(|&c| c > 0.0)?;
     (cpu >= SATURATED_CPU).then(|| arrived / seconds / per_second)

@@ -896,9 +896,12 @@ fn capacity_is_completions_per_cpu_share_and_shown_in_the_output() {
     assert_eq!(capacity(&mut b, 1, 5_000, 1_100, 10), Some(200.0));
     // Saturated: 300 sent, 100 more waiting than before, so 200 completed at full CPU.
     assert_eq!(capacity(&mut b, 2, 10_000, 1_400, 110), Some(200.0));
+    // 110 fewer active connections and 10 sent, at 20 % CPU, would read 600: idle connections expiring are not
+    // completions, so one sample moves the estimate at most to twice what it was.
+    assert_eq!(capacity(&mut b, 3, 2_000, 1_410, 0), Some(400.0));
     // Below 20 % CPU the server's fixed costs dominate: no sample, the estimate stands.
-    assert_eq!(capacity(&mut b, 3, 1_000, 1_410, 110), Some(200.0));
+    assert_eq!(capacity(&mut b, 4, 1_000, 1_420, 0), Some(400.0));
     // A stale server shows none.
-    let stale = b.update(start + SEC * 20, &[input(3, 1_000, 1_410, 110)])[0];
+    let stale = b.update(start + SEC * 20, &[input(4, 1_000, 1_420, 0)])[0];
     assert_eq!((stale.capacity_per_s, matches!(stale.status, FeedbackStatus::Normal)), (None, false));
 }
