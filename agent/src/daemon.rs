@@ -198,11 +198,11 @@ fn effective_interval(configured: Duration, statuses: &[Arc<LinkStatus>]) -> Dur
         .map_or(configured, |ms| Duration::from_millis(ms.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS).into()))
 }
 
-/// Probes the service every `every` (the report interval over `probe.per_interval`), independently of reporting,
-/// so a slow or dead service never delays a report: the report carries the newest probe result and the smoothed
 /// The shortest time between two probes of the service.
 const MIN_PROBE_SPACING: Duration = Duration::from_millis(10);
 
+/// Probes the service every `every` (the report interval over `probe.per_interval`), independently of reporting,
+/// so a slow or dead service never delays a report: the report carries the newest probe result and the smoothed
 /// response time of the probes so far.
 async fn probe_loop(config: ProbeConfig, smoothing: f64, every: Duration, out: watch::Sender<ProbeReport>) {
     let mut tracker = ProbeTracker::new(config.kind, smoothing);
