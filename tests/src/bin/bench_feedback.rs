@@ -19,8 +19,10 @@
 //!
 //! Load, new connection per request (`Connection: close`, so the scheduler decides every request):
 //! 1. closed loop, `wrk` at each concurrency (default 50 … 800): the median throughput of the schedulers other
-//!    than `rr` at the best concurrency is the cluster's measured capacity;
-//! 2. open loop at 50 %, 70 % and 90 % of that capacity ([`fulcrum_tests::loadgen`]: fixed rate, latency from
+//!    than `rr` at the best concurrency is the scenario's mean capacity; at that concurrency each scheduler again
+//!    with the worst phase held throughout (quota halved, antagonist on): their median (without `rr`) is the
+//!    sustained capacity, what the cluster serves at every moment;
+//! 2. open loop at 50 %, 70 % and 90 % of the sustained capacity ([`fulcrum_tests::loadgen`]: fixed rate, latency from
 //!    each request's intended send time, so queueing is not hidden).
 //!
 //! Per run: throughput, p50/p99/p99.9 latency, error rate, the CPU spread over the servers (coefficient of
@@ -308,36 +310,31 @@ struct Sample {
     antagonist: bool,
 }
 
-/// The cluster's capacity from the closed loop: at each concurrency the median throughput of the schedulers
-/// (leaving out `rr`, which overloads the smallest server first, unless it is all there is), then the best
-/// concurrency. The best single run, used before, was the luckiest moment of a host whose speed swings by half
-/// within minutes (37 464 where the schedulers' median was 31 568): the open-loop levels built on it overloaded
-/// every scheduler at "70 %".
-fn measured_capacity(closed: &[Outcome]) -> Option<f64> {
-    let balanced = closed.iter().any(|o| o.sched != Sched::Rr && o.ok().is_some());
-    let mut concurrencies: Vec<u32> = closed
-        .iter()
-        .filter_map(|o| match o.load {
-            Load::Closed { concurrency } => Some(concurrency),
-            Load::Open { .. } => None,
-        })
-        .collect();
+/// The cluster's capacity from the closed loop, and the concurrency it was measured at: at each concurrency the
+/// median throughput of the schedulers (leaving out `rr`, which overloads the smallest server first, unless it is
+/// all there is), then the best concurrency. The best single run, used before, was the luckiest moment of a host
+/// whose speed swings by half within minutes (37 464 where the schedulers' median was 31 568): the open-loop
+/// levels built on it overloaded every scheduler at "70 %".
+fn measured_capacity(closed: &[Outcome]) -> Option<(u32, f64)> {
+    let mut concurrencies: Vec<u32> = closed.iter().filter_map(|o| o.load.concurrency()).collect();
     concurrencies.sort_unstable();
     concurrencies.dedup();
     concurrencies
         .into_iter()
-        .filter_map(|c| {
-            median(
-                closed
-                    .iter()
-                    .filter(|o| o.load == Load::Closed { concurrency: c } && (!balanced || o.sched != Sched::Rr))
-                    .filter_map(Outcome::ok)
-                    .map(|r| r.measured.throughput)
-                    .collect(),
-            )
-        })
-        .filter(|c| *c > 0.0)
-        .max_by(f64::total_cmp)
+        .filter_map(|c| Some((c, balanced_median(closed.iter().filter(|o| o.load.concurrency() == Some(c)))?)))
+        .filter(|(_, capacity)| *capacity > 0.0)
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// The median throughput of the completed runs, leaving out `rr` unless it is all there is.
+fn balanced_median<'a>(runs: impl Iterator<Item = &'a Outcome> + Clone) -> Option<f64> {
+    let balanced = runs.clone().any(|o| o.sched != Sched::Rr && o.ok().is_some());
+    median(
+        runs.filter(|o| !balanced || o.sched != Sched::Rr)
+            .filter_map(Outcome::ok)
+            .map(|r| r.measured.throughput)
+            .collect(),
+    )
 }
 
 /// How the effective weights behaved after the capacity change.
@@ -441,7 +438,12 @@ fn weight_changes(samples: &[Sample]) -> u64 {
 /// What drove a run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Load {
+    /// `wrk` at this concurrency through the scenario.
     Closed { concurrency: u32 },
+    /// `wrk` at this concurrency with the scenario's worst phase held throughout (the last server's quota halved,
+    /// the antagonist burning): what the cluster sustains at every moment of a run.
+    Sustained { concurrency: u32 },
+    /// A fixed rate through the scenario.
     Open { percent: u32, rate: f64 },
 }
 
@@ -449,6 +451,7 @@ impl Load {
     fn kind(&self) -> &'static str {
         match self {
             Load::Closed { .. } => "closed",
+            Load::Sustained { .. } => "sustained",
             Load::Open { .. } => "open",
         }
     }
@@ -456,6 +459,23 @@ impl Load {
     fn label(&self) -> String {
         match self {
             Load::Closed { concurrency } => format!("c={concurrency}"),
+            Load::Sustained { concurrency } => format!("c={concurrency} worst phase"),
+            Load::Open { percent, .. } => format!("{percent} %"),
+        }
+    }
+
+    /// The closed loop's concurrency (through the scenario; not the sustained runs).
+    fn concurrency(&self) -> Option<u32> {
+        match self {
+            Load::Closed { concurrency } => Some(*concurrency),
+            Load::Sustained { .. } | Load::Open { .. } => None,
+        }
+    }
+
+    /// The column the report shows for it.
+    fn column(&self) -> String {
+        match self {
+            Load::Closed { concurrency } | Load::Sustained { concurrency } => concurrency.to_string(),
             Load::Open { percent, .. } => format!("{percent} %"),
         }
     }
@@ -503,6 +523,20 @@ impl Outcome {
     }
 }
 
+/// What the open-loop levels are percentages of.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Capacity {
+    /// What the cluster sustains through its worst phase (requests/s): the open loop's 100 %. The scenario's
+    /// mean capacity is no base for a fixed rate: "90 %" of it is more than the cluster can serve once the quota
+    /// has halved and the antagonist burns (measured: 24 656 requests/s offered where wlc, p2c and df all queued
+    /// for a second), and then every scheduler's p99 is its backlog, not its choices.
+    sustained: f64,
+    /// The closed loop's capacity through the whole scenario, for comparison (none with `--capacity`).
+    mean: Option<f64>,
+    /// `sustained` came from `--capacity`.
+    given: bool,
+}
+
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(&args) {
@@ -532,17 +566,31 @@ fn run(args: &Args) -> Result<()> {
             closed.push(Outcome { sched, load, result });
         }
     }
+    let mut sustained: Vec<Outcome> = Vec::new();
     let capacity = match args.capacity {
-        Some(c) if c > 0.0 => c,
+        Some(c) if c > 0.0 => Capacity { sustained: c, mean: None, given: true },
         Some(c) => bail!("--capacity must be positive, not {c}"),
-        None => measured_capacity(&closed)
-            .context("no closed-loop run completed a request: no capacity to base the open loop on")?,
+        None => {
+            let (concurrency, mean) = measured_capacity(&closed)
+                .context("no closed-loop run completed a request: no capacity to base the open loop on")?;
+            log(format!("mean capacity through the scenario: {mean:.0} requests/s (c={concurrency})"));
+            for &sched in &plan.schedulers {
+                let load = Load::Sustained { concurrency };
+                let result = bed.run_once(sched, load, plan.closed).map_err(|e| short_reason(&e));
+                sustained.push(Outcome { sched, load, result });
+            }
+            let held = balanced_median(sustained.iter())
+                .filter(|c| *c > 0.0)
+                .context("no run with the worst phase held completed a request: no capacity for the open loop")?;
+            Capacity { sustained: held, mean: Some(mean), given: false }
+        }
     };
-    log(format!("measured capacity: {capacity:.0} requests/s"));
+    log(format!("sustained capacity: {:.0} requests/s", capacity.sustained));
+    let capacity_rate = capacity.sustained;
     let mut open: Vec<Outcome> = Vec::new();
     for &percent in &plan.levels {
         for &sched in &plan.schedulers {
-            let load = Load::Open { percent, rate: capacity * f64::from(percent) / 100.0 };
+            let load = Load::Open { percent, rate: capacity_rate * f64::from(percent) / 100.0 };
             let result = bed.run_once(sched, load, plan.open).map_err(|e| short_reason(&e));
             open.push(Outcome { sched, load, result });
         }
@@ -550,12 +598,12 @@ fn run(args: &Args) -> Result<()> {
     let notes = std::mem::take(&mut bed.notes);
     drop(bed);
     if let Some(path) = &args.csv {
-        write_file(path, &runs_csv(&closed, &open))?;
+        write_file(path, &runs_csv(&[&closed, &sustained, &open]))?;
     }
     if let Some(path) = &args.timeline_csv {
-        write_file(path, &timeline_csv(&closed, &open))?;
+        write_file(path, &timeline_csv(&[&closed, &sustained, &open]))?;
     }
-    print!("{}", render(&plan, capacity, args.capacity.is_some(), &closed, &open, &notes, started.elapsed()));
+    print!("{}", render(&plan, &capacity, &closed, &sustained, &open, &notes, started.elapsed()));
     Ok(())
 }
 
@@ -782,20 +830,29 @@ impl Bed {
         // of queueing to undo it). Every scheduler starts from the configured weights.
         std::thread::sleep(GAP);
         let mut quota = self.plan.quotas.clone();
+        let worst_held = matches!(load, Load::Sustained { .. });
+        let changing = self.plan.changing();
+        if worst_held {
+            quota[changing] = self.plan.quotas[changing] / 2.0;
+            self.servers[changing].set_quota(quota[changing])?;
+        }
         self.configure(sched, &quota)?;
         let timeline = Timeline::new(duration);
+        let mut antagonist: Option<ChildGuard> =
+            if worst_held { Some(self.servers[self.plan.antagonist()].start_antagonist()?) } else { None };
         let scheduled_before = self.connections_total()?;
         let loader = self.start_load(load, duration)?;
         let t0 = Instant::now();
-        let mut antagonist: Option<ChildGuard> = None;
         let mut halved = false;
         let mut samples = Vec::new();
         let mut next_sample = Duration::ZERO;
         let mut scenario_error = None;
         while !loader.is_finished() {
             let t = t0.elapsed();
-            if let Err(e) = self.play(sched, &timeline, t, &mut quota, &mut halved, &mut antagonist) {
-                scenario_error.get_or_insert(e);
+            if !worst_held {
+                if let Err(e) = self.play(sched, &timeline, t, &mut quota, &mut halved, &mut antagonist) {
+                    scenario_error.get_or_insert(e);
+                }
             }
             if t >= next_sample && t <= duration {
                 match self.sample(t, &quota, antagonist.is_some()) {
@@ -830,7 +887,7 @@ impl Bed {
             cpu_cv: coefficient_of_variation(&cpu_util),
             cpu_util,
             changes_per_min: weight_changes(&samples) as f64 / minutes,
-            settle: settling_time(&samples, from, to),
+            settle: if worst_held { Settle::Unknown } else { settling_time(&samples, from, to) },
             served,
             scheduled,
             measured,
@@ -889,7 +946,9 @@ impl Bed {
         let client = self.client.clone();
         let script = self.wrk_script.clone();
         Ok(std::thread::spawn(move || match load {
-            Load::Closed { concurrency } => closed_loop(&client, &script, concurrency, duration),
+            Load::Closed { concurrency } | Load::Sustained { concurrency } => {
+                closed_loop(&client, &script, concurrency, duration)
+            }
             Load::Open { rate, .. } => open_loop(&client, rate, duration),
         }))
     }
@@ -1117,14 +1176,16 @@ fn command_stdout(args: &[&str]) -> Option<String> {
     (!line.is_empty()).then_some(line)
 }
 
-fn runs_csv(closed: &[Outcome], open: &[Outcome]) -> String {
+fn runs_csv(groups: &[&[Outcome]]) -> String {
     let mut s = String::from(
         "kind,scheduler,concurrency,level_pct,offered_rps,throughput_rps,p50_ms,p99_ms,p999_ms,error_ratio,cpu_cv,weight_changes_per_min,settle_s\n",
     );
     let opt = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.3}"));
-    for r in closed.iter().chain(open).filter_map(Outcome::ok) {
+    for r in groups.iter().flat_map(|g| g.iter()).filter_map(Outcome::ok) {
         let (concurrency, level, offered) = match r.load {
-            Load::Closed { concurrency } => (concurrency.to_string(), String::new(), String::new()),
+            Load::Closed { concurrency } | Load::Sustained { concurrency } => {
+                (concurrency.to_string(), String::new(), String::new())
+            }
             Load::Open { percent, rate } => (String::new(), percent.to_string(), format!("{rate:.1}")),
         };
         let m = &r.measured;
@@ -1146,14 +1207,14 @@ fn runs_csv(closed: &[Outcome], open: &[Outcome]) -> String {
     s
 }
 
-fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
+fn timeline_csv(groups: &[&[Outcome]]) -> String {
     let mut s = String::from(
         "kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist,reported_cpu_bp,\
          reported_response_time_us,df_response_time_term,df_load_term,report_age_ms,health,reported_pressure_total_us\n",
     );
     let opt = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     let unknown = Reported::default();
-    for r in closed.iter().chain(open).filter_map(Outcome::ok) {
+    for r in groups.iter().flat_map(|g| g.iter()).filter_map(Outcome::ok) {
         for sample in &r.samples {
             for (i, w) in sample.effective_weights.iter().enumerate() {
                 let reported = sample.reported.get(i).unwrap_or(&unknown);
@@ -1183,9 +1244,9 @@ fn timeline_csv(closed: &[Outcome], open: &[Outcome]) -> String {
 
 fn render(
     plan: &Plan,
-    capacity: f64,
-    capacity_given: bool,
+    capacity: &Capacity,
     closed: &[Outcome],
+    sustained: &[Outcome],
     open: &[Outcome],
     notes: &[String],
     elapsed: Duration,
@@ -1217,15 +1278,35 @@ fn render(
     );
     let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     render_rows(&mut s, closed);
-    let how = if capacity_given {
-        "given with --capacity"
-    } else {
-        "the closed loop's median over the schedulers other than rr, at its best concurrency"
+    if !sustained.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Worst phase held (wrk, {} s per run, rs{}'s quota halved and the antagonist burning throughout)\n",
+            plan.closed.as_secs(),
+            plan.changing() + 1,
+        );
+        let _ = writeln!(
+            s,
+            "| scheduler | concurrency | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | requests served {servers_header} | CPU use of quota {servers_header} |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        render_rows(&mut s, sustained);
+    }
+    let how = match capacity.mean {
+        _ if capacity.given => "given with --capacity".to_string(),
+        Some(mean) => format!(
+            "what the cluster sustains through the scenario's worst phase: the median over the schedulers other \
+             than rr with that phase held, at the closed loop's best concurrency. The scenario's mean capacity, \
+             the closed loop's median at that concurrency, is {mean:.0} requests/s; a fixed rate at 90 % of it \
+             would be more than the cluster serves once the quota has halved and the antagonist burns"
+        ),
+        None => "measured".to_string(),
     };
     let _ = writeln!(
         s,
-        "\n## Open loop (fixed rate, latency from the intended send time, {} s per run)\n\nCapacity: **{capacity:.0} requests/s** ({how}).\n",
-        plan.open.as_secs()
+        "\n## Open loop (fixed rate, latency from the intended send time, {} s per run)\n\nCapacity: **{:.0} requests/s** ({how}).\n",
+        plan.open.as_secs(),
+        capacity.sustained,
     );
     let _ = writeln!(
         s,
@@ -1323,12 +1404,9 @@ fn render_rows(s: &mut String, outcomes: &[Outcome]) {
                 let m = &r.measured;
                 let offered = match r.load {
                     Load::Open { rate, .. } => format!(" {rate:.0} |"),
-                    Load::Closed { .. } => String::new(),
+                    Load::Closed { .. } | Load::Sustained { .. } => String::new(),
                 };
-                let load = match r.load {
-                    Load::Closed { concurrency } => concurrency.to_string(),
-                    Load::Open { percent, .. } => format!("{percent} %"),
-                };
+                let load = r.load.column();
                 let served: Vec<String> = r.served.iter().map(u64::to_string).collect();
                 let util: Vec<String> = r.cpu_util.iter().map(|u| format!("{:.0} %", u * 100.0)).collect();
                 let _ = writeln!(
@@ -1348,10 +1426,7 @@ fn render_rows(s: &mut String, outcomes: &[Outcome]) {
                 );
             }
             Err(reason) => {
-                let load = match o.load {
-                    Load::Closed { concurrency } => concurrency.to_string(),
-                    Load::Open { percent, .. } => format!("{percent} %"),
-                };
+                let load = o.load.column();
                 let _ = writeln!(s, "| {} | {load} | failed: {reason} |", o.sched.name());
             }
         }
@@ -1406,16 +1481,24 @@ mod tests {
             run(Sched::Df, 400, 31.0),
             run(Sched::P2c, 400, 30.0),
         ];
-        assert_eq!(measured_capacity(&closed), Some(31.0));
+        assert_eq!(measured_capacity(&closed), Some((400, 31.0)));
         closed.push(Outcome {
             sched: Sched::WrrOracle,
             load: Load::Closed { concurrency: 400 },
             result: Err("x".into()),
         });
-        assert_eq!(measured_capacity(&closed), Some(31.0), "a failed run counts for nothing");
+        assert_eq!(measured_capacity(&closed), Some((400, 31.0)), "a failed run counts for nothing");
         // rr alone: its own figures.
-        assert_eq!(measured_capacity(&[run(Sched::Rr, 50, 90.0), run(Sched::Rr, 400, 10.0)]), Some(90.0));
+        assert_eq!(measured_capacity(&[run(Sched::Rr, 50, 90.0), run(Sched::Rr, 400, 10.0)]), Some((50, 90.0)));
         assert_eq!(measured_capacity(&[]), None);
+        // The runs with the worst phase held are not the scenario's closed loop; their median is the sustained
+        // capacity, rr again left out.
+        let held =
+            |sched, throughput| Outcome { load: Load::Sustained { concurrency: 400 }, ..run(sched, 400, throughput) };
+        closed.extend([held(Sched::Wlc, 5.0), held(Sched::Df, 6.0)]);
+        assert_eq!(measured_capacity(&closed), Some((400, 31.0)));
+        let sustained = [held(Sched::Rr, 4.0), held(Sched::Wlc, 5.0), held(Sched::Df, 7.0), held(Sched::P2c, 6.0)];
+        assert_eq!(balanced_median(sustained.iter()), Some(6.0));
     }
 
     #[test]
