@@ -70,6 +70,9 @@ pub struct LoadSpec {
     pub timeout: Duration,
     /// Most requests open at once in [`ConnectionMode::NewConnection`] (each holds a socket).
     pub max_in_flight: usize,
+    /// With a threshold, [`LoadReport::per_second`] counts, per second of intended send time, the requests and
+    /// those slower than this or failed: when in a run the tail happened.
+    pub slow_after: Option<Duration>,
 }
 
 impl LoadSpec {
@@ -84,6 +87,7 @@ impl LoadSpec {
             mode,
             timeout: Duration::from_secs(2),
             max_in_flight: 4096,
+            slow_after: None,
         }
     }
 
@@ -95,6 +99,11 @@ impl LoadSpec {
     /// Offset of request `i`'s intended send time from `t0`.
     pub fn intended_offset(&self, i: u64) -> Duration {
         Duration::from_secs_f64(i as f64 / self.rate)
+    }
+
+    /// The second of the run request `i` is intended in.
+    fn second_of(&self, i: u64) -> usize {
+        self.intended_offset(i).as_secs() as usize
     }
 
     fn validate(&self) -> Result<()> {
@@ -246,6 +255,16 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Successful responses per second of the scheduled duration.
     pub achieved_rate: f64,
+    /// With [`LoadSpec::slow_after`]: per second of intended send time, from the first.
+    pub per_second: Vec<SecondCounts>,
+}
+
+/// One second of a run (by intended send time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecondCounts {
+    pub requests: u64,
+    /// Slower than [`LoadSpec::slow_after`], or failed.
+    pub slow: u64,
 }
 
 impl LoadReport {
@@ -267,10 +286,25 @@ struct Tally {
     hist: LatencyHistogram,
     ok: u64,
     errors: ErrorCounts,
+    slow_after: Option<Duration>,
+    per_second: Vec<SecondCounts>,
 }
 
 impl Tally {
-    fn record(&mut self, outcome: Result<Duration, Failure>) {
+    fn new(spec: &LoadSpec) -> Tally {
+        Tally { slow_after: spec.slow_after, ..Tally::default() }
+    }
+
+    /// The outcome of a request intended in `second` of the run.
+    fn record(&mut self, second: usize, outcome: Result<Duration, Failure>) {
+        if let Some(limit) = self.slow_after {
+            if self.per_second.len() <= second {
+                self.per_second.resize(second + 1, SecondCounts::default());
+            }
+            let counts = &mut self.per_second[second];
+            counts.requests += 1;
+            counts.slow += u64::from(outcome.map_or(true, |latency| latency > limit));
+        }
         match outcome {
             Ok(latency) => {
                 self.ok += 1;
@@ -287,6 +321,13 @@ impl Tally {
         self.hist.merge(&other.hist);
         self.ok += other.ok;
         self.errors.add(&other.errors);
+        if self.per_second.len() < other.per_second.len() {
+            self.per_second.resize(other.per_second.len(), SecondCounts::default());
+        }
+        for (mine, theirs) in self.per_second.iter_mut().zip(&other.per_second) {
+            mine.requests += theirs.requests;
+            mine.slow += theirs.slow;
+        }
     }
 }
 
@@ -319,27 +360,34 @@ pub async fn run_async(spec: &LoadSpec) -> Result<LoadReport> {
         achieved_rate: tally.ok as f64 / spec.duration.as_secs_f64(),
         histogram: tally.hist,
         elapsed,
+        per_second: tally.per_second,
     })
 }
 
 async fn run_new_connections(spec: &Arc<LoadSpec>, request: Arc<[u8]>) -> (Tally, Instant) {
     let n = spec.request_count();
     let slots = Arc::new(Semaphore::new(spec.max_in_flight));
-    let mut tally = Tally::default();
+    let mut tally = Tally::new(spec);
     let mut tasks = JoinSet::new();
     let t0 = Instant::now() + Duration::from_millis(5);
+    // A task that panicked lost its second: it counts in the last one.
+    let joined = |done: Result<(usize, Result<Duration, Failure>), _>| {
+        done.unwrap_or((spec.second_of(n.saturating_sub(1)), Err(Failure::Io)))
+    };
     for i in 0..n {
         let intended = t0 + spec.intended_offset(i);
         let deadline = intended + spec.timeout;
+        let second = spec.second_of(i);
         sleep_until(intended).await;
         while let Some(done) = tasks.try_join_next() {
-            tally.record(done.unwrap_or(Err(Failure::Io)));
+            let (second, outcome) = joined(done);
+            tally.record(second, outcome);
         }
         // Waiting for a slot delays the send, not the clock: the latency still counts from `intended`.
         let permit = match timeout_at(deadline, Arc::clone(&slots).acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             _ => {
-                tally.record(Err(Failure::Timeout));
+                tally.record(second, Err(Failure::Timeout));
                 continue;
             }
         };
@@ -352,14 +400,17 @@ async fn run_new_connections(spec: &Arc<LoadSpec>, request: Arc<[u8]>) -> (Tally
                 Err(_) => Err(Failure::Timeout),
             };
             drop(permit);
-            outcome
+            (second, outcome)
         });
     }
     // Every task ends by its own deadline (at most t0 + duration + timeout); the outer bound is a safety net.
     let hard_deadline = t0 + spec.duration + spec.timeout + Duration::from_secs(1);
     loop {
         match timeout_at(hard_deadline, tasks.join_next()).await {
-            Ok(Some(done)) => tally.record(done.unwrap_or(Err(Failure::Io))),
+            Ok(Some(done)) => {
+                let (second, outcome) = joined(done);
+                tally.record(second, outcome);
+            }
             Ok(None) => break,
             Err(_) => {
                 let left = tasks.len() as u64;
@@ -399,7 +450,7 @@ async fn run_keep_alive(spec: &Arc<LoadSpec>, request: Arc<[u8]>, connections: u
         pool.push(conn);
     }
     let n = spec.request_count();
-    let (tx, rx) = mpsc::unbounded_channel::<Instant>();
+    let (tx, rx) = mpsc::unbounded_channel::<(Instant, usize)>();
     let queue = Arc::new(Mutex::new(rx));
     let mut workers = JoinSet::new();
     for conn in pool {
@@ -412,12 +463,12 @@ async fn run_keep_alive(spec: &Arc<LoadSpec>, request: Arc<[u8]>, connections: u
     for i in 0..n {
         let intended = t0 + spec.intended_offset(i);
         sleep_until(intended).await;
-        if tx.send(intended).is_err() {
+        if tx.send((intended, spec.second_of(i))).is_err() {
             break; // every worker is gone; the requests left are counted below
         }
     }
     drop(tx);
-    let mut tally = Tally::default();
+    let mut tally = Tally::new(spec);
     let hard_deadline = t0 + spec.duration + spec.timeout + Duration::from_secs(1);
     loop {
         match timeout_at(hard_deadline, workers.join_next()).await {
@@ -439,17 +490,17 @@ async fn run_keep_alive(spec: &Arc<LoadSpec>, request: Arc<[u8]>, connections: u
 async fn keep_alive_worker(
     spec: Arc<LoadSpec>,
     request: Arc<[u8]>,
-    queue: Arc<Mutex<mpsc::UnboundedReceiver<Instant>>>,
+    queue: Arc<Mutex<mpsc::UnboundedReceiver<(Instant, usize)>>>,
     mut conn: Option<TcpStream>,
 ) -> Tally {
-    let mut tally = Tally::default();
+    let mut tally = Tally::new(&spec);
     let mut buf = Vec::with_capacity(4096);
     loop {
         let next = { queue.lock().await.recv().await };
-        let Some(intended) = next else { break };
+        let Some((intended, second)) = next else { break };
         let deadline = intended + spec.timeout;
         if Instant::now() >= deadline {
-            tally.record(Err(Failure::Timeout));
+            tally.record(second, Err(Failure::Timeout));
             continue;
         }
         let outcome = match timeout_at(deadline, keep_alive_request(&spec, &request, &mut conn, &mut buf)).await {
@@ -463,7 +514,7 @@ async fn keep_alive_worker(
                 Err(Failure::Timeout)
             }
         };
-        tally.record(outcome);
+        tally.record(second, outcome);
     }
     tally
 }
@@ -832,22 +883,27 @@ mod tests {
     #[tokio::test]
     async fn new_connections_at_a_fixed_rate_against_a_real_server() {
         let (addr, served) = serve(Duration::ZERO, false).await;
-        let spec = LoadSpec::new(addr, 400.0, Duration::from_secs(1), ConnectionMode::NewConnection);
+        let mut spec = LoadSpec::new(addr, 200.0, Duration::from_secs(2), ConnectionMode::NewConnection);
+        spec.slow_after = Some(Duration::from_secs(1));
         let report = run_async(&spec).await.unwrap();
         assert_eq!(report.scheduled, 400);
+        let fast = SecondCounts { requests: 200, slow: 0 };
+        assert_eq!(report.per_second, [fast, fast], "per second of intended send time");
         assert_eq!((report.ok, report.errors()), (400, 0), "{report:?}");
         assert_eq!(served.load(Ordering::Relaxed), 400);
-        assert!((360.0..=440.0).contains(&report.achieved_rate), "{report:?}");
+        assert!((180.0..=220.0).contains(&report.achieved_rate), "{report:?}");
         assert!(report.latency.p50 < Duration::from_millis(50), "{report:?}");
-        assert!(report.elapsed < Duration::from_secs(3), "{report:?}");
+        assert!(report.elapsed < Duration::from_secs(4), "{report:?}");
     }
 
     #[tokio::test]
     async fn keep_alive_pool_reuses_connections() {
         let (addr, served) = serve(Duration::ZERO, false).await;
-        let spec = LoadSpec::new(addr, 500.0, Duration::from_secs(1), ConnectionMode::KeepAlive { connections: 4 });
+        let mut spec = LoadSpec::new(addr, 500.0, Duration::from_secs(1), ConnectionMode::KeepAlive { connections: 4 });
+        spec.slow_after = Some(Duration::from_secs(1));
         let report = run_async(&spec).await.unwrap();
         assert_eq!((report.ok, report.errors()), (500, 0), "{report:?}");
+        assert_eq!(report.per_second, [SecondCounts { requests: 500, slow: 0 }]);
         assert_eq!(served.load(Ordering::Relaxed), 500);
         assert_eq!(report.histogram.count(), 500);
     }
@@ -880,9 +936,11 @@ mod tests {
         });
         let mut spec = LoadSpec::new(addr, 100.0, Duration::from_millis(300), ConnectionMode::NewConnection);
         spec.timeout = Duration::from_millis(200);
+        spec.slow_after = Some(Duration::from_secs(1));
         let start = std::time::Instant::now();
         let report = run_async(&spec).await.unwrap();
         assert_eq!((report.ok, report.error_counts.timeout), (0, 30), "{report:?}");
+        assert_eq!(report.per_second, [SecondCounts { requests: 30, slow: 30 }], "a failed request is slow");
         assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
     }
 

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec};
+use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec, SecondCounts};
 use fulcrum_tests::pki::Pki;
 use fulcrum_tests::quota::QuotaServer;
 use fulcrum_tests::{in_netns, median, require_root, try_workspace_bin, ChildGuard, Host, Testbed};
@@ -70,6 +70,9 @@ const SETTLE_BAND: f64 = 0.10;
 /// an empty table. (The client reuses its ports within seconds; a SYN over a closing entry of the same 5-tuple
 /// is scheduled afresh in any case, as IPVS's `conn_reuse_mode` does.)
 const TIMEOUTS: &str = "[dataplane.timeouts]\ntcp_fin_wait_s = 1\ntcp_time_wait_s = 1\ntcp_close_s = 1\n";
+/// A request slower than this (or failed) counts as slow in the open loop's per-second tally: half a CFS
+/// period, so a request that waited for a throttled quota is slow.
+const SLOW_AFTER: Duration = Duration::from_millis(10);
 /// The longest antagonist half-cycle.
 const MAX_ANTAGONIST_PERIOD: Duration = Duration::from_secs(30);
 
@@ -121,6 +124,9 @@ struct Args {
     /// Write every sample (effective weight and CPU per server over time) here (CSV).
     #[arg(long)]
     timeline_csv: Option<PathBuf>,
+    /// Write the open loop's requests and slow requests per second of each run here (CSV).
+    #[arg(long)]
+    seconds_csv: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -492,12 +498,16 @@ struct Measured {
     /// Requests without a good response over requests attempted.
     error_ratio: f64,
     error_detail: Option<String>,
+    /// Open loop: per second of the run, the requests and those slower than [`SLOW_AFTER`] or failed.
+    per_second: Vec<SecondCounts>,
 }
 
 #[derive(Clone, Debug)]
 struct RunResult {
     sched: Sched,
     load: Load,
+    /// How long the load ran.
+    duration: Duration,
     measured: Measured,
     cpu_cv: Option<f64>,
     cpu_util: Vec<f64>,
@@ -602,6 +612,9 @@ fn run(args: &Args) -> Result<()> {
     }
     if let Some(path) = &args.timeline_csv {
         write_file(path, &timeline_csv(&[&closed, &sustained, &open]))?;
+    }
+    if let Some(path) = &args.seconds_csv {
+        write_file(path, &seconds_csv(&open))?;
     }
     print!("{}", render(&plan, &capacity, &closed, &sustained, &open, &notes, started.elapsed()));
     Ok(())
@@ -884,6 +897,7 @@ impl Bed {
         let result = RunResult {
             sched,
             load,
+            duration,
             cpu_cv: coefficient_of_variation(&cpu_util),
             cpu_util,
             changes_per_min: weight_changes(&samples) as f64 / minutes,
@@ -1021,6 +1035,7 @@ fn parse_wrk_report(out: &str) -> Result<Measured> {
     let errors = failed + status;
     let ms = |us: f64| (requests > 0.0).then_some(us / 1000.0);
     Ok(Measured {
+        per_second: Vec::new(),
         throughput: good / (duration_us / 1e6),
         p50_ms: ms(p50),
         p99_ms: ms(p99),
@@ -1038,6 +1053,7 @@ fn open_loop(client: &Host, rate: f64, duration: Duration) -> Result<Measured> {
     let addr: SocketAddr = format!("{VIP}:{HTTP_PORT}").parse()?;
     let mut spec = LoadSpec::new(addr, rate, duration, ConnectionMode::NewConnection);
     spec.timeout = REQUEST_TIMEOUT;
+    spec.slow_after = Some(SLOW_AFTER);
     let report = in_netns(client.netns(), move || loadgen::run(&spec))?;
     let ms = |d: Duration| (report.latency.count > 0).then_some(d.as_secs_f64() * 1e3);
     let e = report.error_counts;
@@ -1047,6 +1063,7 @@ fn open_loop(client: &Host, rate: f64, duration: Duration) -> Result<Measured> {
         p99_ms: ms(report.latency.p99),
         p999_ms: ms(report.latency.p999),
         error_ratio: report.errors() as f64 / report.scheduled.max(1) as f64,
+        per_second: report.per_second.clone(),
         error_detail: (e.total() > 0).then(|| {
             format!(
                 "{} of {} requests failed (connect {}, io {}, status {}, timeout {})",
@@ -1207,6 +1224,64 @@ fn runs_csv(groups: &[&[Outcome]]) -> String {
     s
 }
 
+fn seconds_csv(open: &[Outcome]) -> String {
+    let mut s = String::from("scheduler,load_pct,second,antagonist,requests,slow\n");
+    for r in open.iter().filter_map(Outcome::ok) {
+        let Load::Open { percent, .. } = r.load else { continue };
+        let timeline = Timeline::new(r.duration);
+        for (k, counts) in r.measured.per_second.iter().enumerate() {
+            let on = timeline.antagonist_on(Duration::from_secs(k as u64) + Duration::from_millis(500));
+            let _ =
+                writeln!(s, "{},{percent},{k},{},{},{}", r.sched.name(), u8::from(on), counts.requests, counts.slow);
+        }
+    }
+    s
+}
+
+/// Where in the scenario the slow requests were: each class's share of its requests that were slow, and its
+/// share of all the slow ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct SlowBy {
+    all: SecondCounts,
+    antagonist_on: SecondCounts,
+    /// The first 3 s of each antagonist phase.
+    antagonist_starting: SecondCounts,
+    /// The 5 s after the halving.
+    after_halving: SecondCounts,
+    /// Neither the antagonist nor within 5 s of the halving.
+    quiet: SecondCounts,
+}
+
+fn slow_by(timeline: &Timeline, per_second: &[SecondCounts]) -> SlowBy {
+    let add = |into: &mut SecondCounts, c: &SecondCounts| {
+        into.requests += c.requests;
+        into.slow += c.slow;
+    };
+    let mut by = SlowBy::default();
+    for (k, c) in per_second.iter().enumerate() {
+        let t = Duration::from_secs(k as u64) + Duration::from_millis(500);
+        add(&mut by.all, c);
+        let on = timeline.antagonist_on(t);
+        let since_halving = t.checked_sub(timeline.halving_at());
+        let after_halving = since_halving.is_some_and(|d| d < Duration::from_secs(5));
+        if on {
+            add(&mut by.antagonist_on, c);
+            // Switched on within the last 3 s (the run starts with the antagonist off before it).
+            let starting = (1..=3).map(Duration::from_secs).any(|back| t < back || !timeline.antagonist_on(t - back));
+            if starting {
+                add(&mut by.antagonist_starting, c);
+            }
+        }
+        if after_halving {
+            add(&mut by.after_halving, c);
+        }
+        if !on && !after_halving {
+            add(&mut by.quiet, c);
+        }
+    }
+    by
+}
+
 fn timeline_csv(groups: &[&[Outcome]]) -> String {
     let mut s = String::from(
         "kind,scheduler,load,t_s,server,effective_weight,quota_cores,antagonist,reported_cpu_bp,\
@@ -1314,6 +1389,40 @@ fn render(
     );
     let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     render_rows(&mut s, open);
+
+    let _ = writeln!(
+        s,
+        "\n## Where the tail was (open loop: requests over {} ms or failed, by intended send time)\n\nEach cell: \
+         the share of that part's requests that were slow, and in brackets that part's share of all the slow ones.\n",
+        SLOW_AFTER.as_millis()
+    );
+    let _ = writeln!(
+        s,
+        "| scheduler | load | whole run | antagonist on | its first 3 s | 5 s after the halving | the rest |"
+    );
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in open.iter().filter_map(Outcome::ok) {
+        let by = slow_by(&Timeline::new(r.duration), &r.measured.per_second);
+        let cell = |c: SecondCounts| {
+            if c.requests == 0 {
+                return "–".to_string();
+            }
+            let share = c.slow as f64 / c.requests as f64 * 100.0;
+            let of_all = if by.all.slow > 0 { c.slow as f64 / by.all.slow as f64 * 100.0 } else { 0.0 };
+            format!("{share:.2} % ({of_all:.0} %)")
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.sched.name(),
+            r.load.column(),
+            cell(by.all),
+            cell(by.antagonist_on),
+            cell(by.antagonist_starting),
+            cell(by.after_halving),
+            cell(by.quiet),
+        );
+    }
 
     let _ = writeln!(s, "\n## Targets (open loop, p99)\n");
     let _ = writeln!(
@@ -1453,12 +1562,30 @@ mod tests {
     }
 
     #[test]
+    fn slow_requests_are_attributed_to_the_scenario_s_phases() {
+        // 60 s: the antagonist burns 0–20 s and 40–60 s, the quota halves at 30 s.
+        let timeline = Timeline::new(secs(60.0));
+        let mut per_second = vec![SecondCounts { requests: 10, slow: 0 }; 60];
+        for k in [1, 41, 50, 31, 25] {
+            per_second[k].slow = 5;
+        }
+        let by = slow_by(&timeline, &per_second);
+        let counts = |requests, slow| SecondCounts { requests, slow };
+        assert_eq!(by.all, counts(600, 25));
+        assert_eq!(by.antagonist_on, counts(400, 15));
+        assert_eq!(by.antagonist_starting, counts(60, 10), "0–3 s and 40–43 s");
+        assert_eq!(by.after_halving, counts(50, 5));
+        assert_eq!(by.quiet, counts(150, 5), "20–30 s and 35–40 s");
+    }
+
+    #[test]
     fn capacity_is_the_schedulers_median_at_the_best_concurrency() {
         let run = |sched: Sched, concurrency: u32, throughput: f64| {
             let load = Load::Closed { concurrency };
             let result = RunResult {
                 sched,
                 load,
+                duration: Duration::from_secs(1),
                 measured: Measured { throughput, ..Measured::default() },
                 cpu_cv: None,
                 cpu_util: Vec::new(),
