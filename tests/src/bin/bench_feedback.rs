@@ -92,7 +92,7 @@ struct Args {
     /// Seconds per closed-loop run [default: 30; quick: 8].
     #[arg(long, value_parser = clap::value_parser!(u64).range(4..=3600))]
     closed_seconds: Option<u64>,
-    /// Open-loop rates, in % of the measured capacity [default: 50,70,90; quick: 70].
+    /// Open-loop rates, in % of the sustained capacity [default: 50,70,90; quick: 70].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=200))]
     levels: Option<Vec<u32>>,
     /// Seconds per open-loop run [default: 120; quick: 30].
