@@ -905,3 +905,30 @@ fn capacity_is_completions_per_cpu_share_and_shown_in_the_output() {
     let stale = b.update(start + SEC * 20, &[input(4, 1_000, 1_420, 0)])[0];
     assert_eq!((stale.capacity_per_s, matches!(stale.status, FeedbackStatus::Normal)), (None, false));
 }
+
+#[test]
+fn demand_exceeds_one_only_while_the_backlog_grows() {
+    let cfg = BlenderConfig { half_life: Duration::ZERO, ..BlenderConfig::default() };
+    let start = t0();
+    let at = start + SEC;
+    // The estimate says 100 connections a second at full CPU.
+    let estimate = |per_second: f64| {
+        let mut capacity = Ewma::default();
+        capacity.feed(Some(per_second), start, Duration::ZERO);
+        capacity
+    };
+    // Saturated, sent 150 in the second and 50 of them still waiting: half again what it can do.
+    let mut capacity = estimate(100.0);
+    let growing = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 10)), (at, 1_150, 60), at);
+    assert_eq!(growing, Some(1.5));
+    // Estimated at 50 a second (outside work shared the CPU while it was sampled), then sent 150 and completed
+    // them all: the sample may only double the estimate, to 100, so arrivals over the estimate read 1.5, but
+    // it keeps up with what it is sent and its demand is 1.
+    let mut capacity = estimate(50.0);
+    let keeping_up = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 10)), (at, 1_150, 10), at);
+    assert_eq!(keeping_up, Some(1.0));
+    assert_eq!(capacity.value, Some(100.0));
+    // Below saturation there is no demand figure.
+    let mut capacity = estimate(100.0);
+    assert_eq!(demand(&cfg, &mut capacity, 0.5, Some((start, 1_000, 10)), (at, 1_050, 10), at), None);
+}
