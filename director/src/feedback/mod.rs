@@ -88,7 +88,9 @@
 //!   grew; from that and the reported CPU the blender keeps each server's capacity (connections completed per
 //!   second at full CPU, sampled when the CPU is at least 20 %) and, for a server at 90 % CPU or more, takes
 //!   the demand (arrivals over capacity, 1.5 for a server sent half again what it can do) as its CPU figure
-//!   when that is higher. Below saturation nothing changes. Simulated (tests): at 110 % of the capacity the
+//!   when that is higher. The demand exceeds 1 only while the server's active connections grow: one that
+//!   completes all it is sent keeps up, and an estimate sampled while outside work shared the CPU is low.
+//!   Below saturation nothing changes. Simulated (tests): at 110 % of the capacity the
 //!   weights reach the capacities' ratios, where from the CPU alone they stayed 30 % and more off; a server
 //!   halving its capacity at 95 % load loses weight from the first report after.
 //! * **Response time from several probes a report, outliers clipped.** The agent probes `probe.per_interval`
