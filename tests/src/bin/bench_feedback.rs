@@ -483,7 +483,7 @@ impl Load {
     fn label(&self) -> String {
         match self {
             Load::Closed { concurrency } => format!("c={concurrency}"),
-            Load::Sustained { concurrency } => format!("c={concurrency} worst phase"),
+            Load::Sustained { concurrency } => format!("c={concurrency} held"),
             Load::Open { percent, .. } => format!("{percent} %"),
         }
     }
@@ -623,11 +623,10 @@ fn run(args: &Args) -> Result<()> {
         }
     };
     log(format!("sustained capacity: {:.0} requests/s", capacity.sustained));
-    let capacity_rate = capacity.sustained;
     let mut open: Vec<Outcome> = Vec::new();
     for &percent in &plan.levels {
         for &sched in &plan.schedulers {
-            let load = Load::Open { percent, rate: capacity_rate * f64::from(percent) / 100.0 };
+            let load = Load::Open { percent, rate: capacity.sustained * f64::from(percent) / 100.0 };
             let result = bed.run_once(sched, load, plan.open).map_err(|e| short_reason(&e));
             open.push(Outcome { sched, load, result });
         }
