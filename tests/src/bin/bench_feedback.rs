@@ -560,13 +560,10 @@ struct Capacity {
     /// has halved and the antagonist burns (measured: 24 656 requests/s offered where wlc, p2c and df all queued
     /// for a second), and then every scheduler's p99 is its backlog, not its choices.
     sustained: f64,
-    /// The closed loop's capacity through the whole scenario (none with `--capacity`).
-    mean: Option<f64>,
-    /// What the cluster serves with the worst phase held, as a share of what it serves through the scenario:
-    /// `sustained = mean × ratio`.
-    ratio: Option<f64>,
-    /// `sustained` came from `--capacity`.
-    given: bool,
+    /// How `sustained` was measured, `(mean, ratio)`: the closed loop's capacity through the whole scenario, and
+    /// what the cluster serves with the worst phase held as a share of it (`sustained = mean × ratio`). `None`
+    /// when `--capacity` gave it.
+    measured: Option<(f64, f64)>,
 }
 
 fn main() {
@@ -600,7 +597,7 @@ fn run(args: &Args) -> Result<()> {
     }
     let mut sustained: Vec<Outcome> = Vec::new();
     let capacity = match args.capacity {
-        Some(c) if c > 0.0 => Capacity { sustained: c, mean: None, ratio: None, given: true },
+        Some(c) if c > 0.0 => Capacity { sustained: c, measured: None },
         Some(c) => bail!("--capacity must be positive, not {c}"),
         None => {
             let (concurrency, mean) = measured_capacity(&closed)
@@ -619,7 +616,7 @@ fn run(args: &Args) -> Result<()> {
             let ratio = worst_phase_ratio(&sustained).context(
                 "no pair of runs with and without the worst phase held completed: no capacity for the open loop",
             )?;
-            Capacity { sustained: mean * ratio, mean: Some(mean), ratio: Some(ratio), given: false }
+            Capacity { sustained: mean * ratio, measured: Some((mean, ratio)) }
         }
     };
     log(format!("sustained capacity: {:.0} requests/s", capacity.sustained));
@@ -1394,16 +1391,15 @@ fn render(
         let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         render_rows(&mut s, sustained);
     }
-    let how = match (capacity.mean, capacity.ratio) {
-        _ if capacity.given => "given with --capacity".to_string(),
-        (Some(mean), Some(ratio)) => format!(
+    let how = match capacity.measured {
+        None => "given with --capacity".to_string(),
+        Some((mean, ratio)) => format!(
             "what the cluster sustains through the scenario's worst phase: the scenario's mean capacity, {mean:.0} \
              requests/s (the closed loop's median over the schedulers other than rr at its best concurrency), \
              times {ratio:.2}, the median ratio of a run with the worst phase held to the run through the \
              scenario right after it. A fixed rate at 90 % of the mean capacity would be more than the cluster \
              serves once the quota has halved and the antagonist burns"
         ),
-        _ => "measured".to_string(),
     };
     let _ = writeln!(
         s,
