@@ -398,8 +398,14 @@ fn the_classic_rule_drives_towards_the_bounds_in_absolute_mode() {
     assert!((step(&config, 10.0, 10, 0.9) - (10.0 + 0.75 * (9.5 / 0.9 - 10.0))).abs() < 1e-12);
     // Closer still, that is under 3 % of the weight: no change.
     assert_eq!(step(&config, 10.0, 10, 0.93), 10.0);
-    // Idle: Δ = A·W·∛0.95 = 5·0.983 (the rate cap, 25 % of 40, does not bind).
-    assert!((step(&config, 40.0, 10, 0.0) - (40.0 + 5.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    // Idle, with a gain small enough for the rate cap (25 %) not to bind: Δ = A·W·∛0.95 with W the configured
+    // weight, or the current one when larger.
+    let slow = BlenderConfig { gain: 0.1, ..config };
+    assert!((step(&slow, 10.0, 10, 0.0) - (10.0 + 0.1 * 10.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    assert!((step(&slow, 5.0, 10, 0.0) - (5.0 + 0.1 * 10.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    assert!((step(&slow, 40.0, 10, 0.0) - (40.0 + 0.1 * 40.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    // With the default gain the rate cap binds: 25 % of 40.
+    assert_eq!(step(&config, 40.0, 10, 0.0), 50.0);
     // Overloaded: bounded by the rate cap and the floor of 1.
     assert_eq!(step(&config, 40.0, 10, 9.0), 30.0);
     assert_eq!(step(&config, 1.0, 10, 2.0), 1.0);
