@@ -200,8 +200,8 @@ impl FeedbackCore {
             let agent_of = |address: Ipv4Addr| agents.iter().find(|a| a.real_server == IpAddr::V4(address));
 
             // 1. Feedback: the full weight and df's terms.
-            // (weight, df's T, df's L, estimated capacity per second or 0) per real server.
-            let mut full: Vec<(u32, u32, u32, u32)> = real.iter().map(|s| (s.configured_weight, 0, 0, 0)).collect();
+            let mut full: Vec<Blended> =
+                real.iter().map(|s| Blended { weight: s.configured_weight, ..Blended::default() }).collect();
             if let Some(blender) = &mut service.blender {
                 let inputs: Vec<ServerInput> = real
                     .iter()
@@ -217,8 +217,14 @@ impl FeedbackCore {
                     })
                     .collect();
                 for ((out, f), s) in blender.update(now, &inputs).iter().zip(&mut full).zip(&real) {
-                    let capacity = out.capacity_per_s.map_or(0, |c| c.round().clamp(1.0, f64::from(u32::MAX)) as u32);
-                    *f = (out.effective_weight, out.response_time_norm, out.cpu_norm, capacity);
+                    *f = Blended {
+                        weight: out.effective_weight,
+                        response_time_norm: out.response_time_norm,
+                        cpu_norm: out.cpu_norm,
+                        capacity_per_s: out
+                            .capacity_per_s
+                            .map_or(0, |c| c.round().clamp(1.0, f64::from(u32::MAX)) as u32),
+                    };
                     if let Some(reason) = out.rejected {
                         events.push(Event::Rejected { service: service.key, server: (s.address, s.port), reason });
                     }
@@ -227,7 +233,7 @@ impl FeedbackCore {
 
             // 2. Health: agent liveness, due transitions, slow-start ramp.
             let mut decided: Vec<(u32, Health, bool)> = Vec::with_capacity(real.len());
-            for (s, &(weight, ..)) in real.iter().zip(&full) {
+            for (s, &Blended { weight, .. }) in real.iter().zip(&full) {
                 let health = service.servers.iter_mut().find(|h| h.server == (s.address, s.port));
                 let Some(state) = health.and_then(|h| h.state.as_mut()) else {
                     decided.push((weight, Health::Unchecked, true));
@@ -265,12 +271,12 @@ impl FeedbackCore {
             let sorry_active = matches!(routing, Routing::SorryServer(_));
 
             // 4. Publish.
-            for ((s, &(_, t, l, capacity)), &(weight, health, _)) in real.iter().zip(&full).zip(&decided) {
+            for ((s, fed), &(weight, health, _)) in real.iter().zip(&full).zip(&decided) {
                 let weight = if sorry_active { 0 } else { weight };
                 s.state.effective_weight.store(weight, Ordering::Relaxed);
-                s.state.response_time_norm.store(t, Ordering::Relaxed);
-                s.state.cpu_norm.store(l, Ordering::Relaxed);
-                s.state.capacity_per_s.store(capacity, Ordering::Relaxed);
+                s.state.response_time_norm.store(fed.response_time_norm, Ordering::Relaxed);
+                s.state.cpu_norm.store(fed.cpu_norm, Ordering::Relaxed);
+                s.state.capacity_per_s.store(fed.capacity_per_s, Ordering::Relaxed);
                 s.state.health.store(health as u8, Ordering::Relaxed);
             }
             if let Some(sorry) = sorry {
@@ -287,6 +293,16 @@ impl FeedbackCore {
         let ms = self.services.iter().map(|s| s.feedback.period_ms).min().unwrap_or(500);
         Duration::from_millis(ms.into())
     }
+}
+
+/// What the blender made of one real server this tick, before health and quorum: its full weight (the configured
+/// one without feedback), `df`'s T and L, and the estimated capacity per second (0 while unknown).
+#[derive(Debug, Clone, Copy, Default)]
+struct Blended {
+    weight: u32,
+    response_time_norm: u32,
+    cpu_norm: u32,
+    capacity_per_s: u32,
 }
 
 /// Logs an event once and counts it.
