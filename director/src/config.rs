@@ -843,7 +843,7 @@ pub struct FeedbackSettings {
     pub response_time: f64,
     pub pressure: f64,
     pub connections: f64,
-    /// `A`, in units of the configured weight.
+    /// `A`, in units of the configured weight or of the current one, whichever is larger.
     pub gain: f64,
     /// Largest step per period, as a share of the current or the configured weight, whichever is larger.
     pub max_step: f64,

@@ -32,8 +32,11 @@
 //!
 //! # Where Fulcrum differs, and why
 //!
-//! * **Gain in units of the configured weight.** `Δw = A × configured × ∛(target − aggregate)`, so the same
-//!   `A` (default 0.5) behaves the same for a server configured with weight 1 or 100.
+//! * **Gain in units of the weight.** `Δw = A × max(configured, w) × ∛(target − aggregate)`, so the same
+//!   `A` (default 0.5) behaves the same for a server configured with weight 1 or 100, and a weight that
+//!   climbed above its configured value sheds it as fast in proportion (measured in `bench/feedback`: at
+//!   weight 23, configured 10, the antagonist's server lost 4 units a report and took 4–5 s to leave the
+//!   traffic while its response time was a hundred times the others').
 //! * **Cluster-relative load** ([`LoadMode::ClusterRelative`], the default). Only the *ratio* of weights
 //!   decides where connections go, so steering every server to an absolute 95 % can only succeed when the
 //!   offered load happens to be 95 % of the capacity; otherwise all weights run to a bound together. In
@@ -213,7 +216,7 @@ pub struct BlenderConfig {
     pub coefficients: Coefficients,
     /// The load the rule steers to (LVS: 0.95).
     pub target: f64,
-    /// `A`, in units of the configured weight (default 0.5).
+    /// `A`, in units of the configured weight or of the current one, whichever is larger (default 0.5).
     pub gain: f64,
     /// The effective weight stays within `1..=scale × configured` (LVS's SCALE, default 10).
     pub scale: u32,
