@@ -95,9 +95,8 @@ pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watc
         timeout: config.probe.timeout,
     };
     let (probe_tx, probe_rx) = watch::channel(ProbeTracker::new(config.probe.kind, config.probe.smoothing).report());
-    // Per configured interval; a director asking for another report interval does not change it. Never more
-    // often than every 10 ms (50 ms intervals with 20 probes would be one every 2.5 ms).
-    let probe_every = (config.interval / config.probe.per_interval).max(MIN_PROBE_SPACING);
+    let per_interval = config.probe.per_interval;
+    let (probe_every_tx, probe_every) = watch::channel(probe_spacing(config.interval, per_interval));
     let probe_task = tokio::spawn(probe_loop(probe_config, config.probe.smoothing, probe_every, probe_tx));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -166,6 +165,9 @@ pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watc
                     info!(from = ?interval, to = ?wanted, "report interval changed at a director's request");
                     interval = wanted;
                     ticker = new_ticker(interval);
+                    // The probes keep their number per report, so that each report's response time is still
+                    // mostly its own interval's.
+                    probe_every_tx.send_replace(probe_spacing(interval, per_interval));
                 }
             }
         }
@@ -201,14 +203,36 @@ fn effective_interval(configured: Duration, statuses: &[Arc<LinkStatus>]) -> Dur
 /// The shortest time between two probes of the service.
 const MIN_PROBE_SPACING: Duration = Duration::from_millis(10);
 
-/// Probes the service every `every` (the report interval over `probe.per_interval`), independently of reporting,
-/// so a slow or dead service never delays a report: the report carries the newest probe result and the smoothed
-/// response time of the probes so far.
-async fn probe_loop(config: ProbeConfig, smoothing: f64, every: Duration, out: watch::Sender<ProbeReport>) {
+/// The time between two probes: the report interval in force over `probe.per_interval`, but never under
+/// [`MIN_PROBE_SPACING`] (a 50 ms interval with 20 probes would be one every 2.5 ms).
+fn probe_spacing(interval: Duration, per_interval: u32) -> Duration {
+    (interval / per_interval.max(1)).max(MIN_PROBE_SPACING)
+}
+
+/// Probes the service every `every` (see [`probe_spacing`]; it follows the report interval a director asks
+/// for), independently of reporting, so a slow or dead service never delays a report: the report carries the
+/// newest probe result and the smoothed response time of the probes so far.
+async fn probe_loop(
+    config: ProbeConfig,
+    smoothing: f64,
+    mut every: watch::Receiver<Duration>,
+    out: watch::Sender<ProbeReport>,
+) {
     let mut tracker = ProbeTracker::new(config.kind, smoothing);
-    let mut ticker = new_ticker(every);
+    let mut ticker = new_ticker(*every.borrow_and_update());
+    // Without a sender (the agent is stopping), the spacing in force stays.
+    let mut following = true;
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            changed = every.changed(), if following => {
+                match changed {
+                    Ok(()) => ticker = new_ticker(*every.borrow_and_update()),
+                    Err(_) => following = false,
+                }
+                continue;
+            }
+        }
         let outcome = probe_once(&config).await;
         tracker.record(outcome);
         let report = tracker.report();
@@ -247,4 +271,20 @@ fn install_metrics(listen: SocketAddr) -> Result<()> {
         .with_context(|| format!("starting the metrics endpoint on {listen}"))?;
     info!(%listen, "metrics endpoint at http://{listen}/metrics");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_keep_their_number_per_report_whatever_the_interval() {
+        let ms = Duration::from_millis;
+        assert_eq!(probe_spacing(ms(1000), 4), ms(250));
+        // A director asking for 200 ms reports: still four probes a report.
+        assert_eq!(probe_spacing(ms(200), 4), ms(50));
+        // Never closer than 10 ms.
+        assert_eq!(probe_spacing(ms(50), 20), MIN_PROBE_SPACING);
+        assert_eq!(probe_spacing(ms(500), 0), ms(500), "a zero count is refused by the config; never a panic");
+    }
 }
