@@ -17,7 +17,7 @@ use fulcrum_protocol::{
     VersionRange, Welcome, HELLO_VERSION,
 };
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::config::DirectorConfig;
@@ -87,6 +87,8 @@ pub struct AgentLatest {
 #[derive(Debug, Clone, Default)]
 pub struct AgentRegistry {
     records: Arc<Mutex<BTreeMap<IpAddr, AgentRecord>>>,
+    /// Woken by every report, so that the feedback task blends it at once rather than at its next period.
+    reported: Arc<Notify>,
 }
 
 impl AgentRegistry {
@@ -133,6 +135,7 @@ impl AgentRegistry {
                 record.last_report = Some((report, now));
             }
         });
+        self.reported.notify_one();
         metrics::counter!("fulcrum_agent_reports_received_total", "server" => server.to_string()).increment(1);
     }
 
@@ -144,6 +147,12 @@ impl AgentRegistry {
                 record.disconnect_reason = Some(reason);
             }
         });
+    }
+
+    /// Resolves once a report has arrived since the last call returned (a report that arrives while nobody
+    /// waits is kept, so none is missed); reports that arrive together wake it once.
+    pub async fn report_arrived(&self) {
+        self.reported.notified().await;
     }
 
     /// Every agent the director has heard from, by real server address.
@@ -469,4 +478,53 @@ fn truncate(text: &str) -> String {
         end -= 1;
     }
     text[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use fulcrum_protocol::messages::{CpuSource, CpuUsage, MemoryUsage, ProbeKind, ProbeOutcome, ProbeReport};
+
+    use super::*;
+
+    fn load_report(seq: u64) -> LoadReport {
+        LoadReport {
+            seq,
+            interval_ms: 500,
+            cpu: Some(CpuUsage { source: CpuSource::ProcStat, busy_bp: 5_000 }),
+            load_avg_milli: [0; 3],
+            memory: MemoryUsage { used_bytes: 1, total_bytes: 2 },
+            cpu_pressure: None,
+            established_connections: 0,
+            probe: ProbeReport {
+                kind: ProbeKind::Tcp,
+                last: ProbeOutcome::Pending,
+                smoothed_us: None,
+                consecutive_failures: 0,
+                total_failures: 0,
+            },
+        }
+    }
+
+    /// Polls `future` once, without a runtime.
+    fn ready(future: impl Future<Output = ()>) -> bool {
+        pin!(future).poll(&mut Context::from_waker(Waker::noop())) == Poll::Ready(())
+    }
+
+    #[test]
+    fn a_report_wakes_the_feedback_task_once_even_when_nobody_waited() {
+        let registry = AgentRegistry::default();
+        let server: IpAddr = "10.0.0.11".parse().unwrap();
+        assert!(!ready(registry.report_arrived()), "no report yet");
+        // Two reports before anyone waits: the wake-up is kept, and taken once.
+        registry.report(server, load_report(1), Instant::now());
+        registry.report(server, load_report(2), Instant::now());
+        assert!(ready(registry.report_arrived()));
+        assert!(!ready(registry.report_arrived()), "both reports were taken by one wake-up");
+        registry.report(server, load_report(3), Instant::now());
+        assert!(ready(registry.report_arrived()));
+    }
 }

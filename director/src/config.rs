@@ -836,7 +836,8 @@ impl HaSection {
 pub struct FeedbackSettings {
     /// Blend agent reports into the effective weight; absent: on for `scheduler = "df"`, off otherwise.
     pub enabled: Option<bool>,
-    /// How often the weights are recomputed, in milliseconds (a new report is used at the next period).
+    /// How often the weights are recomputed, in milliseconds, besides at once on every report, health-check
+    /// result and configuration change (what the period adds: stale and down ages, slow-start ramps).
     pub period_ms: u32,
     /// Coefficients of the aggregate load; ≥ 0, summing to 1.
     pub cpu: f64,

@@ -399,6 +399,10 @@ pub fn spawn(
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                // A report is blended as soon as it arrives: waiting for the period would add up to a period to
+                // every reaction, and the director's connection counts read with it would cover a different
+                // interval than the report's CPU.
+                () = agents.report_arrived() => {}
                 changed = config_rx.changed() => {
                     if changed.is_err() {
                         break;
