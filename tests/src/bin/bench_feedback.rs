@@ -586,6 +586,10 @@ fn run(args: &Args) -> Result<()> {
     }
     raise_nofile_limit();
     let started = Instant::now();
+    // Read now, next to the build bench/feedback just made: read at the end, it named whatever was committed
+    // while the sweep ran.
+    let commit = command_stdout(&["git", "-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"])
+        .unwrap_or_else(|| "unknown".to_string());
     let mut bed = Bed::new(&plan)?;
     let mut closed: Vec<Outcome> = Vec::new();
     for &concurrency in &plan.concurrency {
@@ -639,7 +643,8 @@ fn run(args: &Args) -> Result<()> {
     if let Some(path) = &args.seconds_csv {
         write_file(path, &seconds_csv(&open))?;
     }
-    print!("{}", render(&plan, &capacity, &closed, &sustained, &open, &notes, started.elapsed()));
+    let run = RunInfo { elapsed: started.elapsed(), commit };
+    print!("{}", render(&plan, &capacity, &closed, &sustained, &open, &notes, &run));
     Ok(())
 }
 
@@ -1340,6 +1345,13 @@ fn timeline_csv(groups: &[&[Outcome]]) -> String {
     s
 }
 
+/// What the report's machine section says of the run itself.
+struct RunInfo {
+    elapsed: Duration,
+    /// `git describe --always --dirty` when the run started (the code the binaries were built from).
+    commit: String,
+}
+
 fn render(
     plan: &Plan,
     capacity: &Capacity,
@@ -1347,7 +1359,7 @@ fn render(
     sustained: &[Outcome],
     open: &[Outcome],
     notes: &[String],
-    elapsed: Duration,
+    run: &RunInfo,
 ) -> String {
     let mut s = String::new();
     let quotas: Vec<String> = plan.quotas.iter().map(|q| format!("{:.0} %", q * 100.0)).collect();
@@ -1522,11 +1534,10 @@ fn render(
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let date = command_stdout(&["date", "-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
-    let commit = command_stdout(&["git", "-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
-        .unwrap_or_else(|| "unknown".to_string());
     let _ = writeln!(s, "- cores: {cores} ({cpu_model}); kernel {}", kernel.trim());
     let _ = writeln!(s, "- load average at the end: {}", load.trim());
-    let _ = writeln!(s, "- date: {date}; commit {commit}; whole run {:.0} s", elapsed.as_secs_f64());
+    let _ =
+        writeln!(s, "- date: {date}; commit {} at the start; whole run {:.0} s", run.commit, run.elapsed.as_secs_f64());
     s
 }
 
