@@ -100,6 +100,10 @@ struct Args {
     /// Seconds per open-loop run [default: 120; quick: 30].
     #[arg(long, value_parser = clap::value_parser!(u64).range(6..=3600))]
     seconds: Option<u64>,
+    /// Open-loop runs per scheduler and level, in rounds (every level and scheduler once, then again), so that
+    /// the host's drift falls on all alike; the targets are judged on the medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
     /// CPU quota of each real server, in % of one core. The last one halves at half time of every run; the
     /// antagonist runs in the second-to-last.
     #[arg(long, value_delimiter = ',', default_value = "5,10,20,20")]
@@ -168,6 +172,8 @@ struct Plan {
     closed: Duration,
     levels: Vec<u32>,
     open: Duration,
+    /// Open-loop rounds.
+    repeat: u32,
     /// Cores per server.
     quotas: Vec<f64>,
     period: Duration,
@@ -221,6 +227,7 @@ impl Plan {
             closed: Duration::from_secs(args.closed_seconds.unwrap_or(if quick { 8 } else { 30 })),
             levels: args.levels.clone().unwrap_or_else(|| if quick { vec![70] } else { vec![50, 70, 90] }),
             open: Duration::from_secs(args.seconds.unwrap_or(if quick { 30 } else { 120 })),
+            repeat: args.repeat,
             quotas,
             period,
             weight: args.weight,
@@ -467,8 +474,8 @@ enum Load {
     /// `wrk` at this concurrency with the scenario's worst phase held throughout (the last server's quota halved,
     /// the antagonist burning): what the cluster sustains at every moment of a run.
     Sustained { concurrency: u32 },
-    /// A fixed rate through the scenario.
-    Open { percent: u32, rate: f64 },
+    /// A fixed rate through the scenario; `round` (from 1) when the open loop is repeated.
+    Open { percent: u32, rate: f64, round: Option<u32> },
 }
 
 impl Load {
@@ -484,7 +491,16 @@ impl Load {
         match self {
             Load::Closed { concurrency } => format!("c={concurrency}"),
             Load::Sustained { concurrency } => format!("c={concurrency} held"),
-            Load::Open { percent, .. } => format!("{percent} %"),
+            Load::Open { percent, round: None, .. } => format!("{percent} %"),
+            Load::Open { percent, round: Some(round), .. } => format!("{percent} % #{round}"),
+        }
+    }
+
+    /// The open loop's round, 1 when it is not repeated.
+    fn round(&self) -> u32 {
+        match self {
+            Load::Open { round: Some(round), .. } => *round,
+            _ => 1,
         }
     }
 
@@ -501,7 +517,7 @@ impl Load {
         match self {
             Load::Closed { concurrency } => concurrency.to_string(),
             Load::Sustained { concurrency } => format!("{concurrency}, held"),
-            Load::Open { percent, .. } => format!("{percent} %"),
+            Load::Open { .. } => self.label(),
         }
     }
 }
@@ -625,11 +641,14 @@ fn run(args: &Args) -> Result<()> {
     };
     log(format!("sustained capacity: {:.0} requests/s", capacity.sustained));
     let mut open: Vec<Outcome> = Vec::new();
-    for &percent in &plan.levels {
-        for &sched in &plan.schedulers {
-            let load = Load::Open { percent, rate: capacity.sustained * f64::from(percent) / 100.0 };
-            let result = bed.run_once(sched, load, plan.open).map_err(|e| short_reason(&e));
-            open.push(Outcome { sched, load, result });
+    for round in 1..=plan.repeat {
+        for &percent in &plan.levels {
+            for &sched in &plan.schedulers {
+                let rate = capacity.sustained * f64::from(percent) / 100.0;
+                let load = Load::Open { percent, rate, round: (plan.repeat > 1).then_some(round) };
+                let result = bed.run_once(sched, load, plan.open).map_err(|e| short_reason(&e));
+                open.push(Outcome { sched, load, result });
+            }
         }
     }
     let notes = std::mem::take(&mut bed.notes);
@@ -1223,7 +1242,7 @@ fn command_stdout(args: &[&str]) -> Option<String> {
 
 fn runs_csv(groups: &[&[Outcome]]) -> String {
     let mut s = String::from(
-        "kind,scheduler,concurrency,level_pct,offered_rps,throughput_rps,p50_ms,p99_ms,p999_ms,error_ratio,cpu_cv,weight_changes_per_min,settle_s\n",
+        "kind,scheduler,concurrency,level_pct,offered_rps,throughput_rps,p50_ms,p99_ms,p999_ms,error_ratio,cpu_cv,weight_changes_per_min,settle_s,round\n",
     );
     let opt = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.3}"));
     for r in groups.iter().flat_map(|g| g.iter()).filter_map(Outcome::ok) {
@@ -1231,12 +1250,12 @@ fn runs_csv(groups: &[&[Outcome]]) -> String {
             Load::Closed { concurrency } | Load::Sustained { concurrency } => {
                 (concurrency.to_string(), String::new(), String::new())
             }
-            Load::Open { percent, rate } => (String::new(), percent.to_string(), format!("{rate:.1}")),
+            Load::Open { percent, rate, .. } => (String::new(), percent.to_string(), format!("{rate:.1}")),
         };
         let m = &r.measured;
         let _ = writeln!(
             s,
-            "{},{},{concurrency},{level},{offered},{:.1},{},{},{},{:.5},{},{:.2},{}",
+            "{},{},{concurrency},{level},{offered},{:.1},{},{},{},{:.5},{},{:.2},{},{}",
             r.load.kind(),
             r.sched.name(),
             m.throughput,
@@ -1247,20 +1266,21 @@ fn runs_csv(groups: &[&[Outcome]]) -> String {
             opt(r.cpu_cv),
             r.changes_per_min,
             opt(r.settle.seconds()),
+            r.load.round(),
         );
     }
     s
 }
 
 fn seconds_csv(open: &[Outcome]) -> String {
-    let mut s = String::from("scheduler,load_pct,second,antagonist,requests,slow\n");
+    let mut s = String::from("scheduler,load_pct,second,antagonist,requests,slow,round\n");
     for r in open.iter().filter_map(Outcome::ok) {
         let Load::Open { percent, .. } = r.load else { continue };
         let timeline = Timeline::new(r.duration);
         for (k, counts) in r.measured.per_second.iter().enumerate() {
             let on = timeline.antagonist_on(Duration::from_secs(k as u64) + Duration::from_millis(500));
-            let _ =
-                writeln!(s, "{},{percent},{k},{},{},{}", r.sched.name(), u8::from(on), counts.requests, counts.slow);
+            let (name, on, round) = (r.sched.name(), u8::from(on), r.load.round());
+            let _ = writeln!(s, "{name},{percent},{k},{on},{},{},{round}", counts.requests, counts.slow);
         }
     }
     s
@@ -1467,34 +1487,14 @@ fn render(
     );
     let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: |");
     for &percent in &plan.levels {
-        let find = |sched: Sched| {
-            open.iter()
-                .filter_map(Outcome::ok)
-                .find(|r| r.sched == sched && matches!(r.load, Load::Open { percent: p, .. } if p == percent))
-        };
-        let df = find(Sched::Df);
-        let p99 = |sched| find(sched).and_then(|r| r.measured.p99_ms);
-        let ratio = |other: Sched, limit: f64| match (df.and_then(|r| r.measured.p99_ms), p99(other)) {
-            (Some(a), Some(b)) if b > 0.0 => {
-                let r = a / b;
-                format!("{r:.2} {}", if r <= limit { "PASS" } else { "FAIL" })
-            }
-            _ => "not measured".to_string(),
-        };
-        let settle = match df.map(|r| r.settle) {
-            Some(Settle::After(d)) => {
-                format!("{:.1} {}", d.as_secs_f64(), if d <= Duration::from_secs(5) { "PASS" } else { "FAIL" })
-            }
-            Some(other @ Settle::NotSettled { .. }) => format!("{} FAIL", other.show()),
-            _ => "not measured".to_string(),
-        };
+        let _ = writeln!(s, "{}", targets_row(open, percent));
+    }
+    if plan.repeat > 1 {
         let _ = writeln!(
             s,
-            "| {percent} % | {} | {} | {} | {} | {settle} |",
-            fmt_opt(df.and_then(|r| r.measured.p99_ms), 1),
-            ratio(Sched::Wlc, 0.70),
-            ratio(Sched::P2c, 1.00),
-            ratio(Sched::WrrOracle, 1.10),
+            "\nEach cell: the median over the {} rounds, judged against the target; in brackets, round by round \
+             (each ratio is df's p99 over the other scheduler's in the same round).",
+            plan.repeat
         );
     }
 
@@ -1539,6 +1539,71 @@ fn render(
     let _ =
         writeln!(s, "- date: {date}; commit {} at the start; whole run {:.0} s", run.commit, run.elapsed.as_secs_f64());
     s
+}
+
+/// One level's row of the targets table: each figure per round (a scheduler compared only with the same
+/// round's runs), the verdict on the median over the rounds.
+fn targets_row(open: &[Outcome], percent: u32) -> String {
+    let runs: Vec<&RunResult> = open
+        .iter()
+        .filter_map(Outcome::ok)
+        .filter(|r| matches!(r.load, Load::Open { percent: p, .. } if p == percent))
+        .collect();
+    let mut rounds: Vec<u32> = runs.iter().map(|r| r.load.round()).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    let p99 = |sched: Sched, round: u32| {
+        runs.iter().find(|r| r.sched == sched && r.load.round() == round).and_then(|r| r.measured.p99_ms)
+    };
+    let judged = |values: Vec<f64>, show: &dyn Fn(f64) -> String, pass: &dyn Fn(f64) -> bool| {
+        let each: Vec<String> = values.iter().map(|&v| show(v)).collect();
+        match median(values) {
+            None => "not measured".to_string(),
+            Some(m) => {
+                let verdict = if pass(m) { "PASS" } else { "FAIL" };
+                let rounds = if each.len() > 1 { format!(" ({})", each.join(" · ")) } else { String::new() };
+                format!("{} {verdict}{rounds}", show(m))
+            }
+        }
+    };
+    let ratio = |other: Sched, limit: f64| {
+        let values = rounds
+            .iter()
+            .filter_map(|&round| match (p99(Sched::Df, round), p99(other, round)) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            })
+            .collect();
+        judged(values, &|r| format!("{r:.2}"), &|r| r <= limit)
+    };
+    let df_p99: Vec<f64> = rounds.iter().filter_map(|&round| p99(Sched::Df, round)).collect();
+    // Not settled counts as longer than any settled run; an unknown one (too few samples) is left out.
+    let mut window = None;
+    let settles = runs
+        .iter()
+        .filter(|r| r.sched == Sched::Df)
+        .filter_map(|r| match r.settle {
+            Settle::After(d) => Some(d.as_secs_f64()),
+            Settle::NotSettled { window: w } => {
+                window = Some(w);
+                Some(f64::INFINITY)
+            }
+            Settle::Unknown => None,
+        })
+        .collect();
+    let show_settle = |v: f64| match window {
+        _ if v.is_finite() => format!("{v:.1}"),
+        Some(w) => Settle::NotSettled { window: w }.show(),
+        None => "–".to_string(),
+    };
+    format!(
+        "| {percent} % | {} | {} | {} | {} | {} |",
+        fmt_opt(median(df_p99), 1),
+        ratio(Sched::Wlc, 0.70),
+        ratio(Sched::P2c, 1.00),
+        ratio(Sched::WrrOracle, 1.10),
+        judged(settles, &show_settle, &|v| v <= 5.0),
+    )
 }
 
 fn render_rows(s: &mut String, outcomes: &[Outcome]) {
@@ -1611,6 +1676,46 @@ mod tests {
         assert_eq!(by.antagonist_starting, counts(60, 10), "0–3 s and 40–43 s");
         assert_eq!(by.after_halving, counts(50, 5));
         assert_eq!(by.quiet, counts(150, 5), "20–30 s and 35–40 s");
+    }
+
+    #[test]
+    fn repeated_open_loops_are_judged_on_the_median_of_same_round_ratios() {
+        let run = |sched: Sched, round: u32, p99: f64, settle: Settle| {
+            let load = Load::Open { percent: 90, rate: 1000.0, round: Some(round) };
+            let result = RunResult {
+                sched,
+                load,
+                duration: Duration::from_secs(60),
+                measured: Measured { p99_ms: Some(p99), ..Measured::default() },
+                cpu_cv: None,
+                cpu_util: Vec::new(),
+                changes_per_min: 0.0,
+                settle,
+                served: Vec::new(),
+                scheduled: Vec::new(),
+                samples: Vec::new(),
+            };
+            Outcome { sched, load, result: Ok(result) }
+        };
+        let fixed = Settle::After(Duration::ZERO);
+        let open = vec![
+            // Round 1: a slow host, everyone at 40 ms; round 2 and 3: calm. df's ratios 0.50, 0.60, 1.00.
+            run(Sched::Wlc, 1, 40.0, fixed),
+            run(Sched::Df, 1, 20.0, Settle::After(Duration::from_secs(3))),
+            run(Sched::Wlc, 2, 20.0, fixed),
+            run(Sched::Df, 2, 12.0, Settle::NotSettled { window: Duration::from_secs(10) }),
+            run(Sched::Wlc, 3, 10.0, fixed),
+            run(Sched::Df, 3, 10.0, Settle::After(Duration::from_secs(4))),
+        ];
+        assert_eq!(
+            targets_row(&open, 90),
+            "| 90 % | 12.0 | 0.60 PASS (0.50 · 0.60 · 1.00) | not measured | not measured | 4.0 PASS (3.0 · > 10 · 4.0) |"
+        );
+        // Unsettled in two of three: the median is not settled.
+        let mut two = open;
+        two[1] = run(Sched::Df, 1, 20.0, Settle::NotSettled { window: Duration::from_secs(10) });
+        assert!(targets_row(&two, 90).ends_with("| > 10 FAIL (> 10 · > 10 · 4.0) |"), "{}", targets_row(&two, 90));
+        assert_eq!(targets_row(&two, 50), "| 50 % | – | not measured | not measured | not measured | not measured |");
     }
 
     #[test]
