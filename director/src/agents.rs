@@ -486,28 +486,8 @@ mod tests {
     use std::pin::pin;
     use std::task::{Context, Poll, Waker};
 
-    use fulcrum_protocol::messages::{CpuSource, CpuUsage, MemoryUsage, ProbeKind, ProbeOutcome, ProbeReport};
-
     use super::*;
-
-    fn load_report(seq: u64) -> LoadReport {
-        LoadReport {
-            seq,
-            interval_ms: 500,
-            cpu: Some(CpuUsage { source: CpuSource::ProcStat, busy_bp: 5_000 }),
-            load_avg_milli: [0; 3],
-            memory: MemoryUsage { used_bytes: 1, total_bytes: 2 },
-            cpu_pressure: None,
-            established_connections: 0,
-            probe: ProbeReport {
-                kind: ProbeKind::Tcp,
-                last: ProbeOutcome::Pending,
-                smoothed_us: None,
-                consecutive_failures: 0,
-                total_failures: 0,
-            },
-        }
-    }
+    use crate::test_fixtures::load_report;
 
     /// Polls `future` once, without a runtime.
     fn ready(future: impl Future<Output = ()>) -> bool {
@@ -520,11 +500,11 @@ mod tests {
         let server: IpAddr = "10.0.0.11".parse().unwrap();
         assert!(!ready(registry.report_arrived()), "no report yet");
         // Two reports before anyone waits: the wake-up is kept, and taken once.
-        registry.report(server, load_report(1), Instant::now());
-        registry.report(server, load_report(2), Instant::now());
+        registry.report(server, load_report(1, 5_000), Instant::now());
+        registry.report(server, load_report(2, 5_000), Instant::now());
         assert!(ready(registry.report_arrived()));
         assert!(!ready(registry.report_arrived()), "both reports were taken by one wake-up");
-        registry.report(server, load_report(3), Instant::now());
+        registry.report(server, load_report(3, 5_000), Instant::now());
         assert!(ready(registry.report_arrived()));
     }
 }

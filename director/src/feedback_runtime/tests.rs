@@ -1,12 +1,11 @@
 use std::path::Path;
 
-use fulcrum_protocol::messages::{
-    CpuSource, CpuUsage, LoadReport, MemoryUsage, ProbeFailure, ProbeKind, ProbeOutcome, ProbeReport, ProbeSample,
-};
+use fulcrum_protocol::messages::{ProbeFailure, ProbeKind, ProbeOutcome, ProbeReport, ProbeSample};
 
 use super::*;
 use crate::dataplane::table::TableBuilder;
 use crate::health::{CheckFailure, ReasonKind};
+use crate::test_fixtures::load_report;
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -53,27 +52,8 @@ fn published(table: &ServiceTable) -> Vec<(u32, Health)> {
         .collect()
 }
 
-fn report(seq: u64, cpu_bp: u16) -> LoadReport {
-    LoadReport {
-        seq,
-        interval_ms: 500,
-        cpu: Some(CpuUsage { source: CpuSource::ProcStat, busy_bp: cpu_bp }),
-        load_avg_milli: [0; 3],
-        memory: MemoryUsage { used_bytes: 1, total_bytes: 2 },
-        cpu_pressure: None,
-        established_connections: 0,
-        probe: ProbeReport {
-            kind: ProbeKind::Tcp,
-            last: ProbeOutcome::Pending,
-            smoothed_us: None,
-            consecutive_failures: 0,
-            total_failures: 0,
-        },
-    }
-}
-
 fn agent(i: u8, seq: u64, cpu_bp: u16, at: Instant) -> AgentLatest {
-    AgentLatest { real_server: IpAddr::V4(server(i).0), connected: true, report: Some((report(seq, cpu_bp), at)) }
+    AgentLatest { real_server: IpAddr::V4(server(i).0), connected: true, report: Some((load_report(seq, cpu_bp), at)) }
 }
 
 fn health_kinds(events: &[Event]) -> Vec<ReasonKind> {
@@ -92,7 +72,7 @@ fn the_blender_takes_the_agents_smoothed_response_time_while_its_probe_succeeds(
     // that answers in microseconds or, throttled, milliseconds. A failing probe has no response time.
     let at = Instant::now();
     let with_probe = |kind, last| {
-        let mut r = report(1, 5_000);
+        let mut r = load_report(1, 5_000);
         r.probe = ProbeReport { kind, last, smoothed_us: Some(9_999), consecutive_failures: 0, total_failures: 0 };
         ReportInput::from_report(&r, at).response_time_us
     };
