@@ -267,6 +267,13 @@ pub struct SecondCounts {
     pub slow: u64,
 }
 
+impl std::ops::AddAssign for SecondCounts {
+    fn add_assign(&mut self, other: SecondCounts) {
+        self.requests += other.requests;
+        self.slow += other.slow;
+    }
+}
+
 impl LoadReport {
     pub fn errors(&self) -> u64 {
         self.error_counts.total()
@@ -324,9 +331,8 @@ impl Tally {
         if self.per_second.len() < other.per_second.len() {
             self.per_second.resize(other.per_second.len(), SecondCounts::default());
         }
-        for (mine, theirs) in self.per_second.iter_mut().zip(&other.per_second) {
-            mine.requests += theirs.requests;
-            mine.slow += theirs.slow;
+        for (mine, &theirs) in self.per_second.iter_mut().zip(&other.per_second) {
+            *mine += theirs;
         }
     }
 }

@@ -1272,13 +1272,18 @@ fn runs_csv(groups: &[&[Outcome]]) -> String {
     s
 }
 
+/// The middle of second `k` of a run: where a per-second count is placed in the scenario.
+fn middle_of_second(k: usize) -> Duration {
+    Duration::from_secs(k as u64) + Duration::from_millis(500)
+}
+
 fn seconds_csv(open: &[Outcome]) -> String {
     let mut s = String::from("scheduler,load_pct,second,antagonist,requests,slow,round\n");
     for r in open.iter().filter_map(Outcome::ok) {
         let Load::Open { percent, .. } = r.load else { continue };
         let timeline = Timeline::new(r.duration);
         for (k, counts) in r.measured.per_second.iter().enumerate() {
-            let on = timeline.antagonist_on(Duration::from_secs(k as u64) + Duration::from_millis(500));
+            let on = timeline.antagonist_on(middle_of_second(k));
             let (name, on, round) = (r.sched.name(), u8::from(on), r.load.round());
             let _ = writeln!(s, "{name},{percent},{k},{on},{},{},{round}", counts.requests, counts.slow);
         }
@@ -1301,30 +1306,26 @@ struct SlowBy {
 }
 
 fn slow_by(timeline: &Timeline, per_second: &[SecondCounts]) -> SlowBy {
-    let add = |into: &mut SecondCounts, c: &SecondCounts| {
-        into.requests += c.requests;
-        into.slow += c.slow;
-    };
     let mut by = SlowBy::default();
-    for (k, c) in per_second.iter().enumerate() {
-        let t = Duration::from_secs(k as u64) + Duration::from_millis(500);
-        add(&mut by.all, c);
+    for (k, &c) in per_second.iter().enumerate() {
+        let t = middle_of_second(k);
+        by.all += c;
         let on = timeline.antagonist_on(t);
         let since_halving = t.checked_sub(timeline.halving_at());
         let after_halving = since_halving.is_some_and(|d| d < Duration::from_secs(5));
         if on {
-            add(&mut by.antagonist_on, c);
+            by.antagonist_on += c;
             // Switched on within the last 3 s (the run starts with the antagonist off before it).
             let starting = (1..=3).map(Duration::from_secs).any(|back| t < back || !timeline.antagonist_on(t - back));
             if starting {
-                add(&mut by.antagonist_starting, c);
+                by.antagonist_starting += c;
             }
         }
         if after_halving {
-            add(&mut by.after_halving, c);
+            by.after_halving += c;
         }
         if !on && !after_halving {
-            add(&mut by.quiet, c);
+            by.quiet += c;
         }
     }
     by
