@@ -12,8 +12,10 @@
 //!   run it burns during 15–45 s and 75–105 s, the quota halves at 60 s.
 //!
 //! Schedulers compared: `rr`, `wlc`, `p2c` (power of two choices, least connection), `df` (dynamic feedback)
-//! and `wrr-oracle` (`wrr` with the quotas' ratio as weights, changed when the quota changes: it knows the
-//! capacities but not the antagonist). One director runs throughout; each run sets the scheduler (and the
+//! `wrr-oracle` (`wrr` with the quotas' ratio as weights, changed when the quota changes: it knows the
+//! capacities but not the antagonist) and `wlc-oracle` (`wlc` with those weights, and the antagonist's server's
+//! cut to `--oracle-antagonist-share` of it while the antagonist burns, each changed the instant its event
+//! happens: what perfect feedback would give `wlc`, so the best `df` could do). One director runs throughout; each run sets the scheduler (and the
 //! weights) with `fulcrumctl`, restores the quotas afterwards, and pauses so connections close and the
 //! feedback weights relax.
 //!
@@ -79,14 +81,16 @@ const SLOW_AFTER: Duration = Duration::from_millis(10);
 const MAX_ANTAGONIST_PERIOD: Duration = Duration::from_secs(30);
 
 #[derive(Parser, Debug)]
-#[command(about = "Fulcrum dynamic-feedback benchmark: unequal real servers, rr/wlc/p2c/df/wrr-oracle (needs root)")]
+#[command(
+    about = "Fulcrum dynamic-feedback benchmark: unequal real servers, rr/wlc/p2c/df/wrr-oracle/wlc-oracle (needs root)"
+)]
 struct Args {
     /// The short version (about 4 minutes): concurrency 50,400 for 8 s, open loop at 70 % for 30 s. Flags given
     /// explicitly still win.
     #[arg(long)]
     quick: bool,
-    /// Schedulers, in this order.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "rr,wlc,p2c,df,wrr-oracle")]
+    /// Schedulers, in this order (wlc-oracle runs in the open loop only).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "rr,wlc,p2c,df,wrr-oracle,wlc-oracle")]
     schedulers: Vec<Sched>,
     /// Closed-loop wrk concurrencies [default: 50,100,200,400,800; quick: 50,400].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -114,6 +118,10 @@ struct Args {
     /// The configured weight of every server (wrr-oracle excepted). Larger gives the feedback finer steps.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=65535))]
     weight: u32,
+    /// wlc-oracle's weight for the antagonist's server while the antagonist burns, as a share of its quota's
+    /// weight (0 .. 1; 0 takes it out of new connections).
+    #[arg(long, default_value_t = 0.25, value_parser = parse_share)]
+    oracle_antagonist_share: f64,
     /// Director forwarding workers.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
@@ -142,6 +150,7 @@ enum Sched {
     P2c,
     Df,
     WrrOracle,
+    WlcOracle,
 }
 
 impl Sched {
@@ -152,13 +161,21 @@ impl Sched {
             Sched::P2c => "p2c",
             Sched::Df => "df",
             Sched::WrrOracle => "wrr-oracle",
+            Sched::WlcOracle => "wlc-oracle",
         }
+    }
+
+    /// Run in the open loop only: wlc-oracle is the ceiling of the p99 target, and counted in the closed loop it
+    /// would move the capacity the open loop is based on.
+    fn open_loop_only(self) -> bool {
+        self == Sched::WlcOracle
     }
 
     /// The director's scheduler name.
     fn director_scheduler(self) -> &'static str {
         match self {
             Sched::WrrOracle => "wrr",
+            Sched::WlcOracle => "wlc",
             other => other.name(),
         }
     }
@@ -178,10 +195,19 @@ struct Plan {
     quotas: Vec<f64>,
     period: Duration,
     weight: u32,
+    oracle_antagonist_share: f64,
     workers: u32,
     quick: bool,
     /// `[service.feedback]` settings, as given.
     feedback: Vec<(String, String)>,
+}
+
+/// A share in 0 ..= 1.
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{text:?} is not a share between 0 and 1 (e.g. 0.25)")),
+    }
 }
 
 /// `KEY=VALUE` with a bare key.
@@ -202,6 +228,9 @@ impl Plan {
             if !schedulers.contains(&s) {
                 schedulers.push(s);
             }
+        }
+        if args.capacity.is_none() && schedulers.iter().all(|s| s.open_loop_only()) {
+            bail!("--schedulers: wlc-oracle runs in the open loop only; add another scheduler or give --capacity");
         }
         if args.quotas.len() < 2 || args.quotas.len() > 9 {
             bail!("--quotas: give 2 to 9 servers' quotas, not {}", args.quotas.len());
@@ -231,6 +260,7 @@ impl Plan {
             quotas,
             period,
             weight: args.weight,
+            oracle_antagonist_share: args.oracle_antagonist_share,
             workers: args.workers,
             quick,
             feedback: args.feedback.clone(),
@@ -254,6 +284,21 @@ impl Plan {
     /// wrr-oracle's weight for a quota: per-mille of a core, so the ratio is the quotas' ratio.
     fn oracle_weight(cores: f64) -> u32 {
         ((cores * 1000.0).round() as u32).max(1)
+    }
+
+    /// Every server's configured weight for `sched` under the quotas in force and with the antagonist on or off.
+    /// The oracles know the quotas; wlc-oracle also knows when the antagonist burns, at the instant it starts.
+    fn weights(&self, sched: Sched, quotas: &[f64], antagonist_on: bool) -> Vec<u32> {
+        (0..self.servers())
+            .map(|i| match sched {
+                Sched::WrrOracle => Plan::oracle_weight(quotas[i]),
+                Sched::WlcOracle if antagonist_on && i == self.antagonist() => {
+                    (f64::from(Plan::oracle_weight(quotas[i])) * self.oracle_antagonist_share).round() as u32
+                }
+                Sched::WlcOracle => Plan::oracle_weight(quotas[i]),
+                _ => self.weight,
+            })
+            .collect()
     }
 }
 
@@ -608,8 +653,9 @@ fn run(args: &Args) -> Result<()> {
         .unwrap_or_else(|| "unknown".to_string());
     let mut bed = Bed::new(&plan)?;
     let mut closed: Vec<Outcome> = Vec::new();
+    let closed_schedulers: Vec<Sched> = plan.schedulers.iter().copied().filter(|s| !s.open_loop_only()).collect();
     for &concurrency in &plan.concurrency {
-        for &sched in &plan.schedulers {
+        for &sched in &closed_schedulers {
             let load = Load::Closed { concurrency };
             let result = bed.run_once(sched, load, plan.closed).map_err(|e| short_reason(&e));
             closed.push(Outcome { sched, load, result });
@@ -626,8 +672,8 @@ fn run(args: &Args) -> Result<()> {
             // Each run with the worst phase held is followed by one through the scenario, and only their ratio
             // is kept: the host's speed drifts by a third within minutes (measured: held runs at 33 000
             // requests/s where the scenario's had made 26 000), and one pair half a minute apart shares it.
-            let balanced = plan.schedulers.iter().any(|&s| s != Sched::Rr);
-            for &sched in plan.schedulers.iter().filter(|&&s| !balanced || s != Sched::Rr) {
+            let balanced = closed_schedulers.iter().any(|&s| s != Sched::Rr);
+            for &sched in closed_schedulers.iter().filter(|&&s| !balanced || s != Sched::Rr) {
                 for load in [Load::Sustained { concurrency }, Load::Closed { concurrency }] {
                     let result = bed.run_once(sched, load, plan.closed).map_err(|e| short_reason(&e));
                     sustained.push(Outcome { sched, load, result });
@@ -790,15 +836,13 @@ impl Bed {
     /// once they all have is the scheduler switched, so that its state is built from those weights. (`wrr`
     /// computes its cycle from the effective weights at a rebuild; switching straight from `df` would build it
     /// from df's leftover weights, which the feedback task resets only after the switch.)
-    fn configure(&mut self, sched: Sched, quotas: &[f64]) -> Result<()> {
+    fn configure(&mut self, sched: Sched, weights: &[u32]) -> Result<()> {
         let service = format!("{VIP}:{HTTP_PORT}");
         self.fulcrumctl(&["service", "edit", &service, "-s", "wlc"])?;
-        let mut weights = Vec::new();
-        for (i, &q) in quotas.iter().enumerate() {
-            let weight = if sched == Sched::WrrOracle { Plan::oracle_weight(q) } else { self.plan.weight };
+        for (i, weight) in weights.iter().enumerate() {
             self.fulcrumctl(&["server", "edit", &service, &server_ip(i), "-w", &weight.to_string()])?;
-            weights.push(u64::from(weight));
         }
+        let weights: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
         let socket = self.socket.clone();
         wait_for("effective weights back to the configured ones", Duration::from_secs(10), &mut self.director, || {
             let list = fulcrumctl_json(&socket, &["list", "--json"])?;
@@ -896,7 +940,8 @@ impl Bed {
             quota[changing] = self.plan.quotas[changing] / 2.0;
             self.servers[changing].set_quota(quota[changing])?;
         }
-        self.configure(sched, &quota)?;
+        let mut weights = self.plan.weights(sched, &quota, worst_held);
+        self.configure(sched, &weights)?;
         let timeline = Timeline::new(duration);
         let mut antagonist: Option<ChildGuard> =
             if worst_held { Some(self.servers[self.plan.antagonist()].start_antagonist()?) } else { None };
@@ -910,7 +955,7 @@ impl Bed {
         while !loader.is_finished() {
             let t = t0.elapsed();
             if !worst_held {
-                if let Err(e) = self.play(sched, &timeline, t, &mut quota, &mut halved, &mut antagonist) {
+                if let Err(e) = self.play(sched, &timeline, t, &mut quota, &mut halved, &mut antagonist, &mut weights) {
                     scenario_error.get_or_insert(e);
                 }
             }
@@ -967,7 +1012,9 @@ impl Bed {
         Ok(result)
     }
 
-    /// Applies the scenario at time `t` of the run: the halving once, the antagonist on or off.
+    /// Applies the scenario at time `t` of the run: the halving once, the antagonist on or off, and the oracles'
+    /// weights that follow them (`weights`: those in force).
+    #[allow(clippy::too_many_arguments)]
     fn play(
         &self,
         sched: Sched,
@@ -976,29 +1023,26 @@ impl Bed {
         quota: &mut [f64],
         halved: &mut bool,
         antagonist: &mut Option<ChildGuard>,
+        weights: &mut [u32],
     ) -> Result<()> {
         let changing = self.plan.changing();
         if !*halved && t >= timeline.halving_at() {
             *halved = true;
             quota[changing] = self.plan.quotas[changing] / 2.0;
             self.servers[changing].set_quota(quota[changing])?;
-            if sched == Sched::WrrOracle {
-                let weight = Plan::oracle_weight(quota[changing]).to_string();
-                self.fulcrumctl(&[
-                    "server",
-                    "edit",
-                    &format!("{VIP}:{HTTP_PORT}"),
-                    &server_ip(changing),
-                    "-w",
-                    &weight,
-                ])?;
-            }
         }
         let want = timeline.antagonist_on(t);
         if want && antagonist.is_none() {
             *antagonist = Some(self.servers[self.plan.antagonist()].start_antagonist()?);
         } else if !want && antagonist.is_some() {
             *antagonist = None;
+        }
+        let service = format!("{VIP}:{HTTP_PORT}");
+        for (i, want) in self.plan.weights(sched, quota, antagonist.is_some()).into_iter().enumerate() {
+            if weights[i] != want {
+                self.fulcrumctl(&["server", "edit", &service, &server_ip(i), "-w", &want.to_string()])?;
+                weights[i] = want;
+            }
         }
         Ok(())
     }
@@ -1484,9 +1528,10 @@ fn render(
     let _ = writeln!(s, "\n## Targets (open loop, p99)\n");
     let _ = writeln!(
         s,
-        "| load | df p99 ms | df / wlc (≤ 0.70) | df / p2c (≤ 1.00) | df / wrr-oracle (≤ 1.10) | df settle s (≤ 5) |"
+        "| load | df p99 ms | df / wlc (≤ 0.70) | df / p2c (≤ 1.00) | df / wrr-oracle (≤ 1.10) | df settle s (≤ 5) \
+         | wlc-oracle / wlc (no target) |"
     );
-    let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &percent in &plan.levels {
         let _ = writeln!(s, "{}", targets_row(open, percent));
     }
@@ -1498,6 +1543,14 @@ fn render(
             plan.repeat
         );
     }
+    let _ = writeln!(
+        s,
+        "\nwlc-oracle / wlc is what feedback could give wlc at best: wlc with each weight set to the server's quota, \
+         and the antagonist's server's to {} of its quota's weight while the antagonist burns, at the instant each \
+         change happens. df is wlc plus feedback, so at a load where this ratio is above 0.70 the first target is \
+         out of any feedback's reach.",
+        plan.oracle_antagonist_share
+    );
 
     let _ = writeln!(s, "\n## Notes\n");
     let method = [
@@ -1567,15 +1620,25 @@ fn targets_row(open: &[Outcome], percent: u32) -> String {
             }
         }
     };
-    let ratio = |other: Sched, limit: f64| {
-        let values = rounds
+    // `of`'s p99 over `to`'s, round by round.
+    let ratios = |of: Sched, to: Sched| -> Vec<f64> {
+        rounds
             .iter()
-            .filter_map(|&round| match (p99(Sched::Df, round), p99(other, round)) {
+            .filter_map(|&round| match (p99(of, round), p99(to, round)) {
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
                 _ => None,
             })
-            .collect();
-        judged(values, &|r| format!("{r:.2}"), &|r| r <= limit)
+            .collect()
+    };
+    let ratio = |other: Sched, limit: f64| judged(ratios(Sched::Df, other), &|r| format!("{r:.2}"), &|r| r <= limit);
+    let ceiling = {
+        let each = ratios(Sched::WlcOracle, Sched::Wlc);
+        let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
+        match median(each) {
+            None => "not measured".to_string(),
+            Some(m) if shown.len() > 1 => format!("{m:.2} ({})", shown.join(" · ")),
+            Some(m) => format!("{m:.2}"),
+        }
     };
     let df_p99: Vec<f64> = rounds.iter().filter_map(|&round| p99(Sched::Df, round)).collect();
     // Not settled counts as longer than any settled run; an unknown one (too few samples) is left out.
@@ -1598,7 +1661,7 @@ fn targets_row(open: &[Outcome], percent: u32) -> String {
         None => "–".to_string(),
     };
     format!(
-        "| {percent} % | {} | {} | {} | {} | {} |",
+        "| {percent} % | {} | {} | {} | {} | {} | {ceiling} |",
         fmt_opt(median(df_p99), 1),
         ratio(Sched::Wlc, 0.70),
         ratio(Sched::P2c, 1.00),
@@ -1707,16 +1770,24 @@ mod tests {
             run(Sched::Df, 2, 12.0, Settle::NotSettled { window: Duration::from_secs(10) }),
             run(Sched::Wlc, 3, 10.0, fixed),
             run(Sched::Df, 3, 10.0, Settle::After(Duration::from_secs(4))),
+            // wlc with perfect weights: 0.75, 0.90, 0.80 of wlc; shown, not judged.
+            run(Sched::WlcOracle, 1, 30.0, fixed),
+            run(Sched::WlcOracle, 2, 18.0, fixed),
+            run(Sched::WlcOracle, 3, 8.0, fixed),
         ];
         assert_eq!(
             targets_row(&open, 90),
-            "| 90 % | 12.0 | 0.60 PASS (0.50 · 0.60 · 1.00) | not measured | not measured | 4.0 PASS (3.0 · > 10 · 4.0) |"
+            "| 90 % | 12.0 | 0.60 PASS (0.50 · 0.60 · 1.00) | not measured | not measured | 4.0 PASS (3.0 · > 10 · 4.0) \
+             | 0.80 (0.75 · 0.90 · 0.80) |"
         );
         // Unsettled in two of three: the median is not settled.
         let mut two = open;
         two[1] = run(Sched::Df, 1, 20.0, Settle::NotSettled { window: Duration::from_secs(10) });
-        assert!(targets_row(&two, 90).ends_with("| > 10 FAIL (> 10 · > 10 · 4.0) |"), "{}", targets_row(&two, 90));
-        assert_eq!(targets_row(&two, 50), "| 50 % | – | not measured | not measured | not measured | not measured |");
+        assert!(targets_row(&two, 90).contains("| > 10 FAIL (> 10 · > 10 · 4.0) |"), "{}", targets_row(&two, 90));
+        assert_eq!(
+            targets_row(&two, 50),
+            "| 50 % | – | not measured | not measured | not measured | not measured | not measured |"
+        );
     }
 
     #[test]
@@ -1866,7 +1937,7 @@ mod tests {
         let plan = Plan::from_args(&args).unwrap();
         assert_eq!((plan.concurrency.clone(), plan.levels.clone()), (vec![50, 400], vec![70]));
         assert_eq!((plan.changing(), plan.antagonist()), (3, 2));
-        assert_eq!(plan.schedulers, [Sched::Rr, Sched::Wlc, Sched::P2c, Sched::Df, Sched::WrrOracle]);
+        assert_eq!(plan.schedulers, [Sched::Rr, Sched::Wlc, Sched::P2c, Sched::Df, Sched::WrrOracle, Sched::WlcOracle]);
         let full = Plan::from_args(&Args::parse_from(["bench_feedback", "--levels", "60"])).unwrap();
         assert_eq!((full.levels, full.open), (vec![60], secs(120.0)));
         // 2.5 % is 500 µs per 20 ms, under the kernel's 1 ms minimum; so is 8 % halved.
@@ -1875,6 +1946,19 @@ mod tests {
         assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "5,10"])).is_ok());
         assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "10"])).is_err());
         assert_eq!(Plan::oracle_weight(0.05), 50);
+        // The oracles' weights follow the quotas; wlc-oracle's also follow the antagonist (default: a quarter).
+        let (full, halved) = ([0.05, 0.1, 0.2, 0.2], [0.05, 0.1, 0.2, 0.1]);
+        assert_eq!(plan.weights(Sched::WrrOracle, &full, true), [50, 100, 200, 200]);
+        assert_eq!(plan.weights(Sched::WlcOracle, &full, false), [50, 100, 200, 200]);
+        assert_eq!(plan.weights(Sched::WlcOracle, &halved, true), [50, 100, 50, 100]);
+        assert_eq!(plan.weights(Sched::Df, &halved, true), [10, 10, 10, 10]);
+        let out = Plan::from_args(&Args::parse_from(["bench_feedback", "--oracle-antagonist-share", "0"])).unwrap();
+        assert_eq!(out.weights(Sched::WlcOracle, &full, true), [50, 100, 0, 200]);
+        assert!(Args::try_parse_from(["bench_feedback", "--oracle-antagonist-share", "1.5"]).is_err());
+        // Nothing would measure the capacity the open loop is based on.
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--schedulers", "wlc-oracle"])).is_err());
+        let given = ["bench_feedback", "--schedulers", "wlc-oracle", "--capacity", "1000"];
+        assert!(Plan::from_args(&Args::parse_from(given)).is_ok());
         let config = director_config(Path::new("/p"), Path::new("/s.sock"), &plan);
         assert!(config.contains("ca = \"/p/ca.pem\"") && config.contains("scheduler = \"wlc\""));
         assert_eq!(config.matches("forward = \"dr\"").count(), 4);
