@@ -93,9 +93,20 @@
 //!   the demand (arrivals over capacity, 1.5 for a server sent half again what it can do) as its CPU figure
 //!   when that is higher. The demand exceeds 1 only while the server's active connections grow: one that
 //!   completes all it is sent keeps up, and an estimate sampled while outside work shared the CPU is low.
+//!   One that completes noticeably more than it is sent ([`DRAINING`]) works off a backlog: its CPU is busy
+//!   with connections its weight no longer brings, and its figure is the demand alone, below 1. Without this
+//!   a server that had shed enough went on shedding until its backlog was gone (simulated: a server halving
+//!   its capacity at 90 % load fell to 0.80 of its final weight before it climbed back; now it reaches it in four reports and stays).
 //!   Below saturation nothing changes. Simulated (tests): at 110 % of the capacity the
 //!   weights reach the capacities' ratios, where from the CPU alone they stayed 30 % and more off; a server
 //!   halving its capacity at 95 % load loses weight from the first report after.
+//! * **A step needs the newest report's agreement.** The averages trail the weight by about a half-life, so
+//!   right after a move they still read the load of the weight before it. A weight moves only when the newest
+//!   report alone also lies on the side of the target that the average points to; otherwise it waits (and
+//!   does not count as at rest). Measured in `bench/feedback` at 90 % load: the halved server went 16 → 6 in
+//!   four seconds and back to 9 in three more, where 8 or 9 was right. A server whose load does not follow its
+//!   weight (outside work) reads the same in both and is not slowed; one noisy report holds a weight for one
+//!   report.
 //! * **Response time from several probes a report, outliers clipped.** The agent probes `probe.per_interval`
 //!   times per report (default 4) and smooths them (0.3 a probe, so three quarters of its figure is the last
 //!   interval's); the blender smooths that with its own half-life. With one probe a report, the figure was one
@@ -168,6 +179,9 @@ pub const STEPS_TO_REST: u32 = 2;
 /// A reported CPU share at or above which the server counts as saturated: its CPU then says nothing of how
 /// much more work waits, and the blender reads the demand instead (see the module documentation).
 pub const SATURATED_CPU: f64 = 0.9;
+/// Completions above arrivals × this mark a saturated server working off a backlog (see [`Demand`]): active
+/// connections also move by a few from one report to the next without any backlog.
+pub const DRAINING: f64 = 1.05;
 /// The least CPU share an interval must show to sample the server's capacity: below it the server's fixed
 /// costs (the agent, idle timers) are a large part of the CPU, and completions per CPU would understate it.
 pub const CAPACITY_MIN_CPU: f64 = 0.2;
@@ -501,6 +515,11 @@ struct Ewma {
 }
 
 impl Ewma {
+    /// An average of one sample.
+    fn of(x: Option<f64>, at: Instant) -> Ewma {
+        Ewma { value: x, at: Some(at) }
+    }
+
     fn feed(&mut self, x: Option<f64>, at: Instant, half_life: Duration) {
         let Some(x) = x else { return };
         self.value = Some(match (self.value, self.at) {
@@ -524,9 +543,9 @@ struct Smoothed {
     /// Connections per second the server completes at full CPU: completions over CPU share, from intervals
     /// with at least [`CAPACITY_MIN_CPU`].
     capacity: Ewma,
-    /// A saturated server's demand in the newest interval: arrivals over capacity (see [`demand`]); `None` when
-    /// the server was not saturated or its capacity is not known yet.
-    demand: Option<f64>,
+    /// A saturated server's demand in the newest interval (see [`demand`]); `None` when the server was not
+    /// saturated or its capacity is not known yet.
+    demand: Option<Demand>,
 }
 
 /// Per-server state kept between periods.
@@ -541,6 +560,10 @@ struct Slot {
     /// Receipt time of the newest accepted report, and its probe failure count.
     accepted: Option<(Instant, u32)>,
     smoothed: Smoothed,
+    /// The newest accepted report's metrics alone (capacity and demand as in `smoothed`).
+    latest: Smoothed,
+    /// The newest report's aggregate alone (see [`step`]), beside `aggregate`, the smoothed one.
+    latest_aggregate: Option<f64>,
     /// A report was accepted since the last weight step.
     fresh: bool,
     /// `weight` before this period's step and renormalisation: the rate cap holds for both together.
@@ -573,6 +596,8 @@ impl Slot {
             seen: None,
             accepted: None,
             smoothed: Smoothed::default(),
+            latest: Smoothed::default(),
+            latest_aggregate: None,
             fresh: false,
             weight_before: neutral * f64::from(configured),
             quiet_steps: 0,
@@ -683,6 +708,14 @@ impl Blender {
                             slot.pressure_total = report.cpu_pressure_total_us.map(|total| (report.seq, total));
                             s.pressure.feed(pressure, at, cfg.half_life);
                             s.established.feed(Some(f64::from(report.established)), at, cfg.half_life);
+                            // The same report alone: what the server reads now, while the averages trail.
+                            slot.latest = Smoothed {
+                                cpu: Ewma::of(cpu, at),
+                                rt_us: Ewma::of(rt, at),
+                                pressure: Ewma::of(pressure, at),
+                                established: Ewma::of(Some(f64::from(report.established)), at),
+                                ..*s
+                            };
                             slot.accepted = Some((report.received, report.probe_failures));
                             slot.fresh = true;
                         }
@@ -727,6 +760,8 @@ impl Blender {
                 .then(|| Metrics::of(cfg, &slot.smoothed, rt_full_us));
             slot.aggregate = metrics.and_then(|m| m.aggregate(&cfg.coefficients));
             out.aggregate_load = slot.aggregate;
+            slot.latest_aggregate =
+                metrics.and_then(|_| Metrics::of(cfg, &slot.latest, rt_full_us).aggregate(&cfg.coefficients));
             let m = metrics.unwrap_or_default();
             slot.df_metrics = (m.rt.unwrap_or(0.0), m.cpu.unwrap_or(0.0));
         }
@@ -736,28 +771,32 @@ impl Blender {
         for slot in self.slots.iter_mut() {
             slot.weight_before = slot.weight;
             if let (true, Some(aggregate)) = (slot.fresh, slot.aggregate) {
-                let load = match (cfg.mode, reference) {
+                let relative = |aggregate: f64| match (cfg.mode, reference) {
                     (LoadMode::ClusterRelative { floor }, Some(reference)) => {
                         cfg.target * aggregate / reference.max(floor)
                     }
                     _ => aggregate,
                 };
+                let load = relative(aggregate);
+                let latest = slot.latest_aggregate.map_or(load, relative);
                 let at = slot.accepted.map_or(now, |(received, _)| received);
                 slot.rest_load.feed(Some(load), at, cfg.half_life * REST_SMOOTHING);
                 let off = |load: f64| (load / cfg.target - 1.0).abs();
                 // A saturated server sent more than it completes, and busier than its share, is not noise to sit
                 // out: its backlog grows while the long average catches up, so it moves once its recent load
                 // leaves the band itself.
-                let shedding = slot.smoothed.demand.is_some_and(|d| d > 1.0) && load > cfg.target;
+                let shedding = slot.smoothed.demand.is_some_and(|d| d.ratio > 1.0) && load > cfg.target;
                 let band = if shedding { cfg.hold_band } else { 3.0 * cfg.hold_band };
                 let holds = slot.quiet_steps >= STEPS_TO_REST
                     && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
                     && off(load) <= band;
                 if !holds {
-                    let stepped = step(cfg, slot.weight, slot.configured, load);
+                    let stepped = step(cfg, slot.weight, slot.configured, load, latest);
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must
-                    // follow the load as soon as the load turns, so it never comes to rest there.
-                    let quiet = stepped == slot.weight && !pinned(cfg, slot, load, cfg.target);
+                    // follow the load as soon as the load turns, so it never comes to rest there. Nor does one
+                    // waiting for its average to agree with the newest report.
+                    let quiet =
+                        stepped == slot.weight && !pinned(cfg, slot, load, cfg.target) && !disagree(cfg, load, latest);
                     slot.quiet_steps = if quiet { slot.quiet_steps + 1 } else { 0 };
                     if slot.quiet_steps == STEPS_TO_REST {
                         slot.rest_load = Ewma::default();
@@ -820,7 +859,7 @@ fn demand(
     before: Option<(Instant, u64, u32)>,
     (now, total, active): (Instant, u64, u32),
     at: Instant,
-) -> Option<f64> {
+) -> Option<Demand> {
     let (then, total_before, active_before) = before?;
     let seconds = now.saturating_duration_since(then).as_secs_f64();
     if seconds <= 0.0 || total < total_before {
@@ -840,8 +879,19 @@ fn demand(
     // estimate says: the estimate is low when outside work shares the CPU (a busy loop in the server's cgroup
     // reads as the service's CPU), and read as an overload it kept such a server on the floor of 1 while the
     // cluster needed what it could still serve (measured in `bench/feedback` at 90 % load).
-    let demand = if completed >= arrived { demand.min(1.0) } else { demand };
-    (cpu >= SATURATED_CPU).then_some(demand)
+    let ratio = if completed >= arrived { demand.min(1.0) } else { demand };
+    let draining = completed > arrived * DRAINING;
+    (cpu >= SATURATED_CPU).then_some(Demand { ratio, draining })
+}
+
+/// A saturated server's demand over the interval since its previous report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Demand {
+    /// Arrivals over capacity; at most 1 when the server completed all it was sent.
+    ratio: f64,
+    /// The server completed noticeably more than it was sent ([`DRAINING`]): it works off a backlog, so its CPU
+    /// reads busy with work its weight no longer brings, and the load its weight brings is the ratio alone.
+    draining: bool,
 }
 
 /// The share of the time since the previous accepted report (`previous`: its sequence number and PSI total)
@@ -943,8 +993,24 @@ fn rate_cap(cfg: &BlenderConfig, w: f64, configured: f64) -> f64 {
     cfg.max_step * w.max(configured)
 }
 
-/// The new feedback weight from the current one and the load the rule compares with the target.
-fn step(cfg: &BlenderConfig, w: f64, configured: u32, load: f64) -> f64 {
+/// Whether the smoothed `load` and the newest report's `latest` lie on opposite sides of the target.
+fn disagree(cfg: &BlenderConfig, load: f64, latest: f64) -> bool {
+    (cfg.target - load) * (cfg.target - latest) < 0.0
+}
+
+/// The new feedback weight from the current one, the (smoothed) load the rule compares with the target and the
+/// newest report's load alone.
+///
+/// The weight moves only when the newest report agrees that it should: the averages trail the weight by about
+/// a half-life, so after a server has shed enough they still read the load of its weight a second before, and
+/// stepping on them alone shed on past the goal and climbed back once they caught up (measured in
+/// `bench/feedback` at 90 % load: the halved server went 16 → 6 in four seconds and back to 9 in three more,
+/// where 8 or 9 was right). A server whose load does not follow its weight (outside work) reads the same in
+/// both and is not slowed.
+fn step(cfg: &BlenderConfig, w: f64, configured: u32, load: f64, latest: f64) -> f64 {
+    if disagree(cfg, load, latest) {
+        return w;
+    }
     let max = ceiling(cfg, configured);
     let configured = f64::from(configured);
     let error = cfg.target - load;
@@ -1028,7 +1094,13 @@ impl Metrics {
     fn of(cfg: &BlenderConfig, s: &Smoothed, rt_full_us: Option<f64>) -> Metrics {
         let cap = |x: f64| x.clamp(0.0, MAX_METRIC);
         Metrics {
-            cpu: s.cpu.value.map(|cpu| cap(s.demand.map_or(cpu, |demand| cpu.max(demand)))),
+            cpu: s.cpu.value.map(|cpu| {
+                cap(match s.demand {
+                    Some(Demand { ratio, draining: true }) => ratio,
+                    Some(Demand { ratio, draining: false }) => cpu.max(ratio),
+                    None => cpu,
+                })
+            }),
             rt: s.rt_us.value.zip(rt_full_us).map(|(rt, full)| cap(rt / full)),
             pressure: s.pressure.value.map(cap),
             connections: (cfg.coefficients.connections > 0.0)

@@ -391,33 +391,33 @@ fn impossible_reports_are_refused_counted_once_and_ignored() {
 #[test]
 fn the_classic_rule_drives_towards_the_bounds_in_absolute_mode() {
     let config = BlenderConfig { mode: LoadMode::Absolute, ..BlenderConfig::default() };
-    assert!(step(&config, 10.0, 10, 0.2) > 10.0);
-    assert!(step(&config, 10.0, 10, 1.5) < 10.0);
-    assert_eq!(step(&config, 10.0, 10, 0.95), 10.0, "on target: no change");
+    assert!(step(&config, 10.0, 10, 0.2, 0.2) > 10.0);
+    assert!(step(&config, 10.0, 10, 1.5, 1.5) < 10.0);
+    assert_eq!(step(&config, 10.0, 10, 0.95, 0.95), 10.0, "on target: no change");
     // Near the target the no-overshoot bound decides: ¾ of the way to 10·0.95/0.9.
-    assert!((step(&config, 10.0, 10, 0.9) - (10.0 + 0.75 * (9.5 / 0.9 - 10.0))).abs() < 1e-12);
+    assert!((step(&config, 10.0, 10, 0.9, 0.9) - (10.0 + 0.75 * (9.5 / 0.9 - 10.0))).abs() < 1e-12);
     // Closer still, that is under 3 % of the weight: no change.
-    assert_eq!(step(&config, 10.0, 10, 0.93), 10.0);
+    assert_eq!(step(&config, 10.0, 10, 0.93, 0.93), 10.0);
     // Idle, with a gain small enough for the rate cap (25 %) not to bind: Δ = A·W·∛0.95 with W the configured
     // weight, or the current one when larger.
     let slow = BlenderConfig { gain: 0.1, ..config };
-    assert!((step(&slow, 10.0, 10, 0.0) - (10.0 + 0.1 * 10.0 * 0.95f64.cbrt())).abs() < 1e-12);
-    assert!((step(&slow, 5.0, 10, 0.0) - (5.0 + 0.1 * 10.0 * 0.95f64.cbrt())).abs() < 1e-12);
-    assert!((step(&slow, 40.0, 10, 0.0) - (40.0 + 0.1 * 40.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    assert!((step(&slow, 10.0, 10, 0.0, 0.0) - (10.0 + 0.1 * 10.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    assert!((step(&slow, 5.0, 10, 0.0, 0.0) - (5.0 + 0.1 * 10.0 * 0.95f64.cbrt())).abs() < 1e-12);
+    assert!((step(&slow, 40.0, 10, 0.0, 0.0) - (40.0 + 0.1 * 40.0 * 0.95f64.cbrt())).abs() < 1e-12);
     // With the default gain the rate cap binds: 25 % of 40.
-    assert_eq!(step(&config, 40.0, 10, 0.0), 50.0);
+    assert_eq!(step(&config, 40.0, 10, 0.0, 0.0), 50.0);
     // Overloaded: bounded by the rate cap and the floor of 1.
-    assert_eq!(step(&config, 40.0, 10, 9.0), 30.0);
-    assert_eq!(step(&config, 1.0, 10, 2.0), 1.0);
-    assert_eq!(step(&config, 100.0, 10, 0.0), 100.0, "at SCALE × configured");
+    assert_eq!(step(&config, 40.0, 10, 9.0, 9.0), 30.0);
+    assert_eq!(step(&config, 1.0, 10, 2.0, 2.0), 1.0);
+    assert_eq!(step(&config, 100.0, 10, 0.0, 0.0), 100.0, "at SCALE × configured");
 }
 
 #[test]
 fn insignificant_changes_are_not_applied() {
     let config = BlenderConfig::default();
     // 2 % below target with w = 100: the step would be < 5 % of the weight.
-    assert_eq!(step(&config, 100.0, 100, 0.95 * 1.02), 100.0);
-    assert!(step(&config, 100.0, 100, 0.95 * 1.3) < 95.0);
+    assert_eq!(step(&config, 100.0, 100, 0.95 * 1.02, 0.95 * 1.02), 100.0);
+    assert!(step(&config, 100.0, 100, 0.95 * 1.3, 0.95 * 1.3) < 95.0);
 }
 
 #[test]
@@ -926,15 +926,50 @@ fn demand_exceeds_one_only_while_the_backlog_grows() {
     // Saturated, sent 150 in the second and 50 of them still waiting: half again what it can do.
     let mut capacity = estimate(100.0);
     let growing = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 10)), (at, 1_150, 60), at);
-    assert_eq!(growing, Some(1.5));
+    assert_eq!(growing, Some(Demand { ratio: 1.5, draining: false }));
     // Estimated at 50 a second (outside work shared the CPU while it was sampled), then sent 150 and completed
     // them all: the sample may only double the estimate, to 100, so arrivals over the estimate read 1.5, but
     // it keeps up with what it is sent and its demand is 1.
     let mut capacity = estimate(50.0);
     let keeping_up = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 10)), (at, 1_150, 10), at);
-    assert_eq!(keeping_up, Some(1.0));
+    assert_eq!(keeping_up, Some(Demand { ratio: 1.0, draining: false }));
     assert_eq!(capacity.value, Some(100.0));
+    // Sent 60 and 40 of its backlog of 50 done: it completes 100 a second, busy with a backlog its weight no
+    // longer brings; what its weight brings is 0.6 of what it can do.
+    let mut capacity = estimate(100.0);
+    let draining = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 50)), (at, 1_060, 10), at);
+    assert_eq!(draining, Some(Demand { ratio: 0.6, draining: true }));
+    // A few fewer active connections than before is not a backlog worked off.
+    let mut capacity = estimate(100.0);
+    let steady = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 12)), (at, 1_100, 10), at);
+    assert_eq!(steady.map(|d| d.draining), Some(false), "{steady:?}");
     // Below saturation there is no demand figure.
     let mut capacity = estimate(100.0);
     assert_eq!(demand(&cfg, &mut capacity, 0.5, Some((start, 1_000, 10)), (at, 1_050, 10), at), None);
+}
+
+#[test]
+fn a_server_that_lost_capacity_sheds_to_its_share_without_overshooting() {
+    // The benchmark's cluster: capacities 1 : 2 : 4 : 4, 90 % of the capacity after the last server halves (74 %
+    // before). Its share must fall to the new capacities' ratio and stop there: while its CPU was busy with the
+    // backlog it had built, it read overloaded and went on shedding, to 0.80 of its final weight before it
+    // climbed back.
+    let capacities = |k: u64| if k < 30 { vec![50.0, 100.0, 200.0, 200.0] } else { vec![50.0, 100.0, 200.0, 100.0] };
+    let history = backlog_loop(capacities, 405.0, 60, true);
+    let last = f64::from(history.last().unwrap()[3]);
+    let lowest = history[30..].iter().map(|w| f64::from(w[3])).fold(f64::INFINITY, f64::min);
+    let share = shares(history.last().unwrap())[3];
+    assert!((share / (100.0 / 450.0) - 1.0).abs() < 0.2, "it ended with {share:.2} of the weight: {history:?}");
+    assert!(lowest >= 0.9 * last, "it fell to {lowest} before ending at {last}: {:?}", &history[29..]);
+}
+
+#[test]
+fn a_weight_moves_only_when_the_newest_report_agrees() {
+    let config = BlenderConfig::default();
+    // Averages over target, the newest report under it (or the other way round): the weight waits.
+    assert_eq!(step(&config, 10.0, 10, 1.3, 0.8), 10.0);
+    assert_eq!(step(&config, 10.0, 10, 0.5, 1.1), 10.0);
+    // Both over: it sheds as on the averages alone.
+    assert_eq!(step(&config, 10.0, 10, 1.3, 1.0), step(&config, 10.0, 10, 1.3, 1.3));
+    assert!(step(&config, 10.0, 10, 1.3, 1.0) < 10.0);
 }
