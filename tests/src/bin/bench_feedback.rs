@@ -15,9 +15,9 @@
 //! `wrr-oracle` (`wrr` with the quotas' ratio as weights, changed when the quota changes: it knows the
 //! capacities but not the antagonist) and `wlc-oracle` (`wlc` with those weights, and the antagonist's server's
 //! cut to `--oracle-antagonist-share` of it while the antagonist burns, each changed the instant its event
-//! happens: what perfect feedback would give `wlc`, so the best `df` could do). One director runs throughout; each run sets the scheduler (and the
-//! weights) with `fulcrumctl`, restores the quotas afterwards, and pauses so connections close and the
-//! feedback weights relax.
+//! happens: what knowing the capacities, and every change to them at once, gives `wlc`). One director runs
+//! throughout; each run sets the scheduler (and the weights) with `fulcrumctl`, restores the quotas afterwards,
+//! and pauses so connections close and the feedback weights relax.
 //!
 //! Load, new connection per request (`Connection: close`, so the scheduler decides every request):
 //! 1. closed loop, `wrk` at each concurrency (default 50 … 800): the median throughput of the schedulers other
@@ -165,7 +165,7 @@ impl Sched {
         }
     }
 
-    /// Run in the open loop only: wlc-oracle is the ceiling of the p99 target, and counted in the closed loop it
+    /// Run in the open loop only: wlc-oracle is a reference for the p99 target, and counted in the closed loop it
     /// would move the capacity the open loop is based on.
     fn open_loop_only(self) -> bool {
         self == Sched::WlcOracle
@@ -1545,10 +1545,10 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\nwlc-oracle / wlc is what feedback could give wlc at best: wlc with each weight set to the server's quota, \
-         and the antagonist's server's to {} of its quota's weight while the antagonist burns, at the instant each \
-         change happens. df is wlc plus feedback, so at a load where this ratio is above 0.70 the first target is \
-         out of any feedback's reach.",
+        "\nwlc-oracle / wlc is what knowing every capacity change the instant it happens gives wlc: each weight set \
+         to the server's quota, and the antagonist's server's to {} of its quota's weight while the antagonist \
+         burns. It is not a bound on df, which also weighs each server's response time and CPU as they are \
+         reported, and may weight the servers otherwise than by capacity.",
         plan.oracle_antagonist_share
     );
 
@@ -1631,7 +1631,7 @@ fn targets_row(open: &[Outcome], percent: u32) -> String {
             .collect()
     };
     let ratio = |other: Sched, limit: f64| judged(ratios(Sched::Df, other), &|r| format!("{r:.2}"), &|r| r <= limit);
-    let ceiling = {
+    let oracle = {
         let each = ratios(Sched::WlcOracle, Sched::Wlc);
         let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
         match median(each) {
@@ -1661,7 +1661,7 @@ fn targets_row(open: &[Outcome], percent: u32) -> String {
         None => "–".to_string(),
     };
     format!(
-        "| {percent} % | {} | {} | {} | {} | {} | {ceiling} |",
+        "| {percent} % | {} | {} | {} | {} | {} | {oracle} |",
         fmt_opt(median(df_p99), 1),
         ratio(Sched::Wlc, 0.70),
         ratio(Sched::P2c, 1.00),
