@@ -404,13 +404,19 @@ fn worst_phase_ratio(pairs: &[Outcome]) -> Option<f64> {
 
 /// The median throughput of the completed runs, leaving out `rr` unless it is all there is.
 fn balanced_median<'a>(runs: impl Iterator<Item = &'a Outcome> + Clone) -> Option<f64> {
-    let balanced = runs.clone().any(|o| o.sched != Sched::Rr && o.ok().is_some());
-    median(
-        runs.filter(|o| !balanced || o.sched != Sched::Rr)
-            .filter_map(Outcome::ok)
-            .map(|r| r.measured.throughput)
-            .collect(),
-    )
+    let runs = without_rr(runs, |o| o.sched, |o| o.ok().is_some());
+    median(runs.filter_map(Outcome::ok).map(|r| r.measured.throughput).collect())
+}
+
+/// `items` without `rr`'s, unless no other scheduler's item `counts`. The capacity is what the balancing
+/// schedulers serve: `rr` leaves the small servers' queues to grow and would drag it down.
+fn without_rr<'a, T: 'a>(
+    items: impl Iterator<Item = &'a T> + Clone,
+    sched: impl Fn(&T) -> Sched + Copy + 'a,
+    counts: impl Fn(&T) -> bool,
+) -> impl Iterator<Item = &'a T> {
+    let others = items.clone().any(|t| sched(t) != Sched::Rr && counts(t));
+    items.filter(move |t| !others || sched(t) != Sched::Rr)
 }
 
 /// How the effective weights behaved after the capacity change.
@@ -672,8 +678,7 @@ fn run(args: &Args) -> Result<()> {
             // Each run with the worst phase held is followed by one through the scenario, and only their ratio
             // is kept: the host's speed drifts by a third within minutes (measured: held runs at 33 000
             // requests/s where the scenario's had made 26 000), and one pair half a minute apart shares it.
-            let balanced = closed_schedulers.iter().any(|&s| s != Sched::Rr);
-            for &sched in closed_schedulers.iter().filter(|&&s| !balanced || s != Sched::Rr) {
+            for &sched in without_rr(closed_schedulers.iter(), |&s| s, |_| true) {
                 for load in [Load::Sustained { concurrency }, Load::Closed { concurrency }] {
                     let result = bed.run_once(sched, load, plan.closed).map_err(|e| short_reason(&e));
                     sustained.push(Outcome { sched, load, result });
@@ -1829,6 +1834,10 @@ mod tests {
         assert_eq!(measured_capacity(&closed), Some((400, 31.0)), "a failed run counts for nothing");
         // rr alone: its own figures.
         assert_eq!(measured_capacity(&[run(Sched::Rr, 50, 90.0), run(Sched::Rr, 400, 10.0)]), Some((50, 90.0)));
+        // The same rule picks the schedulers whose runs with the worst phase held measure the sustained capacity.
+        let plan = [Sched::Rr, Sched::Wlc, Sched::Df];
+        assert_eq!(without_rr(plan.iter(), |&s| s, |_| true).copied().collect::<Vec<_>>(), [Sched::Wlc, Sched::Df]);
+        assert_eq!(without_rr([Sched::Rr].iter(), |&s| s, |_| true).copied().collect::<Vec<_>>(), [Sched::Rr]);
         assert_eq!(measured_capacity(&[]), None);
         // The runs with the worst phase held are not the scenario's closed loop.
         let held =
