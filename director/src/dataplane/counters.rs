@@ -36,10 +36,13 @@ pub enum DropReason {
     TooBig,
     /// The worker's scratch buffers were exhausted in this batch.
     NoBuffer,
+    /// A NAT connection whose reply key (client address and port, real server address and port) a live
+    /// connection of another service already holds: the server's replies could not be told apart.
+    ReplyClash,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::NoConnection,
@@ -51,6 +54,7 @@ impl DropReason {
         DropReason::Vlan,
         DropReason::TooBig,
         DropReason::NoBuffer,
+        DropReason::ReplyClash,
     ];
 
     pub fn label(self) -> &'static str {
@@ -66,6 +70,7 @@ impl DropReason {
             DropReason::Vlan => "vlan",
             DropReason::TooBig => "too_big",
             DropReason::NoBuffer => "no_buffer",
+            DropReason::ReplyClash => "reply_clash",
         }
     }
 }

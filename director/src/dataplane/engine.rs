@@ -324,18 +324,33 @@ impl Engine {
                 }
                 let Some(id) = self.schedule(service, &flow, now) else { return self.refuse(DropReason::NoServer) };
                 let Some(server) = self.snapshot.server(id) else { return self.refuse(DropReason::NoServer) };
-                let reply = (server.forward == ForwardMethod::Nat).then_some(FlowV4 {
+                let method = server.forward;
+                let reply = (method == ForwardMethod::Nat).then_some(FlowV4 {
                     src: server.address,
                     dst: flow.src,
                     src_port: server.port,
                     dst_port: flow.src_port,
                     proto: flow.proto,
                 });
-                match self.conns.insert(flow, reply, service as u16, id, server.forward, tick) {
+                let mut inserted = self.conns.insert(flow, reply, service as u16, id, method, tick);
+                if let Err(InsertError::ReplyExists(old)) = inserted {
+                    // The same client port reached the same real server's address and port through another
+                    // service before (its entry lingers as the server's TIME_WAIT does). To the server both are
+                    // one 4-tuple, so a SYN over a closing entry opens a new connection there just as on a reused
+                    // port of the same service: the old entry ends here. Over a live one it is refused, as the
+                    // server would refuse it.
+                    if flow.proto == Proto::Tcp && conntrack::opens_over(flags, self.conns.state(old)) {
+                        self.end_for_reuse(old, tick);
+                        inserted = self.conns.insert(flow, reply, service as u16, id, method, tick);
+                    }
+                }
+                match inserted {
                     Ok(h) => {
-                        let slot = &server.state.workers[self.config.worker];
-                        slot.connections_total.fetch_add(1, Ordering::Relaxed);
-                        slot.inactive.fetch_add(1, Ordering::Relaxed);
+                        if let Some(server) = self.snapshot.server(id) {
+                            let slot = &server.state.workers[self.config.worker];
+                            slot.connections_total.fetch_add(1, Ordering::Relaxed);
+                            slot.inactive.fetch_add(1, Ordering::Relaxed);
+                        }
                         self.counters.connections_created.fetch_add(1, Ordering::Relaxed);
                         if let (Some(mac), Some(src)) =
                             (self.client_macs.get_mut(h.index()), buffer.get(VNET_HDR_LEN + 6..VNET_HDR_LEN + 12))
@@ -346,6 +361,7 @@ impl Engine {
                         h
                     }
                     Err(InsertError::Full) => return self.refuse(DropReason::TableFull),
+                    Err(InsertError::ReplyExists(_)) => return self.refuse(DropReason::ReplyClash),
                     Err(_) => return self.refuse(DropReason::Malformed),
                 }
             }

@@ -736,3 +736,29 @@ fn a_syn_on_a_closed_entry_is_a_new_connection_scheduled_afresh() {
     assert_eq!(rig.counters.connections_reused.load(Ordering::Relaxed), 1);
     assert_eq!(rig.counters.connections_created.load(Ordering::Relaxed), 2);
 }
+
+#[test]
+fn a_client_port_reaching_the_same_nat_server_through_another_service_takes_over_a_closed_entry_only() {
+    // Two services, VIP:80 and VIP:8081, both onto server 1's port 8080 in NAT: to the server a connection of
+    // either from the same client port is the same 4-tuple.
+    let other = ServiceConfig { port: 8081, ..service(ForwardMethod::Nat, &[1], Scheduler::Rr) };
+    let mut rig = Rig::new(&[service(ForwardMethod::Nat, &[1], Scheduler::Rr), other], 64);
+    let from_client = |port: u16, flags: TcpFlags| tcp_frame(CLIENT_MAC, CLIENT, 40000, VIP, port, flags, &[]);
+    let from_server = |flags: TcpFlags| tcp_frame(server_mac(1), server_ip(1), 8080, CLIENT, 40000, flags, &[]);
+    assert!(matches!(rig.handle(&mut from_client(80, TcpFlags::SYN)).0, Verdict::Transmit { .. }));
+    assert!(matches!(rig.handle(&mut from_server(TcpFlags::SYN | TcpFlags::ACK)).0, Verdict::Transmit { .. }));
+    assert!(matches!(rig.handle(&mut from_client(80, TcpFlags::ACK)).0, Verdict::Transmit { .. }));
+    // While that connection lives, the other service's SYN from the same port is refused: its replies could
+    // not be told apart, and the server would refuse it too.
+    assert_eq!(rig.handle(&mut from_client(8081, TcpFlags::SYN)).0, Verdict::Drop);
+    assert_eq!(rig.dropped(DropReason::ReplyClash), 1);
+    // Once it is closed (its entry lingers), the SYN opens a new connection, and the server's answer goes back
+    // as from VIP:8081.
+    assert!(matches!(rig.handle(&mut from_client(80, TcpFlags::RST)).0, Verdict::Transmit { .. }));
+    assert!(matches!(rig.handle(&mut from_client(8081, TcpFlags::SYN)).0, Verdict::Transmit { .. }));
+    let mut answer = from_server(TcpFlags::SYN | TcpFlags::ACK);
+    assert!(matches!(rig.handle(&mut answer).0, Verdict::Transmit { .. }));
+    assert_eq!((ip_of(&answer).src_addr(), tcp_of(&answer).src_port()), (VIP, 8081));
+    assert_eq!(rig.counters.connections_reused.load(Ordering::Relaxed), 1);
+    assert_eq!(rig.dropped(DropReason::ReplyClash), 1);
+}
