@@ -259,7 +259,16 @@ impl TableBuilder {
                         }
                         Arc::clone(&existing.state)
                     }
-                    None => Arc::new(ServerState::new(weight, self.workers)),
+                    None => {
+                        let state = Arc::new(ServerState::new(weight, self.workers));
+                        // A MAC is the address's, not the entry's: another service's entry for the same address
+                        // may know it already, and the new one forwards at once instead of after an ARP probe.
+                        let known = table.servers.iter().flatten().filter(|s| s.address == address);
+                        if let Some(mac) = known.filter_map(|s| s.state.mac()).next() {
+                            state.set_mac(mac);
+                        }
+                        state
+                    }
                 };
                 let entry = ServerEntry {
                     vip,
@@ -359,6 +368,15 @@ mod tests {
         assert_eq!(second.vips, vec![Ipv4Addr::new(10, 0, 0, 100)], "one VIP, two services");
         assert!(second.find(Ipv4Addr::new(10, 0, 0, 100), 443, Proto::Tcp).is_some());
         assert!(second.find(Ipv4Addr::new(10, 0, 0, 100), 443, Proto::Udp).is_none());
+        // A new service's entry for an address whose MAC another entry knows starts with it, and forwards at once.
+        let third = builder.build(&[
+            service(80, &[("10.0.0.12", 1), ("10.0.0.11", 5)]),
+            service(8080, &[("10.0.0.11", 1), ("10.0.0.12", 1)]),
+        ]);
+        let added = |i: usize| third.server(third.services[1].servers[i]).unwrap();
+        assert!(!Arc::ptr_eq(&added(0).state, &state), "an entry of its own");
+        assert_eq!(added(0).state.mac(), Some([2, 0, 0, 0, 0, 0x11]));
+        assert_eq!(added(1).state.mac(), None, "10.0.0.12 was never resolved");
     }
 
     #[test]
