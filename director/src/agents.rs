@@ -487,7 +487,7 @@ mod tests {
     use std::task::{Context, Poll, Waker};
 
     use super::*;
-    use crate::test_fixtures::load_report;
+    use fulcrum_protocol::fixtures::load_report;
 
     /// Polls `future` once, without a runtime.
     fn ready(future: impl Future<Output = ()>) -> bool {

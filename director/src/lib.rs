@@ -18,7 +18,5 @@ pub mod metrics_endpoint;
 pub mod sched;
 pub mod sd_notify;
 pub mod sync;
-#[cfg(test)]
-mod test_fixtures;
 pub mod tls;
 pub mod wire;

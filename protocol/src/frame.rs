@@ -263,22 +263,7 @@ mod tests {
     }
 
     fn sample_report(busy_bp: u16) -> AgentMessage {
-        AgentMessage::Report(LoadReport {
-            seq: 1,
-            interval_ms: 500,
-            cpu: Some(CpuUsage { source: CpuSource::ProcStat, busy_bp }),
-            load_avg_milli: [0; 3],
-            memory: MemoryUsage { used_bytes: 1, total_bytes: 2 },
-            cpu_pressure: None,
-            established_connections: 0,
-            probe: ProbeReport {
-                kind: ProbeKind::Tcp,
-                last: ProbeOutcome::Pending,
-                smoothed_us: None,
-                consecutive_failures: 0,
-                total_failures: 0,
-            },
-        })
+        AgentMessage::Report(crate::fixtures::load_report(1, busy_bp))
     }
 
     #[test]

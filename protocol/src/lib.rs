@@ -19,6 +19,8 @@
 
 #[cfg(feature = "config")]
 pub mod config_file;
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixtures;
 pub mod frame;
 pub mod messages;
 #[cfg(feature = "tokio")]

@@ -1,11 +1,11 @@
 use std::path::Path;
 
+use fulcrum_protocol::fixtures::load_report;
 use fulcrum_protocol::messages::{ProbeFailure, ProbeKind, ProbeOutcome, ProbeReport, ProbeSample};
 
 use super::*;
 use crate::dataplane::table::TableBuilder;
 use crate::health::{CheckFailure, ReasonKind};
-use crate::test_fixtures::load_report;
 
 const SEC: Duration = Duration::from_secs(1);
 

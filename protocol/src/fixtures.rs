@@ -1,9 +1,10 @@
-//! Values the unit tests of several modules build alike.
+//! Sample messages for tests, this crate's and its users' (feature `test-fixtures`, meant for
+//! `[dev-dependencies]`).
 
-use fulcrum_protocol::messages::{CpuSource, CpuUsage, LoadReport, MemoryUsage, ProbeKind, ProbeOutcome, ProbeReport};
+use crate::messages::{CpuSource, CpuUsage, LoadReport, MemoryUsage, ProbeKind, ProbeOutcome, ProbeReport};
 
 /// An agent's report number `seq` of a 500 ms interval with `cpu_bp` of CPU busy, and nothing else measured.
-pub(crate) fn load_report(seq: u64, cpu_bp: u16) -> LoadReport {
+pub fn load_report(seq: u64, cpu_bp: u16) -> LoadReport {
     LoadReport {
         seq,
         interval_ms: 500,
