@@ -1614,17 +1614,19 @@ fn targets_row(open: &[Outcome], percent: u32) -> String {
     let p99 = |sched: Sched, round: u32| {
         runs.iter().find(|r| r.sched == sched && r.load.round() == round).and_then(|r| r.measured.p99_ms)
     };
-    let judged = |values: Vec<f64>, show: &dyn Fn(f64) -> String, pass: &dyn Fn(f64) -> bool| {
+    // The median of `values`, judged by `pass` when there is a target, then each round's value.
+    let summary = |values: Vec<f64>, show: &dyn Fn(f64) -> String, pass: Option<&dyn Fn(f64) -> bool>| {
         let each: Vec<String> = values.iter().map(|&v| show(v)).collect();
         match median(values) {
             None => "not measured".to_string(),
             Some(m) => {
-                let verdict = if pass(m) { "PASS" } else { "FAIL" };
+                let verdict = pass.map_or("", |pass| if pass(m) { " PASS" } else { " FAIL" });
                 let rounds = if each.len() > 1 { format!(" ({})", each.join(" · ")) } else { String::new() };
-                format!("{} {verdict}{rounds}", show(m))
+                format!("{}{verdict}{rounds}", show(m))
             }
         }
     };
+    let two_places = |r: f64| format!("{r:.2}");
     // `of`'s p99 over `to`'s, round by round.
     let ratios = |of: Sched, to: Sched| -> Vec<f64> {
         rounds
@@ -1635,16 +1637,8 @@ fn targets_row(open: &[Outcome], percent: u32) -> String {
             })
             .collect()
     };
-    let ratio = |other: Sched, limit: f64| judged(ratios(Sched::Df, other), &|r| format!("{r:.2}"), &|r| r <= limit);
-    let oracle = {
-        let each = ratios(Sched::WlcOracle, Sched::Wlc);
-        let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
-        match median(each) {
-            None => "not measured".to_string(),
-            Some(m) if shown.len() > 1 => format!("{m:.2} ({})", shown.join(" · ")),
-            Some(m) => format!("{m:.2}"),
-        }
-    };
+    let ratio = |other: Sched, limit: f64| summary(ratios(Sched::Df, other), &two_places, Some(&|r| r <= limit));
+    let oracle = summary(ratios(Sched::WlcOracle, Sched::Wlc), &two_places, None);
     let df_p99: Vec<f64> = rounds.iter().filter_map(|&round| p99(Sched::Df, round)).collect();
     // Not settled counts as longer than any settled run; an unknown one (too few samples) is left out.
     let mut window = None;
@@ -1671,7 +1665,7 @@ fn targets_row(open: &[Outcome], percent: u32) -> String {
         ratio(Sched::Wlc, 0.70),
         ratio(Sched::P2c, 1.00),
         ratio(Sched::WrrOracle, 1.10),
-        judged(settles, &show_settle, &|v| v <= 5.0),
+        summary(settles, &show_settle, Some(&|v| v <= 5.0)),
     )
 }
 
