@@ -68,7 +68,8 @@
 //!   random-walk. After [`STEPS_TO_REST`] steps in a row inside the dead band a weight is at rest; it moves
 //!   again only when its load averaged over [`REST_SMOOTHING`] half-lives (restarted on target when it came to
 //!   rest) is more than [`BlenderConfig::hold_band`] (default 12 %) off target, or the load averaged over one
-//!   half-life more than three times that (a real change, followed at once).
+//!   half-life more than three times that, or [`REPORTS_TO_RELEASE`] reports in a row each alone more than
+//!   twice that off on the same side (a real change, followed at once; see [`Streak`]).
 //!   A saturated server sent more than it can complete (demand above 1, see below) and busier than the
 //!   target is not held: it moves
 //!   as soon as its recent load is more than `hold_band` off, since its backlog grows while the long average
@@ -115,7 +116,11 @@
 //!   adds about a quarter of a report interval of lag. A sample above what the metric can register
 //!   (`MAX_METRIC` × the full-load reference of the previous period) is clipped to it first: a throttled
 //!   server's 30-fold response time would otherwise keep its smoothed value high for five half-lives after it
-//!   recovered.
+//!   recovered. What the smoothing is then fed is the median of the server's last three reports' figures: one
+//!   throttled probe still lifted a report's figure fifty-fold (25 µs to 1.2 ms for the 5 % server of
+//!   `bench/feedback` at 70 % load), and the weight followed it down and back within seconds, breaking the
+//!   settling window after the halved server had settled. A server that stays slow is slow in two reports in
+//!   a row and counts one report later; its CPU and pressure are not filtered and still move it at once.
 //! * **One step per new report.** Between two reports nothing new is known; stepping again on the same data
 //!   would integrate it twice. A period without a new accepted report holds the weight.
 //! * **Smoothing.** Every metric is an EWMA over accepted reports with a half-life
@@ -176,6 +181,10 @@ pub const REST_SMOOTHING: u32 = 3;
 /// Consecutive insignificant steps before a weight comes to rest. One is not enough: the smoothed load lags
 /// the weight it responds to, so a single quiet step right after a move is often the lag, not the target.
 pub const STEPS_TO_REST: u32 = 2;
+
+/// Reports in a row, each alone more than twice the hold band off target on the same side, that release a
+/// weight at rest at once (see [`Streak`]).
+pub const REPORTS_TO_RELEASE: u32 = 3;
 /// A reported CPU share at or above which the server counts as saturated: its CPU then says nothing of how
 /// much more work waits, and the blender reads the demand instead (see the module documentation).
 pub const SATURATED_CPU: f64 = 0.9;
@@ -574,10 +583,15 @@ struct Slot {
     /// The load the rule compares with the target, averaged over `REST_SMOOTHING × half_life`; restarted at
     /// the target whenever the weight comes to rest.
     rest_load: Ewma,
+    /// The newest reports in a row that each read far off target on the same side.
+    streak: Streak,
     normal_before: bool,
     aggregate: Option<f64>,
     /// Sequence number and PSI `some total` of the newest accepted report that had one.
     pressure_total: Option<(u64, u64)>,
+    /// The response times (clipped) of the two accepted reports before the newest, older first: what the
+    /// smoothing is fed is the median of these and the newest (see [`median_of_three`]).
+    rt_before: [Option<f64>; 2],
     /// The director's own counts when the previous report was accepted: (update time, connections scheduled so
     /// far, active connections).
     counted: Option<(Instant, u64, u32)>,
@@ -602,10 +616,12 @@ impl Slot {
             weight_before: neutral * f64::from(configured),
             quiet_steps: 0,
             rest_load: Ewma::default(),
+            streak: Streak::default(),
             normal_before: false,
             aggregate: None,
             df_metrics: (0.0, 0.0),
             pressure_total: None,
+            rt_before: [None, None],
             counted: None,
             published: configured,
         }
@@ -691,6 +707,7 @@ impl Blender {
                             if !slot.normal_before {
                                 slot.smoothed = Smoothed::default();
                                 slot.counted = None;
+                                slot.rt_before = [None, None];
                             }
                             let s = &mut slot.smoothed;
                             let at = report.received;
@@ -702,6 +719,7 @@ impl Blender {
                             s.cpu.feed(cpu, at, cfg.half_life);
                             let rt_ceiling = self.rt_full_us.map_or(f64::INFINITY, |full| MAX_METRIC * full);
                             let rt = report.response_time_us.map(|us| f64::from(us).min(rt_ceiling));
+                            let rt = median_of_three(&mut slot.rt_before, rt);
                             s.rt_us.feed(rt, at, cfg.half_life);
                             let pressure = interval_pressure(&report, slot.pressure_total)
                                 .or_else(|| report.cpu_pressure_bp.map(bp));
@@ -729,6 +747,7 @@ impl Blender {
                 slot.fresh = false;
                 slot.quiet_steps = 0;
                 slot.rest_load = Ewma::default();
+                slot.streak = Streak::default();
             }
             slot.normal_before = normal;
         }
@@ -782,6 +801,7 @@ impl Blender {
                 let at = slot.accepted.map_or(now, |(received, _)| received);
                 slot.rest_load.feed(Some(load), at, cfg.half_life * REST_SMOOTHING);
                 let off = |load: f64| (load / cfg.target - 1.0).abs();
+                slot.streak.push(latest / cfg.target - 1.0, 2.0 * cfg.hold_band);
                 // A saturated server sent more than it completes, and busier than its share, is not noise to sit
                 // out: its backlog grows while the long average catches up, so it moves once its recent load
                 // leaves the band itself.
@@ -789,7 +809,8 @@ impl Blender {
                 let band = if shedding { cfg.hold_band } else { 3.0 * cfg.hold_band };
                 let holds = slot.quiet_steps >= STEPS_TO_REST
                     && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
-                    && off(load) <= band;
+                    && off(load) <= band
+                    && slot.streak.len < REPORTS_TO_RELEASE;
                 if !holds {
                     let stepped = step(cfg, slot.weight, slot.configured, load, latest);
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must
@@ -839,6 +860,56 @@ impl Blender {
         }
         &self.outputs
     }
+}
+
+/// Consecutive reports whose load alone lies more than a margin off target, all on the same side.
+///
+/// A server that lost half its capacity reads 30–40 % over target in every report after (measured in
+/// `bench/feedback` at 70 % load), which is inside three hold bands, so the weight at rest waited for the
+/// three-half-life average to leave the hold band: 3.5 s before the first step. Single reports scatter 10–15
+/// points, so one far-off report says little; [`REPORTS_TO_RELEASE`] in a row, each over twice the hold band
+/// on the same side, happen by chance about once in a thousand reports and follow a real change within
+/// 1.5 s at the default 500 ms interval.
+#[derive(Debug, Clone, Copy, Default)]
+struct Streak {
+    /// +1 above target, −1 below, 0 for none.
+    side: i8,
+    len: u32,
+}
+
+impl Streak {
+    /// Counts a report whose load is `off` (relative: +0.3 for 30 % over target) against `margin`.
+    fn push(&mut self, off: f64, margin: f64) {
+        let side = if off > margin {
+            1
+        } else if off < -margin {
+            -1
+        } else {
+            0
+        };
+        self.len = if side != 0 && side == self.side { self.len.saturating_add(1) } else { u32::from(side != 0) };
+        self.side = side;
+    }
+}
+
+/// The median of the two previous response times and the newest, `x` (the lower of two when only one came
+/// before; `x` itself when none did), and `x` pushed into `before`. `None` (no successful probe) leaves
+/// `before` as it was.
+///
+/// A server whose CPU quota is spent answers after up to a CFS period, so one probe landing in a throttled
+/// moment lifts a report's response time fifty-fold (25 µs to 1.2 ms for the 5 % server of `bench/feedback` at
+/// 70 % load), and the weight followed it down and back up within seconds, breaking the settling window
+/// after the halved server had settled. A server that stays slow is slow in two reports in a row and passes
+/// one report later; its CPU and pressure, not filtered, still move it at once.
+fn median_of_three(before: &mut [Option<f64>; 2], x: Option<f64>) -> Option<f64> {
+    let x = x?;
+    let median = match *before {
+        [Some(a), Some(b)] => a.max(b).min(x).max(a.min(b)),
+        [_, Some(b)] | [Some(b), None] => b.min(x),
+        [None, None] => x,
+    };
+    *before = [before[1], Some(x)];
+    Some(median)
 }
 
 /// A saturated server's demand over the interval since the previous report, `None` below saturation; also
