@@ -905,8 +905,8 @@ fn median_of_three(before: &mut [Option<f64>; 2], x: Option<f64>) -> Option<f64>
     let x = x?;
     let median = match *before {
         [Some(a), Some(b)] => a.max(b).min(x).max(a.min(b)),
-        [_, Some(b)] | [Some(b), None] => b.min(x),
-        [None, None] => x,
+        [_, Some(b)] => b.min(x),
+        [_, None] => x,
     };
     *before = [before[1], Some(x)];
     Some(median)

@@ -47,14 +47,27 @@ fn closed_loop_configured(
     periods: u64,
     configured: u32,
 ) -> (Blender, Vec<Vec<u32>>) {
+    closed_loop_varying(config, |_| capacities.to_vec(), offered, periods, configured, SEC)
+}
+
+/// [`closed_loop_configured`] with the capacities of each period (`capacities(k)`, `k` from 0) and one report
+/// per server every `interval`.
+fn closed_loop_varying(
+    config: BlenderConfig,
+    capacities: impl Fn(u64) -> Vec<f64>,
+    offered: f64,
+    periods: u64,
+    configured: u32,
+    interval: Duration,
+) -> (Blender, Vec<Vec<u32>>) {
     let mut b = blender(config);
     let start = t0();
-    let mut weights: Vec<u32> = vec![configured; capacities.len()];
+    let mut weights: Vec<u32> = vec![configured; capacities(0).len()];
     let mut history = Vec::new();
     for k in 0..periods {
-        let now = start + SEC * k as u32;
+        let now = start + interval * k as u32;
         let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-        let inputs: Vec<ServerInput> = capacities
+        let inputs: Vec<ServerInput> = capacities(k)
             .iter()
             .zip(&weights)
             .enumerate()
@@ -1025,26 +1038,9 @@ fn a_weight_at_rest_follows_a_halved_capacity_within_three_reports() {
     // default) with the CPU their share of the load brings; the last one's capacity halves at report 40, after
     // the weights have come to rest. It reads about 35 % over target from then on: inside three hold bands, so
     // before, it waited for the slow average (seven reports in `bench/feedback`).
-    let mut b = blender(BlenderConfig::default());
-    let start = t0();
-    let mut weights = vec![10u32; 4];
-    let mut history = Vec::new();
-    for seq in 1..=60u64 {
-        let now = start + Duration::from_millis(500) * seq as u32;
-        let capacities = [1.0, 2.0, 4.0, if seq >= 40 { 2.0 } else { 4.0 }];
-        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-        let inputs: Vec<ServerInput> = capacities
-            .iter()
-            .zip(&weights)
-            .enumerate()
-            .map(|(i, (&cap, &w))| {
-                let util = (6.05 * f64::from(w) / total / cap).min(1.0);
-                server(i as u64, 10, Some(report(seq, now, (util * 10_000.0).round() as u16)))
-            })
-            .collect();
-        weights = b.update(now, &inputs).iter().map(|o| o.effective_weight).collect();
-        history.push(weights.clone());
-    }
+    let capacities = |k: u64| vec![1.0, 2.0, 4.0, if k + 1 >= 40 { 2.0 } else { 4.0 }];
+    let interval = Duration::from_millis(500);
+    let (_, history) = closed_loop_varying(BlenderConfig::default(), capacities, 6.05, 60, 10, interval);
     let before = &history[38];
     assert!(history[30..39].iter().all(|w| w == before), "not at rest before the halving: {history:?}");
     let first_move = (39..60).find(|&k| history[k][3] != before[3]).expect("never moved");
