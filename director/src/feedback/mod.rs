@@ -75,7 +75,9 @@
 //!   as soon as its recent load is more than `hold_band` off, since its backlog grows while the long average
 //!   catches up (in the simulation below, the halved server moves on the first report instead of the third).
 //!   A weight held on a bound by a load pushing past it (a server on the floor while an antagonist runs) is
-//!   pinned, not at rest: it follows the load as soon as the load turns. The defaults come from the
+//!   pinned, not at rest: it follows the load as soon as the load turns, and once [`REPORTS_TO_UNPIN`] reports
+//!   in a row each read more than twice `hold_band` on the other side of the target, its averages restart from
+//!   the newest report (they describe the work that ended; see [`released`]). The defaults come from the
 //!   simulations in the tests: three servers of capacity 1 : 2 : 3 at 17–92 % of the total capacity settle
 //!   within 15 periods with every load within the hold band of the median and never change again; four servers
 //!   with ±15 points of noise per report move in under one period in ten.
@@ -185,6 +187,9 @@ pub const STEPS_TO_REST: u32 = 2;
 /// Reports in a row, each alone more than twice the hold band off target on the same side, that release a
 /// weight at rest at once (see [`Streak`]).
 pub const REPORTS_TO_RELEASE: u32 = 3;
+/// Reports in a row, each alone more than twice the hold band on the other side of the target, after which a
+/// weight pinned on a bound restarts its averages from the newest report (see [`released`]).
+pub const REPORTS_TO_UNPIN: u32 = 2;
 /// A reported CPU share at or above which the server counts as saturated: its CPU then says nothing of how
 /// much more work waits, and the blender reads the demand instead (see the module documentation).
 pub const SATURATED_CPU: f64 = 0.9;
@@ -796,12 +801,18 @@ impl Blender {
                     }
                     _ => aggregate,
                 };
-                let load = relative(aggregate);
+                let mut load = relative(aggregate);
                 let latest = slot.latest_aggregate.map_or(load, relative);
+                slot.streak.push(latest / cfg.target - 1.0, 2.0 * cfg.hold_band);
+                if released(cfg, slot, load) {
+                    // What pinned it has ended: its averages describe that, not the server now.
+                    slot.smoothed = slot.latest;
+                    slot.aggregate = slot.latest_aggregate;
+                    load = latest;
+                }
                 let at = slot.accepted.map_or(now, |(received, _)| received);
                 slot.rest_load.feed(Some(load), at, cfg.half_life * REST_SMOOTHING);
                 let off = |load: f64| (load / cfg.target - 1.0).abs();
-                slot.streak.push(latest / cfg.target - 1.0, 2.0 * cfg.hold_band);
                 // A saturated server sent more than it completes, and busier than its share, is not noise to sit
                 // out: its backlog grows while the long average catches up, so it moves once its recent load
                 // leaves the band itself.
@@ -1056,6 +1067,21 @@ fn on_ceiling(cfg: &BlenderConfig, w: f64, configured: u32) -> bool {
 fn pinned(cfg: &BlenderConfig, slot: &Slot, load: f64, reference: f64) -> bool {
     (on_floor(cfg, slot.weight) && load > reference)
         || (on_ceiling(cfg, slot.weight, slot.configured) && load < reference)
+}
+
+/// Whether the slot's weight is pinned on a bound by its smoothed `load` while its newest
+/// [`REPORTS_TO_UNPIN`] reports each lie more than twice the hold band on the other side of the target: what
+/// pinned it (outside work on its CPU) has ended, and its averages restart from the newest report.
+///
+/// Measured in `bench/feedback` at 70 % load: after the antagonist stopped, its server read 1–3 % CPU against
+/// the others' 40 % from the first report on, but its averages (a CPU of 100 %, probes throttled to 6 ms, the
+/// CFS throttling as pressure) took four seconds to fall below the others', and until then the newest reports
+/// disagreed with them and the weight waited on the floor; it then climbed on into the settling window of the
+/// halving ten seconds later, moving the others with it.
+fn released(cfg: &BlenderConfig, slot: &Slot, load: f64) -> bool {
+    let turned = |side: i8| slot.streak.side == side && slot.streak.len >= REPORTS_TO_UNPIN;
+    (on_floor(cfg, slot.weight) && load > cfg.target && turned(-1))
+        || (on_ceiling(cfg, slot.weight, slot.configured) && load < cfg.target && turned(1))
 }
 
 /// The most a weight `w` may move in one period: `max_step` of the weight or of the configured weight,
