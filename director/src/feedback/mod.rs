@@ -1079,9 +1079,9 @@ fn pinned(cfg: &BlenderConfig, slot: &Slot, load: f64, reference: f64) -> bool {
 /// disagreed with them and the weight waited on the floor; it then climbed on into the settling window of the
 /// halving ten seconds later, moving the others with it.
 fn released(cfg: &BlenderConfig, slot: &Slot, load: f64) -> bool {
-    let turned = |side: i8| slot.streak.side == side && slot.streak.len >= REPORTS_TO_UNPIN;
-    (on_floor(cfg, slot.weight) && load > cfg.target && turned(-1))
-        || (on_ceiling(cfg, slot.weight, slot.configured) && load < cfg.target && turned(1))
+    // Pinned on the floor means a load over target, on the ceiling one under: the reports must lie opposite.
+    let other_side = if load > cfg.target { -1 } else { 1 };
+    pinned(cfg, slot, load, cfg.target) && slot.streak.side == other_side && slot.streak.len >= REPORTS_TO_UNPIN
 }
 
 /// The most a weight `w` may move in one period: `max_step` of the weight or of the configured weight,
