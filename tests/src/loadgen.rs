@@ -73,7 +73,14 @@ pub struct LoadSpec {
     /// With a threshold, [`LoadReport::per_second`] counts, per second of intended send time, the requests and
     /// those slower than this or failed: when in a run the tail happened.
     pub slow_after: Option<Duration>,
+    /// With [`LoadSpec::slow_after`], [`LoadReport::per_backend_second`] splits the good responses by the value
+    /// of their [`BACKEND_HEADER`], one entry per name here: which real server the tail came from.
+    pub backends: Vec<String>,
 }
+
+/// The response header naming the real server that answered (the testbed's nginx sets it: see
+/// [`crate::nginx`]).
+pub const BACKEND_HEADER: &str = "X-Backend";
 
 impl LoadSpec {
     /// `GET /` with `Host: <target ip>`, a 2 s timeout and at most 4096 requests in flight.
@@ -88,6 +95,7 @@ impl LoadSpec {
             timeout: Duration::from_secs(2),
             max_in_flight: 4096,
             slow_after: None,
+            backends: Vec::new(),
         }
     }
 
@@ -257,6 +265,10 @@ pub struct LoadReport {
     pub achieved_rate: f64,
     /// With [`LoadSpec::slow_after`]: per second of intended send time, from the first.
     pub per_second: Vec<SecondCounts>,
+    /// With [`LoadSpec::slow_after`]: for each of [`LoadSpec::backends`], per second of intended send time, the
+    /// good responses it sent and those among them slower than the threshold. Failures name no backend: they
+    /// count in [`LoadReport::per_second`] only, as do responses from a backend not in the list.
+    pub per_backend_second: Vec<Vec<SecondCounts>>,
 }
 
 /// One second of a run (by intended send time).
@@ -288,6 +300,14 @@ enum Failure {
     Timeout,
 }
 
+/// A good response: how long after its intended send time it was complete, and which of
+/// [`LoadSpec::backends`] sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Answer {
+    latency: Duration,
+    backend: Option<usize>,
+}
+
 #[derive(Default)]
 struct Tally {
     hist: LatencyHistogram,
@@ -295,25 +315,38 @@ struct Tally {
     errors: ErrorCounts,
     slow_after: Option<Duration>,
     per_second: Vec<SecondCounts>,
+    per_backend_second: Vec<Vec<SecondCounts>>,
+}
+
+/// Adds `counts` to second `second` of `seconds`, growing it as needed.
+fn add_to_second(seconds: &mut Vec<SecondCounts>, second: usize, counts: SecondCounts) {
+    if seconds.len() <= second {
+        seconds.resize(second + 1, SecondCounts::default());
+    }
+    seconds[second] += counts;
 }
 
 impl Tally {
     fn new(spec: &LoadSpec) -> Tally {
-        Tally { slow_after: spec.slow_after, ..Tally::default() }
+        Tally {
+            slow_after: spec.slow_after,
+            per_backend_second: vec![Vec::new(); spec.backends.len()],
+            ..Tally::default()
+        }
     }
 
     /// The outcome of a request intended in `second` of the run.
-    fn record(&mut self, second: usize, outcome: Result<Duration, Failure>) {
+    fn record(&mut self, second: usize, outcome: Result<Answer, Failure>) {
         if let Some(limit) = self.slow_after {
-            if self.per_second.len() <= second {
-                self.per_second.resize(second + 1, SecondCounts::default());
+            let slow = outcome.map_or(true, |answer| answer.latency > limit);
+            let counts = SecondCounts { requests: 1, slow: u64::from(slow) };
+            add_to_second(&mut self.per_second, second, counts);
+            if let Some(seconds) = outcome.ok().and_then(|a| a.backend).and_then(|b| self.per_backend_second.get_mut(b)) {
+                add_to_second(seconds, second, counts);
             }
-            let counts = &mut self.per_second[second];
-            counts.requests += 1;
-            counts.slow += u64::from(outcome.map_or(true, |latency| latency > limit));
         }
         match outcome {
-            Ok(latency) => {
+            Ok(Answer { latency, .. }) => {
                 self.ok += 1;
                 self.hist.record(latency);
             }
@@ -328,11 +361,13 @@ impl Tally {
         self.hist.merge(&other.hist);
         self.ok += other.ok;
         self.errors.add(&other.errors);
-        if self.per_second.len() < other.per_second.len() {
-            self.per_second.resize(other.per_second.len(), SecondCounts::default());
+        for (k, &counts) in other.per_second.iter().enumerate() {
+            add_to_second(&mut self.per_second, k, counts);
         }
-        for (mine, &theirs) in self.per_second.iter_mut().zip(&other.per_second) {
-            *mine += theirs;
+        for (mine, theirs) in self.per_backend_second.iter_mut().zip(&other.per_backend_second) {
+            for (k, &counts) in theirs.iter().enumerate() {
+                add_to_second(mine, k, counts);
+            }
         }
     }
 }
@@ -367,6 +402,7 @@ pub async fn run_async(spec: &LoadSpec) -> Result<LoadReport> {
         histogram: tally.hist,
         elapsed,
         per_second: tally.per_second,
+        per_backend_second: tally.per_backend_second,
     })
 }
 
@@ -377,7 +413,7 @@ async fn run_new_connections(spec: &Arc<LoadSpec>, request: Arc<[u8]>) -> (Tally
     let mut tasks = JoinSet::new();
     let t0 = Instant::now() + Duration::from_millis(5);
     // A task that panicked lost its second: it counts in the last one.
-    let joined = |done: Result<(usize, Result<Duration, Failure>), _>| {
+    let joined = |done: Result<(usize, Result<Answer, Failure>), _>| {
         done.unwrap_or((spec.second_of(n.saturating_sub(1)), Err(Failure::Io)))
     };
     for i in 0..n {
@@ -401,7 +437,7 @@ async fn run_new_connections(spec: &Arc<LoadSpec>, request: Arc<[u8]>) -> (Tally
         let request = Arc::clone(&request);
         tasks.spawn(async move {
             let outcome = match timeout_at(deadline, one_shot(&spec, &request)).await {
-                Ok(Ok(())) => Ok(Instant::now().saturating_duration_since(intended)),
+                Ok(Ok(backend)) => Ok(Answer { latency: Instant::now().saturating_duration_since(intended), backend }),
                 Ok(Err(failure)) => Err(failure),
                 Err(_) => Err(Failure::Timeout),
             };
@@ -429,16 +465,17 @@ async fn run_new_connections(spec: &Arc<LoadSpec>, request: Arc<[u8]>) -> (Tally
     (tally, t0)
 }
 
-async fn one_shot(spec: &LoadSpec, request: &[u8]) -> Result<(), Failure> {
+/// One request on a new connection: which of [`LoadSpec::backends`] answered it, if one did.
+async fn one_shot(spec: &LoadSpec, request: &[u8]) -> Result<Option<usize>, Failure> {
     let mut stream = TcpStream::connect(spec.target).await.map_err(|_| Failure::Connect)?;
     let _ = stream.set_nodelay(true);
     stream.write_all(request).await.map_err(|_| Failure::Io)?;
     let mut buf = Vec::with_capacity(1024);
-    let response = read_response(&mut stream, &mut buf).await.map_err(|_| Failure::Io)?;
+    let (response, backend) = read_response(&mut stream, &mut buf, &spec.backends).await.map_err(|_| Failure::Io)?;
     if !(200..400).contains(&response.status) {
         return Err(Failure::Status);
     }
-    Ok(())
+    Ok(backend)
 }
 
 async fn run_keep_alive(spec: &Arc<LoadSpec>, request: Arc<[u8]>, connections: usize) -> (Tally, Instant) {
@@ -510,7 +547,7 @@ async fn keep_alive_worker(
             continue;
         }
         let outcome = match timeout_at(deadline, keep_alive_request(&spec, &request, &mut conn, &mut buf)).await {
-            Ok(Ok(())) => Ok(Instant::now().saturating_duration_since(intended)),
+            Ok(Ok(backend)) => Ok(Answer { latency: Instant::now().saturating_duration_since(intended), backend }),
             Ok(Err(failure)) => {
                 conn = None;
                 Err(failure)
@@ -530,7 +567,7 @@ async fn keep_alive_request(
     request: &[u8],
     conn: &mut Option<TcpStream>,
     buf: &mut Vec<u8>,
-) -> Result<(), Failure> {
+) -> Result<Option<usize>, Failure> {
     if conn.is_none() {
         let stream = TcpStream::connect(spec.target).await.map_err(|_| Failure::Connect)?;
         let _ = stream.set_nodelay(true);
@@ -539,7 +576,7 @@ async fn keep_alive_request(
     }
     let stream = conn.as_mut().ok_or(Failure::Io)?;
     stream.write_all(request).await.map_err(|_| Failure::Io)?;
-    let response = read_response(stream, buf).await.map_err(|_| Failure::Io)?;
+    let (response, backend) = read_response(stream, buf, &spec.backends).await.map_err(|_| Failure::Io)?;
     if response.close {
         *conn = None;
         buf.clear();
@@ -547,7 +584,7 @@ async fn keep_alive_request(
     if !(200..400).contains(&response.status) {
         return Err(Failure::Status);
     }
-    Ok(())
+    Ok(backend)
 }
 
 /// How the body of a response is delimited.
@@ -632,19 +669,34 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>> {
     Ok(Some(ResponseHead { status, head_len: end + 4, body, close }))
 }
 
+/// Which of `backends` the head (status line and headers) names in its [`BACKEND_HEADER`], if any.
+pub fn backend_of(head: &[u8], backends: &[String]) -> Option<usize> {
+    let head = std::str::from_utf8(head).ok()?;
+    let value = head.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case(BACKEND_HEADER).then(|| value.trim())
+    })?;
+    backends.iter().position(|b| b == value)
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Reads one response from `stream`. `buf` holds bytes already read past the previous response (keep-alive)
-/// and keeps whatever follows this one.
-async fn read_response<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Result<ResponseHead> {
+/// Reads one response from `stream`, and which of `backends` sent it ([`backend_of`]). `buf` holds bytes
+/// already read past the previous response (keep-alive) and keeps whatever follows this one.
+async fn read_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    backends: &[String],
+) -> Result<(ResponseHead, Option<usize>)> {
     let head = loop {
         if let Some(head) = parse_response_head(buf)? {
             break head;
         }
         fill(stream, buf).await?;
     };
+    let backend = if backends.is_empty() { None } else { backend_of(&buf[..head.head_len], backends) };
     buf.drain(..head.head_len);
     match head.body {
         BodyLength::Empty => {}
@@ -683,7 +735,7 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) 
             }
         }
     }
-    Ok(head)
+    Ok((head, backend))
 }
 
 async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Result<()> {
@@ -825,17 +877,28 @@ mod tests {
         assert!(parse_response_head(b"HTTP/1.1 abc OK\r\n\r\n").is_err());
     }
 
+    #[test]
+    fn names_the_backend_from_its_header() {
+        let backends = ["rs1".to_string(), "rs2".to_string()];
+        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nServer: x\r\nx-backend:  rs2 \r\n\r\n", &backends), Some(1));
+        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nX-Backend: rs3\r\n\r\n", &backends), None, "not listed");
+        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nX-Backends: rs1\r\n\r\n", &backends), None, "another header");
+        assert_eq!(backend_of(b"X-Backend: rs1\r\n\r\n", &backends), None, "the status line is not a header");
+        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nX-Backend: \xff\r\n\r\n", &backends), None);
+    }
+
     #[tokio::test]
     async fn reads_chunked_and_keeps_what_follows() {
         let wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nHTTP/1.1";
         let mut reader = &wire[..];
         let mut buf = Vec::new();
-        let head = read_response(&mut reader, &mut buf).await.unwrap();
-        assert_eq!(head.status, 200);
+        let (head, backend) = read_response(&mut reader, &mut buf, &[]).await.unwrap();
+        assert_eq!((head.status, backend), (200, None));
         assert_eq!(buf, b"HTTP/1.1");
     }
 
-    /// A minimal HTTP/1.1 server on 127.0.0.1: answers every request with `200 ok` after `delay`, keeps
+    /// A minimal HTTP/1.1 server on 127.0.0.1: answers every request with `200 ok` from backend `rs2` after
+    /// `delay`, keeps
     /// connections alive unless asked to close. Serves connections one at a time when `serial`.
     async fn serve(delay: Duration, serial: bool) -> (SocketAddr, Arc<AtomicU64>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -872,9 +935,9 @@ mod tests {
             buf.drain(..end + 4);
             tokio::time::sleep(delay).await;
             let reply: &[u8] = if close {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Backend: rs2\r\nConnection: close\r\n\r\nok\n"
             } else {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Backend: rs2\r\n\r\nok\n"
             };
             if stream.write_all(reply).await.is_err() {
                 return;
@@ -891,10 +954,12 @@ mod tests {
         let (addr, served) = serve(Duration::ZERO, false).await;
         let mut spec = LoadSpec::new(addr, 200.0, Duration::from_secs(2), ConnectionMode::NewConnection);
         spec.slow_after = Some(Duration::from_secs(1));
+        spec.backends = vec!["rs1".to_string(), "rs2".to_string()];
         let report = run_async(&spec).await.unwrap();
         assert_eq!(report.scheduled, 400);
         let fast = SecondCounts { requests: 200, slow: 0 };
         assert_eq!(report.per_second, [fast, fast], "per second of intended send time");
+        assert_eq!(report.per_backend_second, [vec![], vec![fast, fast]], "every answer came from rs2");
         assert_eq!((report.ok, report.errors()), (400, 0), "{report:?}");
         assert_eq!(served.load(Ordering::Relaxed), 400);
         assert!((180.0..=220.0).contains(&report.achieved_rate), "{report:?}");
@@ -907,9 +972,11 @@ mod tests {
         let (addr, served) = serve(Duration::ZERO, false).await;
         let mut spec = LoadSpec::new(addr, 500.0, Duration::from_secs(1), ConnectionMode::KeepAlive { connections: 4 });
         spec.slow_after = Some(Duration::from_secs(1));
+        spec.backends = vec!["rs2".to_string()];
         let report = run_async(&spec).await.unwrap();
         assert_eq!((report.ok, report.errors()), (500, 0), "{report:?}");
         assert_eq!(report.per_second, [SecondCounts { requests: 500, slow: 0 }]);
+        assert_eq!(report.per_backend_second, [[SecondCounts { requests: 500, slow: 0 }]], "merged over the pool");
         assert_eq!(served.load(Ordering::Relaxed), 500);
         assert_eq!(report.histogram.count(), 500);
     }

@@ -586,6 +586,9 @@ struct Measured {
     error_detail: Option<String>,
     /// Open loop: per second of the run, the requests and those slower than [`SLOW_AFTER`] or failed.
     per_second: Vec<SecondCounts>,
+    /// Open loop: per real server (rs1 first), per second of the run, the good responses it sent and those
+    /// slower than [`SLOW_AFTER`].
+    per_server_second: Vec<Vec<SecondCounts>>,
 }
 
 #[derive(Clone, Debug)]
@@ -1055,11 +1058,12 @@ impl Bed {
     fn start_load(&self, load: Load, duration: Duration) -> Result<JoinHandle<Result<Measured>>> {
         let client = self.client.clone();
         let script = self.wrk_script.clone();
+        let servers = self.servers.iter().map(|s| s.host().name().to_string()).collect();
         Ok(std::thread::spawn(move || match load {
             Load::Closed { concurrency } | Load::Sustained { concurrency } => {
                 closed_loop(&client, &script, concurrency, duration)
             }
-            Load::Open { rate, .. } => open_loop(&client, rate, duration),
+            Load::Open { rate, .. } => open_loop(&client, servers, rate, duration),
         }))
     }
 }
@@ -1132,6 +1136,7 @@ fn parse_wrk_report(out: &str) -> Result<Measured> {
     let ms = |us: f64| (requests > 0.0).then_some(us / 1000.0);
     Ok(Measured {
         per_second: Vec::new(),
+        per_server_second: Vec::new(),
         throughput: good / (duration_us / 1e6),
         p50_ms: ms(p50),
         p99_ms: ms(p99),
@@ -1145,11 +1150,13 @@ fn parse_wrk_report(out: &str) -> Result<Measured> {
     })
 }
 
-fn open_loop(client: &Host, rate: f64, duration: Duration) -> Result<Measured> {
+/// `servers`: the real servers' names, as their nginx sends them in `X-Backend`.
+fn open_loop(client: &Host, servers: Vec<String>, rate: f64, duration: Duration) -> Result<Measured> {
     let addr: SocketAddr = format!("{VIP}:{HTTP_PORT}").parse()?;
     let mut spec = LoadSpec::new(addr, rate, duration, ConnectionMode::NewConnection);
     spec.timeout = REQUEST_TIMEOUT;
     spec.slow_after = Some(SLOW_AFTER);
+    spec.backends = servers;
     let report = in_netns(client.netns(), move || loadgen::run(&spec))?;
     let ms = |d: Duration| (report.latency.count > 0).then_some(d.as_secs_f64() * 1e3);
     let e = report.error_counts;
@@ -1160,6 +1167,7 @@ fn open_loop(client: &Host, rate: f64, duration: Duration) -> Result<Measured> {
         p999_ms: ms(report.latency.p999),
         error_ratio: report.errors() as f64 / report.scheduled.max(1) as f64,
         per_second: report.per_second.clone(),
+        per_server_second: report.per_backend_second.clone(),
         error_detail: (e.total() > 0).then(|| {
             format!(
                 "{} of {} requests failed (connect {}, io {}, status {}, timeout {})",
@@ -1326,15 +1334,28 @@ fn middle_of_second(k: usize) -> Duration {
     Duration::from_secs(k as u64) + Duration::from_millis(500)
 }
 
+/// One row per second of each open-loop run; per real server, the good responses it sent that second and the
+/// slow ones among them (`answers_rs1,slow_rs1,…`).
 fn seconds_csv(open: &[Outcome]) -> String {
-    let mut s = String::from("scheduler,load_pct,second,antagonist,requests,slow,round\n");
-    for r in open.iter().filter_map(Outcome::ok) {
+    let runs: Vec<&RunResult> = open.iter().filter_map(Outcome::ok).collect();
+    let servers = runs.iter().map(|r| r.measured.per_server_second.len()).max().unwrap_or(0);
+    let mut s = String::from("scheduler,load_pct,second,antagonist,requests,slow,round");
+    for i in 1..=servers {
+        let _ = write!(s, ",answers_rs{i},slow_rs{i}");
+    }
+    s.push('\n');
+    for r in runs {
         let Load::Open { percent, .. } = r.load else { continue };
         let timeline = Timeline::new(r.duration);
         for (k, counts) in r.measured.per_second.iter().enumerate() {
             let on = timeline.antagonist_on(middle_of_second(k));
             let (name, on, round) = (r.sched.name(), u8::from(on), r.load.round());
-            let _ = writeln!(s, "{name},{percent},{k},{on},{},{},{round}", counts.requests, counts.slow);
+            let _ = write!(s, "{name},{percent},{k},{on},{},{},{round}", counts.requests, counts.slow);
+            for i in 0..servers {
+                let c = r.measured.per_server_second.get(i).and_then(|v| v.get(k)).copied().unwrap_or_default();
+                let _ = write!(s, ",{},{}", c.requests, c.slow);
+            }
+            s.push('\n');
         }
     }
     s
@@ -1378,6 +1399,27 @@ fn slow_by(timeline: &Timeline, per_second: &[SecondCounts]) -> SlowBy {
         }
     }
     by
+}
+
+/// One server's good responses and slow ones, with the antagonist on and off.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct ServerSplit {
+    antagonist_on: SecondCounts,
+    antagonist_off: SecondCounts,
+}
+
+fn by_server(timeline: &Timeline, per_server_second: &[Vec<SecondCounts>]) -> Vec<ServerSplit> {
+    per_server_second
+        .iter()
+        .map(|seconds| {
+            let by = slow_by(timeline, seconds);
+            let off = SecondCounts {
+                requests: by.all.requests - by.antagonist_on.requests,
+                slow: by.all.slow - by.antagonist_on.slow,
+            };
+            ServerSplit { antagonist_on: by.antagonist_on, antagonist_off: off }
+        })
+        .collect()
 }
 
 fn timeline_csv(groups: &[&[Outcome]]) -> String {
@@ -1527,6 +1569,40 @@ fn render(
             cell(by.antagonist_starting),
             cell(by.after_halving),
             cell(by.quiet),
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Which server the tail came from (open loop: good responses over {} ms, by the server that sent them)\n\n\
+         Each cell, per server: its share of the part's good responses, and in brackets the share of its own that \
+         were slow. Failed requests name no server and are left out.\n",
+        SLOW_AFTER.as_millis()
+    );
+    let _ = writeln!(s, "| scheduler | load | antagonist on: {servers_header} | antagonist off: {servers_header} |");
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
+    for r in open.iter().filter_map(Outcome::ok) {
+        let split = by_server(&Timeline::new(r.duration), &r.measured.per_server_second);
+        let part = |pick: fn(&ServerSplit) -> SecondCounts| {
+            let total: u64 = split.iter().map(|c| pick(c).requests).sum();
+            let cells: Vec<String> = split
+                .iter()
+                .map(|c| {
+                    let c = pick(c);
+                    let share = if total > 0 { c.requests as f64 / total as f64 * 100.0 } else { 0.0 };
+                    let slow = if c.requests > 0 { c.slow as f64 / c.requests as f64 * 100.0 } else { 0.0 };
+                    format!("{share:.0} % ({slow:.1} %)")
+                })
+                .collect();
+            cells.join(" / ")
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            r.sched.name(),
+            r.load.column(),
+            part(|c| c.antagonist_on),
+            part(|c| c.antagonist_off)
         );
     }
 
@@ -1739,6 +1815,14 @@ mod tests {
         assert_eq!(by.antagonist_starting, counts(60, 10), "0–3 s and 40–43 s");
         assert_eq!(by.after_halving, counts(50, 5));
         assert_eq!(by.quiet, counts(150, 5), "20–30 s and 35–40 s");
+
+        let mut rs2 = vec![counts(4, 0); 60];
+        rs2[1].slow = 3;
+        rs2[25].slow = 2;
+        let split = by_server(&timeline, &[Vec::new(), rs2]);
+        assert_eq!(split[0], ServerSplit::default(), "a server that answered nothing");
+        assert_eq!(split[1].antagonist_on, counts(160, 3));
+        assert_eq!(split[1].antagonist_off, counts(80, 2));
     }
 
     #[test]
