@@ -341,7 +341,8 @@ impl Tally {
             let slow = outcome.map_or(true, |answer| answer.latency > limit);
             let counts = SecondCounts { requests: 1, slow: u64::from(slow) };
             add_to_second(&mut self.per_second, second, counts);
-            if let Some(seconds) = outcome.ok().and_then(|a| a.backend).and_then(|b| self.per_backend_second.get_mut(b)) {
+            let backend = outcome.ok().and_then(|answer| answer.backend);
+            if let Some(seconds) = backend.and_then(|b| self.per_backend_second.get_mut(b)) {
                 add_to_second(seconds, second, counts);
             }
         }
