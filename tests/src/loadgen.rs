@@ -611,6 +611,8 @@ pub struct ResponseHead {
     /// The connection cannot carry another request (`Connection: close`, HTTP/1.0 without keep-alive, or a
     /// body delimited by the close).
     pub close: bool,
+    /// Where the value of the [`BACKEND_HEADER`] lies in the parsed bytes (start, end), if the head has one.
+    pub backend: Option<(usize, usize)>,
 }
 
 /// Parses an HTTP/1.x response head from the start of `buf`: `Ok(None)` while the blank line that ends it has
@@ -640,10 +642,15 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>> {
     let mut length = None;
     let mut chunked = false;
     let mut close = http10;
+    let mut backend = None;
     for line in lines {
         let (name, value) = line.split_once(':').with_context(|| format!("bad header line {line:?}"))?;
         let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
+        if name.trim().eq_ignore_ascii_case(BACKEND_HEADER) {
+            // `value` is a slice of `head`, itself the start of `buf`.
+            let start = value.as_ptr() as usize - head.as_ptr() as usize;
+            backend = Some((start, start + value.len()));
+        } else if name.eq_ignore_ascii_case("content-length") {
             length = Some(value.parse::<u64>().with_context(|| format!("bad Content-Length {value:?}"))?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.split(',').any(|v| v.trim().eq_ignore_ascii_case("chunked"));
@@ -667,17 +674,13 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>> {
         close = true;
         BodyLength::UntilClose
     };
-    Ok(Some(ResponseHead { status, head_len: end + 4, body, close }))
+    Ok(Some(ResponseHead { status, head_len: end + 4, body, close, backend }))
 }
 
-/// Which of `backends` the head (status line and headers) names in its [`BACKEND_HEADER`], if any.
-pub fn backend_of(head: &[u8], backends: &[String]) -> Option<usize> {
-    let head = std::str::from_utf8(head).ok()?;
-    let value = head.split("\r\n").skip(1).find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim().eq_ignore_ascii_case(BACKEND_HEADER).then(|| value.trim())
-    })?;
-    backends.iter().position(|b| b == value)
+/// Which of `backends` the head parsed from `buf` names in its [`BACKEND_HEADER`], if any.
+pub fn backend_of(head: &ResponseHead, buf: &[u8], backends: &[String]) -> Option<usize> {
+    let value = head.backend.and_then(|(start, end)| buf.get(start..end))?;
+    backends.iter().position(|b| b.as_bytes() == value)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -697,7 +700,7 @@ async fn read_response<S: AsyncRead + Unpin>(
         }
         fill(stream, buf).await?;
     };
-    let backend = if backends.is_empty() { None } else { backend_of(&buf[..head.head_len], backends) };
+    let backend = backend_of(&head, buf, backends);
     buf.drain(..head.head_len);
     match head.body {
         BodyLength::Empty => {}
@@ -863,7 +866,8 @@ mod tests {
     #[test]
     fn parses_response_heads() {
         let head = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello").unwrap().unwrap();
-        assert_eq!(head, ResponseHead { status: 200, head_len: 38, body: BodyLength::Length(5), close: false });
+        let want = ResponseHead { status: 200, head_len: 38, body: BodyLength::Length(5), close: false, backend: None };
+        assert_eq!(head, want);
         let head =
             parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
         assert_eq!(head.map(|h| (h.body, h.close)), Some((BodyLength::Chunked, true)));
@@ -881,11 +885,14 @@ mod tests {
     #[test]
     fn names_the_backend_from_its_header() {
         let backends = ["rs1".to_string(), "rs2".to_string()];
-        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nServer: x\r\nx-backend:  rs2 \r\n\r\n", &backends), Some(1));
-        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nX-Backend: rs3\r\n\r\n", &backends), None, "not listed");
-        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nX-Backends: rs1\r\n\r\n", &backends), None, "another header");
-        assert_eq!(backend_of(b"X-Backend: rs1\r\n\r\n", &backends), None, "the status line is not a header");
-        assert_eq!(backend_of(b"HTTP/1.1 200 OK\r\nX-Backend: \xff\r\n\r\n", &backends), None);
+        // A head that does not parse names no backend either.
+        let named =
+            |buf: &[u8]| parse_response_head(buf).ok().flatten().and_then(|head| backend_of(&head, buf, &backends));
+        assert_eq!(named(b"HTTP/1.1 200 OK\r\nServer: x\r\nx-backend:  rs2 \r\n\r\n"), Some(1));
+        assert_eq!(named(b"HTTP/1.1 200 OK\r\nX-Backend: rs3\r\n\r\n"), None, "not listed");
+        assert_eq!(named(b"HTTP/1.1 200 OK\r\nX-Backends: rs1\r\n\r\n"), None, "another header");
+        assert_eq!(named(b"X-Backend: rs1\r\n\r\n"), None, "the status line is not a header");
+        assert_eq!(named(b"HTTP/1.1 200 OK\r\nX-Backend: \xff\r\n\r\n"), None);
     }
 
     #[tokio::test]
@@ -899,8 +906,7 @@ mod tests {
     }
 
     /// A minimal HTTP/1.1 server on 127.0.0.1: answers every request with `200 ok` from backend `rs2` after
-    /// `delay`, keeps
-    /// connections alive unless asked to close. Serves connections one at a time when `serial`.
+    /// `delay`, keeps connections alive unless asked to close. Serves connections one at a time when `serial`.
     async fn serve(delay: Duration, serial: bool) -> (SocketAddr, Arc<AtomicU64>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
