@@ -214,6 +214,7 @@ impl FeedbackCore {
                         active: s.state.active(),
                         inactive: s.state.inactive(),
                         connections_total: s.state.sum(|w| &w.connections_total),
+                        connections_established: s.state.sum(|w| &w.connections_established),
                     })
                     .collect();
                 for ((out, f), s) in blender.update(now, &inputs).iter().zip(&mut full).zip(&real) {

@@ -155,6 +155,8 @@ pub fn publish(workers: &[std::sync::Arc<WorkerCounters>], table: &ServiceTable)
             metrics::counter!("fulcrum_forwarded_packets_total", &labels).absolute(state.sum(|w| &w.packets));
             metrics::counter!("fulcrum_forwarded_bytes_total", &labels).absolute(state.sum(|w| &w.bytes));
             metrics::counter!("fulcrum_connections_total", &labels).absolute(state.sum(|w| &w.connections_total));
+            metrics::counter!("fulcrum_connections_established_total", &labels)
+                .absolute(state.sum(|w| &w.connections_established));
             metrics::gauge!("fulcrum_active_connections", &labels).set(f64::from(state.active()));
             metrics::gauge!("fulcrum_inactive_connections", &labels).set(f64::from(state.inactive()));
             metrics::gauge!("fulcrum_server_configured_weight", &labels).set(f64::from(server.configured_weight));

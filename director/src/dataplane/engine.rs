@@ -270,6 +270,7 @@ impl Engine {
     fn count_state(&self, server: &ServerEntry, change: conntrack::StateChange) {
         let slot = &server.state.workers[self.config.worker];
         if change.became_active() {
+            slot.connections_established.fetch_add(1, Ordering::Relaxed);
             slot.active.fetch_add(1, Ordering::Relaxed);
             slot.inactive.fetch_sub(1, Ordering::Relaxed);
         } else if change.became_inactive() {
@@ -349,6 +350,9 @@ impl Engine {
                         if let Some(server) = self.snapshot.server(id) {
                             let slot = &server.state.workers[self.config.worker];
                             slot.connections_total.fetch_add(1, Ordering::Relaxed);
+                            if flow.proto == Proto::Udp {
+                                slot.connections_established.fetch_add(1, Ordering::Relaxed);
+                            }
                             slot.inactive.fetch_add(1, Ordering::Relaxed);
                         }
                         self.counters.connections_created.fetch_add(1, Ordering::Relaxed);

@@ -423,6 +423,36 @@ fn udp_flows_are_tracked_and_balanced() {
     let mut other = datagram(5001);
     rig.handle(&mut other);
     assert_ne!(Ipv4Packet::new_unchecked(&other[VNET_HDR_LEN + 14..]).dst_addr(), server, "rr");
+    // UDP has no handshake: every flow counts as established when created.
+    assert_eq!(scheduled_and_established(&rig), (2, 2));
+}
+
+/// Connections scheduled and connections established, summed over the rig's servers.
+fn scheduled_and_established(rig: &Rig) -> (u64, u64) {
+    let table = rig.table.load();
+    table.servers.iter().flatten().fold((0, 0), |(total, established), s| {
+        (total + s.state.sum(|w| &w.connections_total), established + s.state.sum(|w| &w.connections_established))
+    })
+}
+
+#[test]
+fn a_connection_counts_as_established_once_its_handshake_completes() {
+    let mut rig = Rig::new(&[service(ForwardMethod::Dr, &[1], Scheduler::Rr)], 64);
+    for port in [40000, 40001, 40002] {
+        rig.handle(&mut syn_from_client(port));
+    }
+    // Three SYNs sent on; none answered yet.
+    assert_eq!(scheduled_and_established(&rig), (3, 0));
+    // Two clients complete the handshake (the server answered their SYNs), and send more.
+    for port in [40000, 40001] {
+        rig.handle(&mut ack_from_client(port));
+        rig.handle(&mut ack_from_client(port));
+    }
+    assert_eq!(scheduled_and_established(&rig), (3, 2), "the third SYN was never answered");
+    // Its client's retry goes to the same entry: not a new connection.
+    rig.handle(&mut syn_from_client(40002));
+    rig.handle(&mut ack_from_client(40002));
+    assert_eq!(scheduled_and_established(&rig), (3, 3));
 }
 
 #[test]

@@ -24,6 +24,11 @@ pub struct WorkerServerSlot {
     /// Connections in any other state (LVS's InActConn).
     pub inactive: AtomicU32,
     pub connections_total: AtomicU64,
+    /// Connections that got going: TCP ones when they reached ESTABLISHED (the server answered the SYN),
+    /// UDP flows when created (UDP has no handshake). The rest of `connections_total` is still waiting for
+    /// the server's SYN-ACK or never got it: a server whose listen queue is full drops SYNs, and its
+    /// clients retry a second later.
+    pub connections_established: AtomicU64,
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
 }

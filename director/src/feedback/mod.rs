@@ -90,8 +90,10 @@
 //!   under full load every server looks the same and the weights stop wherever they were, even after one of
 //!   them lost capacity (measured in `bench/feedback`: at 90 % load a server whose quota a CPU antagonist took
 //!   kept its weight for 3 s and needed 13 s to shed it, while `wlc` saw its connections pile up at once). The
-//!   director knows what it sent each server (`ServerInput::connections_total`) and how its active connections
-//!   grew; from that and the reported CPU the blender keeps each server's capacity (connections completed per
+//!   director knows what it sent each server (`ServerInput::connections_total`), how many of those got
+//!   established (`ServerInput::connections_established`) and how its active connections grew: what the server
+//!   completed is what got established less that growth (a connection whose SYN a full listen queue dropped is
+//!   not completed). From that and the reported CPU the blender keeps each server's capacity (connections completed per
 //!   second at full CPU, sampled when the CPU is at least 20 %) and, for a server at 90 % CPU or more, takes
 //!   the demand (arrivals over capacity, 1.5 for a server sent half again what it can do) as its CPU figure
 //!   when that is higher. The demand exceeds 1 only while the server's active connections grow: one that
@@ -103,6 +105,11 @@
 //!   Below saturation nothing changes. Simulated (tests): at 110 % of the capacity the
 //!   weights reach the capacities' ratios, where from the CPU alone they stayed 30 % and more off; a server
 //!   halving its capacity at 95 % load loses weight from the first report after.
+//! * **A saturated server that falls behind is cut at once** ([`cut_to_backlog`]): one that completed less than
+//!   [`KEPT_UP_AT_LEAST`] of its arrivals in the newest interval, its backlog having grown by at least
+//!   [`BACKLOG_MIN_GROWTH`] connections, is cut to that share of its weight (at most [`MAX_CUT`] off per report),
+//!   past the hysteresis and the rate cap, and the renormalisation does not lift it back above the cut. The
+//!   averages take seconds to show what the director's counts show at the first report.
 //! * **A step needs the newest report's agreement.** The averages trail the weight by about a half-life, so
 //!   right after a move they still read the load of the weight before it. A weight moves only when the newest
 //!   report alone also lies on the side of the target that the average points to; otherwise it waits (and
@@ -199,6 +206,14 @@ pub const DRAINING: f64 = 1.05;
 /// The least CPU share an interval must show to sample the server's capacity: below it the server's fixed
 /// costs (the agent, idle timers) are a large part of the CPU, and completions per CPU would understate it.
 pub const CAPACITY_MIN_CPU: f64 = 0.2;
+/// A saturated server that completed less than this share of what it was sent in one report interval is cut
+/// at once to that share of its weight (see [`cut_to_backlog`]).
+pub const KEPT_UP_AT_LEAST: f64 = 0.8;
+/// Growth of a server's active connections in one interval below which its backlog counts as steady: a few
+/// connections come and go between two reports without any backlog.
+pub const BACKLOG_MIN_GROWTH: f64 = 16.0;
+/// The most one cut may take off a weight, as a share of it.
+pub const MAX_CUT: f64 = 0.5;
 /// Longest response time or report interval accepted.
 pub const MAX_PLAUSIBLE_TIME: Duration = Duration::from_secs(60 * 60);
 
@@ -407,6 +422,9 @@ pub struct ServerInput {
     /// New connections the director has scheduled to this server so far (cumulative, summed over workers): with
     /// `active`, what the server was sent and completed between two reports (see [`SATURATED_CPU`]).
     pub connections_total: u64,
+    /// Of those, the ones that got going (TCP: reached ESTABLISHED; UDP: all), cumulative: a connection
+    /// whose SYN the server dropped (its listen queue full) is not completed, it waits.
+    pub connections_established: u64,
 }
 
 /// Why a report was refused.
@@ -597,9 +615,8 @@ struct Slot {
     /// The response times (clipped) of the two accepted reports before the newest, older first: what the
     /// smoothing is fed is the median of these and the newest (see [`median_of_three`]).
     rt_before: [Option<f64>; 2],
-    /// The director's own counts when the previous report was accepted: (update time, connections scheduled so
-    /// far, active connections).
-    counted: Option<(Instant, u64, u32)>,
+    /// The director's own counts when the previous report was accepted.
+    counted: Option<Counts>,
     /// This period's normalised response time and CPU (0 when unknown or not in normal state), for df's terms.
     df_metrics: (f64, f64),
     published: u32,
@@ -718,7 +735,12 @@ impl Blender {
                             let at = report.received;
                             let bp = |v: u16| f64::from(v) / f64::from(FULL_BP);
                             let cpu = report.cpu_busy_bp.map(bp);
-                            let counts = (now, input.connections_total, input.active);
+                            let counts = Counts {
+                                at: now,
+                                scheduled: input.connections_total,
+                                established: input.connections_established,
+                                active: input.active,
+                            };
                             s.demand = cpu.and_then(|cpu| demand(cfg, &mut s.capacity, cpu, slot.counted, counts, at));
                             slot.counted = Some(counts);
                             s.cpu.feed(cpu, at, cfg.half_life);
@@ -818,12 +840,16 @@ impl Blender {
                 // leaves the band itself.
                 let shedding = slot.smoothed.demand.is_some_and(|d| d.ratio > 1.0) && load > cfg.target;
                 let band = if shedding { cfg.hold_band } else { 3.0 * cfg.hold_band };
-                let holds = slot.quiet_steps >= STEPS_TO_REST
+                let holds = cut_to_backlog(slot.smoothed.demand, slot.weight).is_none()
+                    && slot.quiet_steps >= STEPS_TO_REST
                     && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
                     && off(load) <= band
                     && slot.streak.len < REPORTS_TO_RELEASE;
                 if !holds {
-                    let stepped = step(cfg, slot.weight, slot.configured, load, latest);
+                    let mut stepped = step(cfg, slot.weight, slot.configured, load, latest);
+                    if let Some(cut) = cut_to_backlog(slot.smoothed.demand, slot.weight) {
+                        stepped = stepped.min(cut);
+                    }
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must
                     // follow the load as soon as the load turns, so it never comes to rest there. Nor does one
                     // waiting for its average to agree with the newest report.
@@ -926,8 +952,12 @@ fn median_of_three(before: &mut [Option<f64>; 2], x: Option<f64>) -> Option<f64>
 /// A saturated server's demand over the interval since the previous report, `None` below saturation; also
 /// feeds the capacity estimate. The CPU metric is the higher of the smoothed CPU share and this.
 ///
-/// The director counts what it sent the server since the previous report (`arrived`) and, from the change in
-/// active connections, what the server completed (`arrived − Δactive`: a saturated server's backlog grows).
+/// The director counts what it sent the server since the previous report (`arrived`) and what the server
+/// completed: the connections that got established less the growth of those still active
+/// (`Δestablished − Δactive`). A saturated server's backlog grows in both: in its active connections, and once
+/// its listen queue is full in the connections whose SYN it dropped, which never establish (counted as
+/// completed, they hid the deepest overloads: measured in `bench/feedback` at 90 % load, the servers' listen
+/// queues overflowed thousands of times and every such client waited a second for its retry).
 /// Completions per CPU share sample the server's capacity (connections per second at full CPU); the demand is
 /// the arrivals over that capacity. Below saturation the demand equals the CPU share and would add only noise;
 /// at saturation the CPU reads 100 % however much work waits, while the demand reads 150 % for a server sent
@@ -938,17 +968,18 @@ fn demand(
     cfg: &BlenderConfig,
     capacity: &mut Ewma,
     cpu: f64,
-    before: Option<(Instant, u64, u32)>,
-    (now, total, active): (Instant, u64, u32),
+    before: Option<Counts>,
+    now: Counts,
     at: Instant,
 ) -> Option<Demand> {
-    let (then, total_before, active_before) = before?;
-    let seconds = now.saturating_duration_since(then).as_secs_f64();
-    if seconds <= 0.0 || total < total_before {
+    let before = before?;
+    let seconds = now.at.saturating_duration_since(before.at).as_secs_f64();
+    if seconds <= 0.0 || now.scheduled < before.scheduled || now.established < before.established {
         return None;
     }
-    let arrived = (total - total_before) as f64;
-    let completed = (arrived - (f64::from(active) - f64::from(active_before))).max(0.0);
+    let arrived = (now.scheduled - before.scheduled) as f64;
+    let established = (now.established - before.established) as f64;
+    let completed = (established - (f64::from(now.active) - f64::from(before.active))).max(0.0);
     if cpu >= CAPACITY_MIN_CPU && completed > 0.0 {
         // At most twice the estimate per sample: active connections can also fall without completing (idle
         // ones expiring), and one such interval would otherwise read as a burst of completions.
@@ -963,7 +994,21 @@ fn demand(
     // cluster needed what it could still serve (measured in `bench/feedback` at 90 % load).
     let ratio = if completed >= arrived { demand.min(1.0) } else { demand };
     let draining = completed > arrived * DRAINING;
-    (cpu >= SATURATED_CPU).then_some(Demand { ratio, draining })
+    let kept_up = if arrived - completed >= BACKLOG_MIN_GROWTH { completed / arrived } else { 1.0 };
+    (cpu >= SATURATED_CPU).then_some(Demand { ratio, draining, kept_up })
+}
+
+/// The director's own counts for one server when a report was accepted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Counts {
+    /// The update's time.
+    at: Instant,
+    /// Connections scheduled to the server so far.
+    scheduled: u64,
+    /// Of those, the ones that got established.
+    established: u64,
+    /// Connections established and not yet closed.
+    active: u32,
 }
 
 /// A saturated server's demand over the interval since its previous report.
@@ -974,6 +1019,9 @@ struct Demand {
     /// The server completed noticeably more than it was sent ([`DRAINING`]): it works off a backlog, so its CPU
     /// reads busy with work its weight no longer brings, and the load its weight brings is the ratio alone.
     draining: bool,
+    /// The share of the interval's arrivals the server completed, when its backlog grew by at least
+    /// [`BACKLOG_MIN_GROWTH`] connections; otherwise 1.
+    kept_up: f64,
 }
 
 /// The share of the time since the previous accepted report (`previous`: its sequence number and PSI total)
@@ -1028,7 +1076,8 @@ fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]
     for (slot, _) in slots.iter_mut().zip(outputs).filter(feedback) {
         let configured = f64::from(slot.configured);
         let cap = rate_cap(cfg, slot.weight_before, configured);
-        let (low, high) = (slot.weight_before - cap, slot.weight_before + cap);
+        // A weight cut to its backlog this period (below the rate cap) is not lifted back by the scaling.
+        let (low, high) = ((slot.weight_before - cap).min(slot.weight), slot.weight_before + cap);
         slot.weight = (slot.weight * scale).clamp(low, high).clamp(1.0, ceiling(cfg, slot.configured));
     }
 }
@@ -1082,6 +1131,19 @@ fn released(cfg: &BlenderConfig, slot: &Slot, load: f64) -> bool {
     // Pinned on the floor means a load over target, on the ceiling one under: the reports must lie opposite.
     let other_side = if load > cfg.target { -1 } else { 1 };
     pinned(cfg, slot, load, cfg.target) && slot.streak.side == other_side && slot.streak.len >= REPORTS_TO_UNPIN
+}
+
+/// The weight a saturated server is cut to at once when it completed less than [`KEPT_UP_AT_LEAST`] of what it
+/// was sent in the newest interval: that share of `w` (at most [`MAX_CUT`] off), or `None`.
+///
+/// The averages and the rate cap take two to four seconds to move a weight by half; measured in
+/// `bench/feedback` at 90 % load, the server carrying half the traffic when the antagonist started in its
+/// cgroup went on taking 6 000 connections a second, half of them slow, for three seconds, and the backlog
+/// it built tipped the whole cluster over. What the director sent it and what it completed say at the first
+/// report after that it can serve only that share of its traffic, as `wlc` sees its connections pile up.
+fn cut_to_backlog(demand: Option<Demand>, w: f64) -> Option<f64> {
+    let kept_up = demand?.kept_up;
+    (kept_up < KEPT_UP_AT_LEAST).then(|| (w * kept_up.max(1.0 - MAX_CUT)).max(1.0))
 }
 
 /// The most a weight `w` may move in one period: `max_step` of the weight or of the configured weight,
@@ -1193,8 +1255,8 @@ impl Metrics {
         Metrics {
             cpu: s.cpu.value.map(|cpu| {
                 cap(match s.demand {
-                    Some(Demand { ratio, draining: true }) => ratio,
-                    Some(Demand { ratio, draining: false }) => cpu.max(ratio),
+                    Some(Demand { ratio, draining: true, .. }) => ratio,
+                    Some(Demand { ratio, draining: false, .. }) => cpu.max(ratio),
                     None => cpu,
                 })
             }),

@@ -26,7 +26,20 @@ fn report(seq: u64, received: Instant, cpu_bp: u16) -> ReportInput {
 }
 
 fn server(key: u64, weight: u32, report: Option<ReportInput>) -> ServerInput {
-    ServerInput { key, configured_weight: weight, report, active: 0, inactive: 0, connections_total: 0 }
+    ServerInput {
+        key,
+        configured_weight: weight,
+        report,
+        active: 0,
+        inactive: 0,
+        connections_total: 0,
+        connections_established: 0,
+    }
+}
+
+/// The director's counts at `at`: `scheduled` connections so far, all of them established, `active` open.
+fn counts(at: Instant, scheduled: u64, active: u32) -> Counts {
+    Counts { at, scheduled, established: scheduled, active }
 }
 
 fn blender(config: BlenderConfig) -> Blender {
@@ -856,6 +869,7 @@ fn backlog_loop(capacities: impl Fn(u64) -> Vec<f64>, offered: f64, periods: u64
                 let mut input = server(i as u64, 100, Some(report(k + 1, now, cpu)));
                 if counts {
                     input.connections_total = sent[i].round() as u64;
+                    input.connections_established = input.connections_total;
                     input.active = backlog[i].round() as u32;
                 }
                 input
@@ -917,6 +931,7 @@ fn capacity_is_completions_per_cpu_share_and_shown_in_the_output() {
     let start = t0();
     let input = |k: u32, cpu_bp: u16, total: u64, active: u32| ServerInput {
         connections_total: total,
+        connections_established: total,
         active,
         ..server(1, 10, Some(report(u64::from(k) + 1, start + SEC * k, cpu_bp)))
     };
@@ -951,27 +966,27 @@ fn demand_exceeds_one_only_while_the_backlog_grows() {
     };
     // Saturated, sent 150 in the second and 50 of them still waiting: half again what it can do.
     let mut capacity = estimate(100.0);
-    let growing = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 10)), (at, 1_150, 60), at);
-    assert_eq!(growing, Some(Demand { ratio: 1.5, draining: false }));
+    let growing = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 10)), counts(at, 1_150, 60), at);
+    assert_eq!(growing, Some(Demand { ratio: 1.5, draining: false, kept_up: 100.0 / 150.0 }));
     // Estimated at 50 a second (outside work shared the CPU while it was sampled), then sent 150 and completed
     // them all: the sample may only double the estimate, to 100, so arrivals over the estimate read 1.5, but
     // it keeps up with what it is sent and its demand is 1.
     let mut capacity = estimate(50.0);
-    let keeping_up = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 10)), (at, 1_150, 10), at);
-    assert_eq!(keeping_up, Some(Demand { ratio: 1.0, draining: false }));
+    let keeping_up = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 10)), counts(at, 1_150, 10), at);
+    assert_eq!(keeping_up, Some(Demand { ratio: 1.0, draining: false, kept_up: 1.0 }));
     assert_eq!(capacity.value, Some(100.0));
     // Sent 60 and 40 of its backlog of 50 done: it completes 100 a second, busy with a backlog its weight no
     // longer brings; what its weight brings is 0.6 of what it can do.
     let mut capacity = estimate(100.0);
-    let draining = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 50)), (at, 1_060, 10), at);
-    assert_eq!(draining, Some(Demand { ratio: 0.6, draining: true }));
+    let draining = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 50)), counts(at, 1_060, 10), at);
+    assert_eq!(draining, Some(Demand { ratio: 0.6, draining: true, kept_up: 1.0 }));
     // A few fewer active connections than before is not a backlog worked off.
     let mut capacity = estimate(100.0);
-    let steady = demand(&cfg, &mut capacity, 1.0, Some((start, 1_000, 12)), (at, 1_100, 10), at);
+    let steady = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 12)), counts(at, 1_100, 10), at);
     assert_eq!(steady.map(|d| d.draining), Some(false), "{steady:?}");
     // Below saturation there is no demand figure.
     let mut capacity = estimate(100.0);
-    assert_eq!(demand(&cfg, &mut capacity, 0.5, Some((start, 1_000, 10)), (at, 1_050, 10), at), None);
+    assert_eq!(demand(&cfg, &mut capacity, 0.5, Some(counts(start, 1_000, 10)), counts(at, 1_050, 10), at), None);
 }
 
 #[test]
@@ -1058,4 +1073,67 @@ fn a_weight_at_rest_follows_a_halved_capacity_within_three_reports() {
     assert!(history[30..39].iter().all(|w| w == before), "not at rest before the halving: {history:?}");
     let first_move = (39..60).find(|&k| history[k][3] != before[3]).expect("never moved");
     assert!(first_move <= 41, "first moved at report {}: {:?}", first_move + 1, &history[38..]);
+}
+
+#[test]
+fn a_server_that_completes_only_part_of_what_it_is_sent_is_cut_at_the_first_report() {
+    // The benchmark's cluster at 74 % load, then the busiest server's capacity halves (the antagonist starts in
+    // its cgroup): 90 % from then on. In the first period after, it completes 100 of the ~180 it is sent.
+    let capacities = |k: u64| if k < 30 { vec![50.0, 100.0, 200.0, 200.0] } else { vec![50.0, 100.0, 100.0, 200.0] };
+    let history = backlog_loop(capacities, 405.0, 45, true);
+    let (before, first) = (shares(&history[29])[2], shares(&history[30])[2]);
+    // Its weight is cut to the share of its arrivals it completed, about 2/3, and the share it frees goes to
+    // all four in proportion: from 0.37 of the weight to 0.28 at once, where the averages and the hysteresis
+    // held it through the first report and took four to come this far.
+    assert!(
+        before > 0.35 && first < 0.29,
+        "the first report after took it from {before:.3} of the weight to only {first:.3}: {:?}",
+        &history[29..]
+    );
+    // And it does not go on falling past its share.
+    let share = shares(history.last().unwrap())[2];
+    assert!(
+        (share / (100.0 / 450.0) - 1.0).abs() < 0.2,
+        "it ended with {share:.2} of the weight: {:?}",
+        &history[29..]
+    );
+}
+
+#[test]
+fn the_cut_needs_a_saturated_server_whose_backlog_grew() {
+    let cfg = BlenderConfig { half_life: Duration::ZERO, ..BlenderConfig::default() };
+    let start = t0();
+    let at = start + SEC;
+    let cut = |cpu: f64, active_before: u32, active: u32| {
+        let mut capacity = Ewma::default();
+        capacity.feed(Some(1_000.0), start, Duration::ZERO);
+        let d = demand(
+            &cfg,
+            &mut capacity,
+            cpu,
+            Some(counts(start, 10_000, active_before)),
+            counts(at, 11_000, active),
+            at,
+        );
+        cut_to_backlog(d, 20.0)
+    };
+    // Sent 1 000, 400 of them still waiting: it completed 60 %, and its weight is cut to 60 %.
+    assert_eq!(cut(1.0, 100, 500), Some(12.0));
+    // Sent 1 000, 900 waiting: at most half comes off in one cut.
+    assert_eq!(cut(1.0, 100, 1_000), Some(10.0));
+    // 15 more waiting is the coming and going of connections between two reports.
+    assert_eq!(cut(1.0, 100, 115), None);
+    // 150 more waiting is 85 % completed: above the threshold, the averages deal with it.
+    assert_eq!(cut(1.0, 100, 250), None);
+    // A server below saturation has no demand figure, and its CPU shows what it does.
+    assert_eq!(cut(0.5, 100, 500), None);
+    // Sent 1 000 and as many active as before, but 300 never established: the server's listen queue dropped
+    // their SYNs. They are not completed; they wait for their clients' retries.
+    let mut capacity = Ewma::default();
+    capacity.feed(Some(1_000.0), start, Duration::ZERO);
+    let syn_drops = Counts { at, scheduled: 11_000, established: 10_700, active: 100 };
+    let d = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 10_000, 100)), syn_drops, at);
+    assert_eq!(cut_to_backlog(d, 20.0), Some(14.0));
+    // A weight of 1 stays 1.
+    assert_eq!(cut_to_backlog(Some(Demand { ratio: 2.0, draining: false, kept_up: 0.1 }), 1.0), Some(1.0));
 }
