@@ -107,9 +107,11 @@
 //!   halving its capacity at 95 % load loses weight from the first report after.
 //! * **A saturated server that falls behind is cut at once** ([`cut_to_backlog`]): one that completed less than
 //!   [`KEPT_UP_AT_LEAST`] of its arrivals in the newest interval, its backlog having grown by at least
-//!   [`BACKLOG_MIN_GROWTH`] connections, is cut to that share of its weight (at most [`MAX_CUT`] off per report),
-//!   past the hysteresis and the rate cap, and the renormalisation does not lift it back above the cut. The
-//!   averages take seconds to show what the director's counts show at the first report.
+//!   [`BACKLOG_MIN_GROWTH`] connections beyond what a higher arrival rate explains (Little's law), is cut to
+//!   that share of its weight (at most [`MAX_CUT`] off per report), past the hysteresis and the rate cap. The
+//!   renormalisation then scales every weight alike, the cut one included, so its share of the traffic falls
+//!   by less than the cut: the freed share is spread over all servers in proportion. The averages take seconds
+//!   to show what the director's counts show at the first report.
 //! * **A step needs the newest report's agreement.** The averages trail the weight by about a half-life, so
 //!   right after a move they still read the load of the weight before it. A weight moves only when the newest
 //!   report alone also lies on the side of the target that the average points to; otherwise it waits (and
@@ -622,6 +624,17 @@ struct Slot {
     published: u32,
 }
 
+impl Counts {
+    /// `self` with its arrival rate over the interval since `before`.
+    fn since(self, before: Option<Counts>) -> Counts {
+        let arrival_rate = before.and_then(|b| {
+            let seconds = self.at.saturating_duration_since(b.at).as_secs_f64();
+            (seconds > 0.0 && self.scheduled >= b.scheduled).then(|| (self.scheduled - b.scheduled) as f64 / seconds)
+        });
+        Counts { arrival_rate, ..self }
+    }
+}
+
 impl Slot {
     /// A slot at the service's neutral point, `neutral × configured`.
     fn new(key: u64, configured: u32, neutral: f64) -> Slot {
@@ -740,7 +753,9 @@ impl Blender {
                                 scheduled: input.connections_total,
                                 established: input.connections_established,
                                 active: input.active,
-                            };
+                                arrival_rate: None,
+                            }
+                            .since(slot.counted);
                             s.demand = cpu.and_then(|cpu| demand(cfg, &mut s.capacity, cpu, slot.counted, counts, at));
                             slot.counted = Some(counts);
                             s.cpu.feed(cpu, at, cfg.half_life);
@@ -840,16 +855,15 @@ impl Blender {
                 // leaves the band itself.
                 let shedding = slot.smoothed.demand.is_some_and(|d| d.ratio > 1.0) && load > cfg.target;
                 let band = if shedding { cfg.hold_band } else { 3.0 * cfg.hold_band };
-                let holds = cut_to_backlog(slot.smoothed.demand, slot.weight).is_none()
+                let cut = cut_to_backlog(slot.smoothed.demand, slot.weight);
+                let holds = cut.is_none()
                     && slot.quiet_steps >= STEPS_TO_REST
                     && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
                     && off(load) <= band
                     && slot.streak.len < REPORTS_TO_RELEASE;
                 if !holds {
-                    let mut stepped = step(cfg, slot.weight, slot.configured, load, latest);
-                    if let Some(cut) = cut_to_backlog(slot.smoothed.demand, slot.weight) {
-                        stepped = stepped.min(cut);
-                    }
+                    let stepped = step(cfg, slot.weight, slot.configured, load, latest);
+                    let stepped = cut.map_or(stepped, |cut| stepped.min(cut));
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must
                     // follow the load as soon as the load turns, so it never comes to rest there. Nor does one
                     // waiting for its average to agree with the newest report.
@@ -955,9 +969,10 @@ fn median_of_three(before: &mut [Option<f64>; 2], x: Option<f64>) -> Option<f64>
 /// The director counts what it sent the server since the previous report (`arrived`) and what the server
 /// completed: the connections that got established less the growth of those still active
 /// (`Δestablished − Δactive`). A saturated server's backlog grows in both: in its active connections, and once
-/// its listen queue is full in the connections whose SYN it dropped, which never establish (counted as
-/// completed, they hid the deepest overloads: measured in `bench/feedback` at 90 % load, the servers' listen
-/// queues overflowed thousands of times and every such client waited a second for its retry).
+/// its listen queue is full in the connections whose SYN it dropped, which do not establish until their
+/// client's retry a second later (counted as completed, they made a server overloaded past its listen queue
+/// read as keeping up). An interval in which the active connections grew by more than got established (the
+/// connection sync installing a peer's connections around a takeover) says nothing and is skipped.
 /// Completions per CPU share sample the server's capacity (connections per second at full CPU); the demand is
 /// the arrivals over that capacity. Below saturation the demand equals the CPU share and would add only noise;
 /// at saturation the CPU reads 100 % however much work waits, while the demand reads 150 % for a server sent
@@ -979,7 +994,11 @@ fn demand(
     }
     let arrived = (now.scheduled - before.scheduled) as f64;
     let established = (now.established - before.established) as f64;
-    let completed = (established - (f64::from(now.active) - f64::from(before.active))).max(0.0);
+    let grown = f64::from(now.active) - f64::from(before.active);
+    if grown > established {
+        return None;
+    }
+    let completed = (established - grown).max(0.0);
     if cpu >= CAPACITY_MIN_CPU && completed > 0.0 {
         // At most twice the estimate per sample: active connections can also fall without completing (idle
         // ones expiring), and one such interval would otherwise read as a burst of completions.
@@ -994,7 +1013,16 @@ fn demand(
     // cluster needed what it could still serve (measured in `bench/feedback` at 90 % load).
     let ratio = if completed >= arrived { demand.min(1.0) } else { demand };
     let draining = completed > arrived * DRAINING;
-    let kept_up = if arrived - completed >= BACKLOG_MIN_GROWTH { completed / arrived } else { 1.0 };
+    // Little's law: a server sent connections at a higher rate holds proportionally more open at once without
+    // any queue (`active = rate × lifetime`), which matters for long-lived connections (keep-alive, streams);
+    // only the growth beyond that is backlog.
+    let rate = arrived / seconds;
+    let expected = match before.arrival_rate {
+        Some(previous) if previous > 0.0 => (f64::from(before.active) * (rate / previous - 1.0)).max(0.0),
+        _ => 0.0,
+    };
+    let backlog = arrived - completed - expected;
+    let kept_up = if backlog >= BACKLOG_MIN_GROWTH { (arrived - backlog) / arrived } else { 1.0 };
     (cpu >= SATURATED_CPU).then_some(Demand { ratio, draining, kept_up })
 }
 
@@ -1009,6 +1037,8 @@ struct Counts {
     established: u64,
     /// Connections established and not yet closed.
     active: u32,
+    /// Connections scheduled per second over the interval that ended here; `None` for the first.
+    arrival_rate: Option<f64>,
 }
 
 /// A saturated server's demand over the interval since its previous report.
@@ -1057,7 +1087,8 @@ fn reference_load(cfg: &BlenderConfig, slots: &[Slot]) -> Option<f64> {
 /// current weight) until the weights sit on their bounds, where the ratios are lost. With equal configured
 /// weights of at least `scale`, `neutral` is 1 and the weights keep summing to the configured ones. When no
 /// weight stepped the mean is already `neutral` and nothing changes. The rate cap still holds: no weight moves
-/// by more than `max_step` in one period, step and scaling together (the rest follows in the next periods).
+/// by more than `max_step` in one period, step and scaling together (the rest follows in the next periods),
+/// except a weight cut to its backlog ([`cut_to_backlog`]), which the scaling does not lift back to the cap.
 fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput], neutral: f64) {
     let feedback =
         |(slot, out): &(&mut Slot, &ServerOutput)| out.status == FeedbackStatus::Normal && slot.configured > 0;
@@ -1134,7 +1165,8 @@ fn released(cfg: &BlenderConfig, slot: &Slot, load: f64) -> bool {
 }
 
 /// The weight a saturated server is cut to at once when it completed less than [`KEPT_UP_AT_LEAST`] of what it
-/// was sent in the newest interval: that share of `w` (at most [`MAX_CUT`] off), or `None`.
+/// was sent in the newest interval: that share of `w` (at most [`MAX_CUT`] off), or `None`. The renormalisation
+/// that follows scales it with the others, so its share of the traffic falls by less.
 ///
 /// The averages and the rate cap take two to four seconds to move a weight by half; measured in
 /// `bench/feedback` at 90 % load, the server carrying half the traffic when the antagonist started in its

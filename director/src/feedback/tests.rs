@@ -39,7 +39,7 @@ fn server(key: u64, weight: u32, report: Option<ReportInput>) -> ServerInput {
 
 /// The director's counts at `at`: `scheduled` connections so far, all of them established, `active` open.
 fn counts(at: Instant, scheduled: u64, active: u32) -> Counts {
-    Counts { at, scheduled, established: scheduled, active }
+    Counts { at, scheduled, established: scheduled, active, arrival_rate: None }
 }
 
 fn blender(config: BlenderConfig) -> Blender {
@@ -685,8 +685,13 @@ fn weights_reach_the_data_plane_atomics() {
 
 /// One scripted period of one server: CPU (possibly impossible), response time, probe failures, whether a new
 /// report arrived and how late it was received.
-fn arb_period() -> impl Strategy<Value = (u16, Option<u32>, u32, bool, u64)> {
-    (0u16..=12_000, proptest::option::of(0u32..=4_000_000_000), 0u32..5, any::<bool>(), 0u64..15)
+fn arb_period() -> impl Strategy<Value = ((u16, Option<u32>, u32, bool, u64), (u32, u32, u32))> {
+    (
+        (0u16..=12_000, proptest::option::of(0u32..=4_000_000_000), 0u32..5, any::<bool>(), 0u64..15),
+        // The director's counts: connections scheduled this period, how many of all those not yet established
+        // got established (in %), and the active connections now.
+        (0u32..3_000, 0u32..=100, 0u32..5_000),
+    )
 }
 
 proptest! {
@@ -709,10 +714,14 @@ proptest! {
         let mut b = blender(config);
         let start = t0() + SEC * 100;
         let mut last: Vec<Option<ReportInput>> = vec![None; weights.len()];
+        let mut counted = vec![(0u64, 0u64); weights.len()];
         for (k, period) in script.iter().enumerate() {
             let now = start + SEC * k as u32;
             let inputs: Vec<ServerInput> = weights.iter().enumerate().map(|(i, &w)| {
-                let (cpu, rt, failures, new, late) = period[i];
+                let ((cpu, rt, failures, new, late), (scheduled, established_pct, active)) = period[i];
+                let (total, established) = &mut counted[i];
+                *total += u64::from(scheduled);
+                *established += (*total - *established) * u64::from(established_pct) / 100;
                 if new {
                     let received = now - SEC * late as u32;
                     let mut r = report(k as u64, received, cpu);
@@ -720,7 +729,12 @@ proptest! {
                     r.probe_failures = failures;
                     last[i] = Some(r);
                 }
-                ServerInput { active: i as u32 * 3, ..server(i as u64, w, last[i]) }
+                ServerInput {
+                    active,
+                    connections_total: *total,
+                    connections_established: *established,
+                    ..server(i as u64, w, last[i])
+                }
             }).collect();
             for (out, input) in b.update(now, &inputs).iter().zip(&inputs) {
                 let w = out.effective_weight;
@@ -1131,9 +1145,24 @@ fn the_cut_needs_a_saturated_server_whose_backlog_grew() {
     // their SYNs. They are not completed; they wait for their clients' retries.
     let mut capacity = Ewma::default();
     capacity.feed(Some(1_000.0), start, Duration::ZERO);
-    let syn_drops = Counts { at, scheduled: 11_000, established: 10_700, active: 100 };
+    let syn_drops = Counts { established: 10_700, ..counts(at, 11_000, 100) };
     let d = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 10_000, 100)), syn_drops, at);
     assert_eq!(cut_to_backlog(d, 20.0), Some(14.0));
+    // Long-lived connections (one second each) at twice the rate of the interval before: twice as many open at
+    // once is no backlog (Little's law), though the active connections grew by half the arrivals.
+    let mut capacity = Ewma::default();
+    capacity.feed(Some(2_000.0), start, Duration::ZERO);
+    let before = Counts { arrival_rate: Some(1_000.0), ..counts(start, 10_000, 1_000) };
+    let d = demand(&cfg, &mut capacity, 1.0, Some(before), counts(at, 12_000, 2_000), at);
+    assert_eq!(cut_to_backlog(d, 20.0), None, "{d:?}");
+    // The same growth at the same rate as before is a backlog.
+    let steady = Counts { arrival_rate: Some(2_000.0), ..before };
+    let d = demand(&cfg, &mut capacity, 1.0, Some(steady), counts(at, 12_000, 2_000), at);
+    assert_eq!(cut_to_backlog(d, 20.0), Some(10.0), "{d:?}");
+    // Active connections that grew by more than got established came from elsewhere (the connection sync
+    // installing the peer's around a takeover): the interval says nothing.
+    let synced = Counts { established: 10_100, ..counts(at, 10_100, 600) };
+    assert_eq!(demand(&cfg, &mut capacity, 1.0, Some(counts(start, 10_000, 100)), synced, at), None);
     // A weight of 1 stays 1.
     assert_eq!(cut_to_backlog(Some(Demand { ratio: 2.0, draining: false, kept_up: 0.1 }), 1.0), Some(1.0));
 }

@@ -624,8 +624,8 @@ struct RunResult {
 struct Losses {
     /// Frames the director's receive rings dropped (`fulcrum_ring_drops_total`): its workers fell behind.
     ring_drops: u64,
-    /// SYNs the clients sent again (`TcpExtTCPSynRetrans` in the client's namespace): each one a client that
-    /// waited a second (the first SYN timeout), whoever lost the first.
+    /// SYNs the clients sent again (`TcpExtTCPSynRetrans` in the client's namespace): the first retry comes a
+    /// second after the SYN (the initial timeout), whoever lost it (the director, a full listen queue).
     syn_retries: u64,
 }
 
@@ -961,7 +961,6 @@ impl Bed {
         Ok(Sample { t, effective_weights, reported, cpu, quota: quota.to_vec(), antagonist })
     }
 
-    /// `connections_total` of every server, from `fulcrumctl list --json`.
     /// The director's ring drops and the client's SYN retransmissions so far.
     fn losses(&self) -> Result<Losses> {
         let url = format!("http://{DIRECTOR_IP}:{METRICS_PORT}/metrics");
@@ -974,6 +973,7 @@ impl Bed {
         Ok(Losses { ring_drops: ring_drops as u64, syn_retries })
     }
 
+    /// `connections_total` of every server, from `fulcrumctl list --json`.
     fn connections_total(&self) -> Result<Vec<u64>> {
         let list = fulcrumctl_json(&self.socket, &["list", "--json"])?;
         let servers = list
