@@ -685,7 +685,11 @@ fn weights_reach_the_data_plane_atomics() {
 
 /// One scripted period of one server: CPU (possibly impossible), response time, probe failures, whether a new
 /// report arrived and how late it was received.
-fn arb_period() -> impl Strategy<Value = ((u16, Option<u32>, u32, bool, u64), (u32, u32, u32))> {
+/// One period of one server in [`weights_never_leave_their_bounds`]: its report (CPU, response time, probe
+/// failures, whether it is new, how late) and the director's counts (scheduled, % established, active).
+type Period = ((u16, Option<u32>, u32, bool, u64), (u32, u32, u32));
+
+fn arb_period() -> impl Strategy<Value = Period> {
     (
         (0u16..=12_000, proptest::option::of(0u32..=4_000_000_000), 0u32..5, any::<bool>(), 0u64..15),
         // The director's counts: connections scheduled this period, how many of all those not yet established
