@@ -1016,7 +1016,7 @@ fn demand(
     // Little's law: a server sent connections at a higher rate holds proportionally more open at once without
     // any queue (`active = rate × lifetime`), which matters for long-lived connections (keep-alive, streams);
     // only the growth beyond that is backlog.
-    let rate = arrived / seconds;
+    let rate = now.arrival_rate?;
     let expected = match before.arrival_rate {
         Some(previous) if previous > 0.0 => (f64::from(before.active) * (rate / previous - 1.0)).max(0.0),
         _ => 0.0,
@@ -1037,7 +1037,8 @@ struct Counts {
     established: u64,
     /// Connections established and not yet closed.
     active: u32,
-    /// Connections scheduled per second over the interval that ended here; `None` for the first.
+    /// Connections scheduled per second over the interval that ended here ([`Counts::since`]); `None` for the
+    /// first.
     arrival_rate: Option<f64>,
 }
 

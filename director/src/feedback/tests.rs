@@ -984,27 +984,65 @@ fn demand_exceeds_one_only_while_the_backlog_grows() {
     };
     // Saturated, sent 150 in the second and 50 of them still waiting: half again what it can do.
     let mut capacity = estimate(100.0);
-    let growing = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 10)), counts(at, 1_150, 60), at);
+    let growing = demand(
+        &cfg,
+        &mut capacity,
+        1.0,
+        Some(counts(start, 1_000, 10)),
+        counts(at, 1_150, 60).since(Some(counts(start, 1_000, 10))),
+        at,
+    );
     assert_eq!(growing, Some(Demand { ratio: 1.5, draining: false, kept_up: 100.0 / 150.0 }));
     // Estimated at 50 a second (outside work shared the CPU while it was sampled), then sent 150 and completed
     // them all: the sample may only double the estimate, to 100, so arrivals over the estimate read 1.5, but
     // it keeps up with what it is sent and its demand is 1.
     let mut capacity = estimate(50.0);
-    let keeping_up = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 10)), counts(at, 1_150, 10), at);
+    let keeping_up = demand(
+        &cfg,
+        &mut capacity,
+        1.0,
+        Some(counts(start, 1_000, 10)),
+        counts(at, 1_150, 10).since(Some(counts(start, 1_000, 10))),
+        at,
+    );
     assert_eq!(keeping_up, Some(Demand { ratio: 1.0, draining: false, kept_up: 1.0 }));
     assert_eq!(capacity.value, Some(100.0));
     // Sent 60 and 40 of its backlog of 50 done: it completes 100 a second, busy with a backlog its weight no
     // longer brings; what its weight brings is 0.6 of what it can do.
     let mut capacity = estimate(100.0);
-    let draining = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 50)), counts(at, 1_060, 10), at);
+    let draining = demand(
+        &cfg,
+        &mut capacity,
+        1.0,
+        Some(counts(start, 1_000, 50)),
+        counts(at, 1_060, 10).since(Some(counts(start, 1_000, 50))),
+        at,
+    );
     assert_eq!(draining, Some(Demand { ratio: 0.6, draining: true, kept_up: 1.0 }));
     // A few fewer active connections than before is not a backlog worked off.
     let mut capacity = estimate(100.0);
-    let steady = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 1_000, 12)), counts(at, 1_100, 10), at);
+    let steady = demand(
+        &cfg,
+        &mut capacity,
+        1.0,
+        Some(counts(start, 1_000, 12)),
+        counts(at, 1_100, 10).since(Some(counts(start, 1_000, 12))),
+        at,
+    );
     assert_eq!(steady.map(|d| d.draining), Some(false), "{steady:?}");
     // Below saturation there is no demand figure.
     let mut capacity = estimate(100.0);
-    assert_eq!(demand(&cfg, &mut capacity, 0.5, Some(counts(start, 1_000, 10)), counts(at, 1_050, 10), at), None);
+    assert_eq!(
+        demand(
+            &cfg,
+            &mut capacity,
+            0.5,
+            Some(counts(start, 1_000, 10)),
+            counts(at, 1_050, 10).since(Some(counts(start, 1_000, 10))),
+            at
+        ),
+        None
+    );
 }
 
 #[test]
@@ -1130,7 +1168,7 @@ fn the_cut_needs_a_saturated_server_whose_backlog_grew() {
             &mut capacity,
             cpu,
             Some(counts(start, 10_000, active_before)),
-            counts(at, 11_000, active),
+            counts(at, 11_000, active).since(Some(counts(start, 10_000, active_before))),
             at,
         );
         cut_to_backlog(d, 20.0)
@@ -1150,23 +1188,40 @@ fn the_cut_needs_a_saturated_server_whose_backlog_grew() {
     let mut capacity = Ewma::default();
     capacity.feed(Some(1_000.0), start, Duration::ZERO);
     let syn_drops = Counts { established: 10_700, ..counts(at, 11_000, 100) };
-    let d = demand(&cfg, &mut capacity, 1.0, Some(counts(start, 10_000, 100)), syn_drops, at);
+    let d = demand(
+        &cfg,
+        &mut capacity,
+        1.0,
+        Some(counts(start, 10_000, 100)),
+        syn_drops.since(Some(counts(start, 10_000, 100))),
+        at,
+    );
     assert_eq!(cut_to_backlog(d, 20.0), Some(14.0));
     // Long-lived connections (one second each) at twice the rate of the interval before: twice as many open at
     // once is no backlog (Little's law), though the active connections grew by half the arrivals.
     let mut capacity = Ewma::default();
     capacity.feed(Some(2_000.0), start, Duration::ZERO);
     let before = Counts { arrival_rate: Some(1_000.0), ..counts(start, 10_000, 1_000) };
-    let d = demand(&cfg, &mut capacity, 1.0, Some(before), counts(at, 12_000, 2_000), at);
+    let d = demand(&cfg, &mut capacity, 1.0, Some(before), counts(at, 12_000, 2_000).since(Some(before)), at);
     assert_eq!(cut_to_backlog(d, 20.0), None, "{d:?}");
     // The same growth at the same rate as before is a backlog.
     let steady = Counts { arrival_rate: Some(2_000.0), ..before };
-    let d = demand(&cfg, &mut capacity, 1.0, Some(steady), counts(at, 12_000, 2_000), at);
+    let d = demand(&cfg, &mut capacity, 1.0, Some(steady), counts(at, 12_000, 2_000).since(Some(steady)), at);
     assert_eq!(cut_to_backlog(d, 20.0), Some(10.0), "{d:?}");
     // Active connections that grew by more than got established came from elsewhere (the connection sync
     // installing the peer's around a takeover): the interval says nothing.
     let synced = Counts { established: 10_100, ..counts(at, 10_100, 600) };
-    assert_eq!(demand(&cfg, &mut capacity, 1.0, Some(counts(start, 10_000, 100)), synced, at), None);
+    assert_eq!(
+        demand(
+            &cfg,
+            &mut capacity,
+            1.0,
+            Some(counts(start, 10_000, 100)),
+            synced.since(Some(counts(start, 10_000, 100))),
+            at
+        ),
+        None
+    );
     // A weight of 1 stays 1.
     assert_eq!(cut_to_backlog(Some(Demand { ratio: 2.0, draining: false, kept_up: 0.1 }), 1.0), Some(1.0));
 }
