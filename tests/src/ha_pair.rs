@@ -125,11 +125,7 @@ impl PairDirector {
     /// Sum of the samples of `series` (exact name, any labels when `series` ends with `{`).
     pub fn metric(&self, series: &str) -> Result<f64> {
         let text = self.host.curl(&format!("http://{}:9469/metrics", self.ip), &["--max-time", "5"])?;
-        Ok(text
-            .lines()
-            .filter(|line| line.starts_with(series) && (series.ends_with('{') || line[series.len()..].starts_with(' ')))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(crate::metric_sum(&text, series).unwrap_or(0.0))
     }
 
     /// The MAC of the director's LAN interface.

@@ -49,7 +49,7 @@ use clap::{Parser, ValueEnum};
 use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec, SecondCounts};
 use fulcrum_tests::pki::Pki;
 use fulcrum_tests::quota::QuotaServer;
-use fulcrum_tests::{in_netns, median, require_root, try_workspace_bin, ChildGuard, Host, Testbed};
+use fulcrum_tests::{in_netns, median, metric_sum, require_root, try_workspace_bin, ChildGuard, Host, Testbed};
 use serde_json::Value;
 
 const CLIENT_IP: &str = "10.0.0.1";
@@ -638,15 +638,6 @@ impl Losses {
     }
 }
 
-/// The value of an unlabelled sample `name` in a Prometheus text exposition.
-fn metric_value(exposition: &str, name: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let value = rest.strip_prefix(' ')?;
-        value.split_whitespace().next()?.parse().ok()
-    })
-}
-
 /// The counter `name` of section `section` (e.g. `TcpExt`) in the text of `/proc/net/netstat`: each section
 /// is a line of names followed by a line of values, both prefixed `Section:`.
 fn netstat_value(netstat: &str, section: &str, name: &str) -> Option<u64> {
@@ -964,8 +955,8 @@ impl Bed {
     /// The director's ring drops and the client's SYN retransmissions so far.
     fn losses(&self) -> Result<Losses> {
         let url = format!("http://{DIRECTOR_IP}:{METRICS_PORT}/metrics");
-        let exposition = self.client.run(&["curl", "-sS", "--max-time", "5", &url])?;
-        let ring_drops = metric_value(&exposition, "fulcrum_ring_drops_total")
+        let exposition = self.client.curl(&url, &["--max-time", "5"])?;
+        let ring_drops = metric_sum(&exposition, "fulcrum_ring_drops_total")
             .with_context(|| format!("{url}: no fulcrum_ring_drops_total"))?;
         let netstat = self.client.run(&["cat", "/proc/net/netstat"])?;
         let syn_retries = netstat_value(&netstat, "TcpExt", "TCPSynRetrans")
@@ -1873,8 +1864,8 @@ mod tests {
     fn losses_are_read_from_the_metrics_and_netstat() {
         let exposition =
             "# TYPE fulcrum_ring_drops_total counter\nfulcrum_ring_drops_total_x 9\nfulcrum_ring_drops_total 42\n";
-        assert_eq!(metric_value(exposition, "fulcrum_ring_drops_total"), Some(42.0));
-        assert_eq!(metric_value(exposition, "fulcrum_ring_packets_total"), None);
+        assert_eq!(metric_sum(exposition, "fulcrum_ring_drops_total"), Some(42.0));
+        assert_eq!(metric_sum(exposition, "fulcrum_ring_packets_total"), None);
         let netstat =
             "TcpExt: SyncookiesSent TCPSynRetrans TCPTimeouts\nTcpExt: 0 17 20\nIpExt: InNoRoutes\nIpExt: 3\n";
         assert_eq!(netstat_value(netstat, "TcpExt", "TCPSynRetrans"), Some(17));
