@@ -616,7 +616,40 @@ struct RunResult {
     scheduled: Vec<u64>,
     /// Packets lost on the way during the run; `None` when they could not be read.
     losses: Option<Losses>,
+    /// The share of the whole machine's CPU time that was busy during the run; `None` when `/proc/stat` could
+    /// not be read.
+    host_busy: Option<f64>,
     samples: Vec<Sample>,
+}
+
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat` (all cores, in clock ticks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HostCpu {
+    /// Ticks spent idle or waiting for I/O.
+    idle: u64,
+    /// All ticks (guest time is already counted in user and nice).
+    total: u64,
+}
+
+impl HostCpu {
+    fn read() -> Result<HostCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        HostCpu::parse(&stat).context("/proc/stat: no `cpu` line with user … steal")
+    }
+
+    /// The `cpu` line: user nice system idle iowait irq softirq steal [guest guest_nice].
+    fn parse(stat: &str) -> Option<HostCpu> {
+        let line = stat.lines().find(|l| l.split_whitespace().next() == Some("cpu"))?;
+        let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+        (ticks.len() == 8).then(|| HostCpu { idle: ticks[3] + ticks[4], total: ticks.iter().sum() })
+    }
+
+    /// The busy share of the time between `before` and `self`.
+    fn busy_since(self, before: HostCpu) -> Option<f64> {
+        let total = self.total.checked_sub(before.total).filter(|&t| t > 0)?;
+        let idle = self.idle.checked_sub(before.idle)?.min(total);
+        Some(1.0 - idle as f64 / total as f64)
+    }
 }
 
 /// Packets lost on the way during a run, from counters read before and after it.
@@ -1010,6 +1043,7 @@ impl Bed {
             if worst_held { Some(self.servers[self.plan.antagonist()].start_antagonist()?) } else { None };
         let scheduled_before = self.connections_total()?;
         let losses_before = self.losses();
+        let host_before = HostCpu::read();
         let loader = self.start_load(load, duration)?;
         let t0 = Instant::now();
         let mut halved = false;
@@ -1036,6 +1070,13 @@ impl Bed {
         }
         drop(antagonist);
         let measured = loader.join().map_err(|_| anyhow!("the load generator thread panicked"))?;
+        let host_busy = match (HostCpu::read(), host_before) {
+            (Ok(after), Ok(before)) => after.busy_since(before),
+            (Err(e), _) | (_, Err(e)) => {
+                self.notes.push(format!("{} {} {}: host CPU not read: {e:#}", sched.name(), load.kind(), load.label()));
+                None
+            }
+        };
         let served: Vec<u64> = self.servers.iter().map(|s| count_lines(&s.nginx().dir().join("access.log"))).collect();
         let scheduled: Vec<u64> =
             self.connections_total()?.iter().zip(&scheduled_before).map(|(a, b)| a.saturating_sub(*b)).collect();
@@ -1068,11 +1109,12 @@ impl Bed {
             served,
             scheduled,
             losses,
+            host_busy,
             measured,
             samples,
         };
         log(format!(
-            "  {:.0} req/s, p99 {} ms, errors {:.2} %, CPU CV {}, settle {}, served {:?}, scheduled {:?}, {}",
+            "  {:.0} req/s, p99 {} ms, errors {:.2} %, CPU CV {}, settle {}, served {:?}, scheduled {:?}, {}, host CPU busy {}",
             result.measured.throughput,
             fmt_opt(result.measured.p99_ms, 1),
             result.measured.error_ratio * 100.0,
@@ -1084,6 +1126,7 @@ impl Bed {
                 || "losses unknown".to_string(),
                 |l| format!("ring drops {}, SYN retries {}", l.ring_drops, l.syn_retries)
             ),
+            fmt_share(result.host_busy),
         ));
         Ok(result)
     }
@@ -1358,6 +1401,11 @@ fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "–".to_string(), |v| format!("{v:.decimals$}"))
 }
 
+/// A share as a whole percentage, `–` when unknown.
+fn fmt_share(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_string(), |v| format!("{:.0} %", v * 100.0))
+}
+
 fn command_stdout(args: &[&str]) -> Option<String> {
     let out = Command::new(args[0]).args(&args[1..]).output().ok()?;
     let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
@@ -1367,7 +1415,7 @@ fn command_stdout(args: &[&str]) -> Option<String> {
 
 fn runs_csv(groups: &[&[Outcome]]) -> String {
     let mut s = String::from(
-        "kind,scheduler,concurrency,level_pct,offered_rps,throughput_rps,p50_ms,p99_ms,p999_ms,error_ratio,cpu_cv,weight_changes_per_min,settle_s,round,ring_drops,syn_retries\n",
+        "kind,scheduler,concurrency,level_pct,offered_rps,throughput_rps,p50_ms,p99_ms,p999_ms,error_ratio,cpu_cv,weight_changes_per_min,settle_s,round,ring_drops,syn_retries,host_cpu_busy\n",
     );
     let opt = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.3}"));
     for r in groups.iter().flat_map(|g| g.iter()).filter_map(Outcome::ok) {
@@ -1380,7 +1428,7 @@ fn runs_csv(groups: &[&[Outcome]]) -> String {
         let m = &r.measured;
         let _ = writeln!(
             s,
-            "{},{},{concurrency},{level},{offered},{:.1},{},{},{},{:.5},{},{:.2},{},{},{},{}",
+            "{},{},{concurrency},{level},{offered},{:.1},{},{},{},{:.5},{},{:.2},{},{},{},{},{}",
             r.load.kind(),
             r.sched.name(),
             m.throughput,
@@ -1394,6 +1442,7 @@ fn runs_csv(groups: &[&[Outcome]]) -> String {
             r.load.round(),
             r.losses.map_or_else(String::new, |l| l.ring_drops.to_string()),
             r.losses.map_or_else(String::new, |l| l.syn_retries.to_string()),
+            opt(r.host_busy),
         );
     }
     s
@@ -1566,9 +1615,12 @@ fn render(
     let _ = writeln!(s, "## Closed loop (wrk, 1 thread, {} s per run)\n", plan.closed.as_secs());
     let _ = writeln!(
         s,
-        "| scheduler | concurrency | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | requests served {servers_header} | CPU use of quota {servers_header} |"
+        "| scheduler | concurrency | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | host CPU busy | requests served {servers_header} | CPU use of quota {servers_header} |"
     );
-    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     render_rows(&mut s, closed);
     if !sustained.is_empty() {
         let _ = writeln!(
@@ -1580,10 +1632,12 @@ fn render(
         );
         let _ = writeln!(
             s,
-            "| scheduler | concurrency | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | requests served {servers_header} | CPU use of quota {servers_header} |"
+            "| scheduler | concurrency | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | host CPU busy | requests served {servers_header} | CPU use of quota {servers_header} |"
         );
-        let _ =
-            writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(
+            s,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
         render_rows(&mut s, sustained);
     }
     let how = match capacity.measured {
@@ -1604,11 +1658,11 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "| scheduler | load | offered req/s | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | requests served {servers_header} | CPU use of quota {servers_header} |"
+        "| scheduler | load | offered req/s | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | host CPU busy | requests served {servers_header} | CPU use of quota {servers_header} |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     render_rows(&mut s, open);
 
@@ -1706,12 +1760,26 @@ fn render(
          reported, and may weight the servers otherwise than by capacity.",
         plan.oracle_antagonist_share
     );
+    for &percent in &plan.levels {
+        if let Some(busy) = host_bound(open, percent) {
+            let _ = writeln!(
+                s,
+                "\n**At {percent} % the machine itself was the bottleneck:** its CPU was {:.0} % busy (median over \
+                 that level's runs). The load generator, the director and the servers share its cores, so the \
+                 servers did not get their quotas whenever they wanted them, and that level's latencies measure \
+                 the contention for the machine as much as the scheduling.",
+                busy * 100.0
+            );
+        }
+    }
 
     let _ = writeln!(s, "\n## Notes\n");
     let method = [
         "Everything shares this machine's cores: the load generator, the director, the agents and the nginx \
          servers. The quotas are set low so the servers saturate before the rest; figures taken on a busy machine \
          compare schedulers, they are not absolute.",
+        "host CPU busy: the share of the whole machine's CPU time (all cores, from /proc/stat) that was not idle \
+         during the run. Near 100 % the machine, not the servers' quotas, bounded the run.",
         "CPU CV: coefficient of variation over the servers of each cgroup's CPU use relative to its quota, over the \
          run (from cpuacct.usage / cpu.stat, integrated over the quota in force). 0 = every server equally loaded \
          for its size.",
@@ -1748,6 +1816,26 @@ fn render(
     let _ =
         writeln!(s, "- date: {date}; commit {} at the start; whole run {:.0} s", run.commit, run.elapsed.as_secs_f64());
     s
+}
+
+/// The machine's CPU, busy for at least this share of a level's runs (median), bounded them: see
+/// [`host_bound`].
+const HOST_BOUND: f64 = 0.9;
+
+/// The median host CPU busy share of the open-loop runs at `percent`, when it reaches [`HOST_BOUND`]. A host
+/// that busy leaves the servers' quotas unfilled at times. Measured on a 2-core machine whose kernel took three
+/// times as long per connection as the one before it (nginx on loopback, `Connection: close`: 12 300
+/// requests/s): the open loop at 70 % of the cluster's sustained capacity kept the machine 88 % busy, and 11–18 %
+/// of the requests were slow even in the scenario's quiet phase (df and wlc alike), where on the faster machine
+/// df's were under 0.1 % and wlc's under 4 %.
+fn host_bound(open: &[Outcome], percent: u32) -> Option<f64> {
+    let busy: Vec<f64> = open
+        .iter()
+        .filter_map(Outcome::ok)
+        .filter(|r| matches!(r.load, Load::Open { percent: p, .. } if p == percent))
+        .filter_map(|r| r.host_busy)
+        .collect();
+    median(busy).filter(|&b| b >= HOST_BOUND)
 }
 
 /// One level's row of the targets table: each figure per round (a scheduler compared only with the same
@@ -1833,7 +1921,7 @@ fn render_rows(s: &mut String, outcomes: &[Outcome]) {
                 let util: Vec<String> = r.cpu_util.iter().map(|u| format!("{:.0} %", u * 100.0)).collect();
                 let _ = writeln!(
                     s,
-                    "| {} | {load} |{offered} {:.0} | {} | {} | {} | {:.2} % | {} | {:.1} | {} | {} | {} | {} |",
+                    "| {} | {load} |{offered} {:.0} | {} | {} | {} | {:.2} % | {} | {:.1} | {} | {} | {} | {} | {} |",
                     r.sched.name(),
                     m.throughput,
                     fmt_opt(m.p50_ms, 1),
@@ -1844,6 +1932,7 @@ fn render_rows(s: &mut String, outcomes: &[Outcome]) {
                     r.changes_per_min,
                     r.settle.show(),
                     r.losses.map_or_else(|| "?".to_string(), |l| format!("{} · {}", l.ring_drops, l.syn_retries)),
+                    fmt_share(r.host_busy),
                     served.join(" / "),
                     util.join(" / "),
                 );
@@ -1874,6 +1963,21 @@ mod tests {
         assert_eq!(netstat_value("TcpExt: TCPSynRetrans\n", "TcpExt", "TCPSynRetrans"), None, "no value line");
         let before = Losses { ring_drops: 5, syn_retries: 10 };
         assert_eq!(Losses { ring_drops: 7, syn_retries: 10 }.since(before), Losses { ring_drops: 2, syn_retries: 0 });
+    }
+
+    #[test]
+    fn host_cpu_is_read_from_the_cpu_line() {
+        let stat = "cpu  100 5 50 800 45 0 0 0 0 0\ncpu0 50 2 25 400 20 0 0 0 0 0\nintr 1\n";
+        let before = HostCpu::parse(stat).unwrap();
+        assert_eq!(before, HostCpu { idle: 845, total: 1000 });
+        let after = HostCpu::parse("cpu  250 5 100 1000 45 0 0 0\n").unwrap();
+        // 200 busy ticks of 400.
+        assert_eq!(after.busy_since(before), Some(0.5));
+        assert_eq!(before.busy_since(before), None, "no time passed");
+        assert_eq!(before.busy_since(after), None, "counters went back");
+        assert_eq!(HostCpu::parse("cpu0 1 2 3 4 5 6 7 8\n"), None, "only the all-cores line counts");
+        assert_eq!(HostCpu::parse("cpu  1 2 x 4 5 6 7 8\n"), None);
+        assert_eq!(HostCpu::parse("cpu  1 2 3\n"), None);
     }
 
     fn secs(s: f64) -> Duration {
@@ -1932,6 +2036,7 @@ mod tests {
                 served: Vec::new(),
                 scheduled: Vec::new(),
                 losses: None,
+                host_busy: None,
                 samples: Vec::new(),
             };
             Outcome { sched, load, result: Ok(result) }
@@ -1963,6 +2068,21 @@ mod tests {
             targets_row(&two, 50),
             "| 50 % | – | not measured | not measured | not measured | not measured | not measured |"
         );
+        // The machine was busy in two of the level's runs out of three: the level is marked host-bound.
+        let busy = |mut o: Outcome, share: f64| {
+            if let Ok(r) = &mut o.result {
+                r.host_busy = Some(share);
+            }
+            o
+        };
+        let hosts = vec![
+            busy(run(Sched::Wlc, 1, 10.0, fixed), 0.95),
+            busy(run(Sched::Df, 1, 10.0, fixed), 0.97),
+            busy(run(Sched::Wlc, 2, 10.0, fixed), 0.50),
+        ];
+        assert_eq!(host_bound(&hosts, 90), Some(0.95));
+        assert_eq!(host_bound(&hosts[1..], 90), None, "median 0.735");
+        assert_eq!(host_bound(&hosts, 50), None, "no runs at 50 %");
     }
 
     #[test]
@@ -1981,6 +2101,7 @@ mod tests {
                 served: Vec::new(),
                 scheduled: Vec::new(),
                 losses: None,
+                host_busy: None,
                 samples: Vec::new(),
             };
             Outcome { sched, load, result: Ok(result) }
