@@ -610,6 +610,9 @@ struct Slot {
     rest_load: Ewma,
     /// The newest reports in a row that each read far off target on the same side.
     streak: Streak,
+    /// The weight was raised to take the overflow of servers that fell behind ([`Overflow`]): it keeps what
+    /// it took while every other server stays saturated.
+    overflow: bool,
     normal_before: bool,
     aggregate: Option<f64>,
     /// Sequence number and PSI `some total` of the newest accepted report that had one.
@@ -652,6 +655,7 @@ impl Slot {
             quiet_steps: 0,
             rest_load: Ewma::default(),
             streak: Streak::default(),
+            overflow: false,
             normal_before: false,
             aggregate: None,
             df_metrics: (0.0, 0.0),
@@ -790,6 +794,7 @@ impl Blender {
                 slot.quiet_steps = 0;
                 slot.rest_load = Ewma::default();
                 slot.streak = Streak::default();
+                slot.overflow = false;
             }
             slot.normal_before = normal;
         }
@@ -827,6 +832,7 @@ impl Blender {
             slot.df_metrics = (m.rt.unwrap_or(0.0), m.cpu.unwrap_or(0.0));
         }
         let reference = reference_load(cfg, &self.slots);
+        let service = Overflow::census(&self.slots, &self.outputs);
 
         // 4. Weight steps.
         for slot in self.slots.iter_mut() {
@@ -856,13 +862,26 @@ impl Blender {
                 let shedding = slot.smoothed.demand.is_some_and(|d| d.ratio > 1.0) && load > cfg.target;
                 let band = if shedding { cfg.hold_band } else { 3.0 * cfg.hold_band };
                 let cut = cut_to_backlog(slot.smoothed.demand, slot.weight);
+                let overflow = service.for_server(slot);
                 let holds = cut.is_none()
+                    && overflow != Overflow::Take
                     && slot.quiet_steps >= STEPS_TO_REST
                     && off(slot.rest_load.value.unwrap_or(load)) <= cfg.hold_band
                     && off(load) <= band
                     && slot.streak.len < REPORTS_TO_RELEASE;
                 if !holds {
                     let stepped = step(cfg, slot.weight, slot.configured, load, latest);
+                    let stepped = match overflow {
+                        Overflow::Take => stepped
+                            .max(slot.weight + rate_cap(cfg, slot.weight, f64::from(slot.configured)))
+                            .min(ceiling(cfg, slot.configured)),
+                        Overflow::Keep => stepped.max(slot.weight),
+                        Overflow::None => stepped,
+                    };
+                    slot.overflow = match overflow {
+                        Overflow::Take => true,
+                        _ => slot.overflow && stepped >= slot.weight,
+                    };
                     let stepped = cut.map_or(stepped, |cut| stepped.min(cut));
                     // A weight held on a bound that its load pushes against is pinned, not on target: it must
                     // follow the load as soon as the load turns, so it never comes to rest there. Nor does one
@@ -1163,6 +1182,75 @@ fn released(cfg: &BlenderConfig, slot: &Slot, load: f64) -> bool {
     // Pinned on the floor means a load over target, on the ceiling one under: the reports must lie opposite.
     let other_side = if load > cfg.target { -1 } else { 1 };
     pinned(cfg, slot, load, cfg.target) && slot.streak.side == other_side && slot.streak.len >= REPORTS_TO_UNPIN
+}
+
+/// What a server that keeps up does about the others' overflow.
+///
+/// A server whose CPU is taken by outside work (a noisy neighbour, a backup job: the antagonist of
+/// `bench/feedback`) reads saturated and slow whatever it is sent, so the rule pushes it to the floor of 1 and
+/// holds it there. That is right while the other servers have room for its share, and wrong once they do not:
+/// measured in `bench/feedback` (90 % load, the antagonist burning and the last server's quota halved), `df`
+/// held that server at 3–7 % of the connections while the other three fell behind and answered 21–33 % of theirs
+/// late, where `wlc` with perfect weights sent it 13 % and the others answered 2–3 % late. Its own requests are
+/// slow (they wait for its CPU quota), but by a bounded time, while a backlog elsewhere grows without bound. So
+/// a saturated server that completed everything it was sent is raised by the rate cap at every report in which
+/// another server fell behind (its backlog grew: [`Demand::kept_up`] below 1), and while every other server
+/// stays saturated it keeps what it took; once one of them has room again the rule takes it back down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    /// Another server fell behind: step up by the rate cap, past the hysteresis.
+    Take,
+    /// It took overflow before and every other server is still saturated: do not step down.
+    Keep,
+    /// The rule alone.
+    None,
+}
+
+/// The service's servers in normal state that fell behind and that are saturated, for [`Overflow`].
+#[derive(Debug, Clone, Copy)]
+struct Census {
+    normal: usize,
+    behind: usize,
+    saturated: usize,
+}
+
+impl Overflow {
+    fn census(slots: &[Slot], outputs: &[ServerOutput]) -> Census {
+        let mut census = Census { normal: 0, behind: 0, saturated: 0 };
+        for (slot, out) in slots.iter().zip(outputs) {
+            if out.status != FeedbackStatus::Normal || slot.configured == 0 || slot.aggregate.is_none() {
+                continue;
+            }
+            census.normal += 1;
+            census.behind += usize::from(behind(slot));
+            census.saturated += usize::from(slot.smoothed.demand.is_some());
+        }
+        census
+    }
+}
+
+impl Census {
+    /// What `slot` (one of the census's servers, or not in normal state) does about the others' overflow.
+    fn for_server(&self, slot: &Slot) -> Overflow {
+        let Some(d) = slot.smoothed.demand else { return Overflow::None };
+        if d.kept_up < 1.0 || d.ratio > 1.0 {
+            return Overflow::None;
+        }
+        // The slot itself is saturated and not behind: the others are the census less it.
+        let (others, others_saturated) = (self.normal.saturating_sub(1), self.saturated.saturating_sub(1));
+        if self.behind > 0 {
+            Overflow::Take
+        } else if slot.overflow && others > 0 && others_saturated == others {
+            Overflow::Keep
+        } else {
+            Overflow::None
+        }
+    }
+}
+
+/// Whether the server's backlog grew in its newest report interval.
+fn behind(slot: &Slot) -> bool {
+    slot.smoothed.demand.is_some_and(|d| d.kept_up < 1.0)
 }
 
 /// The weight a saturated server is cut to at once when it completed less than [`KEPT_UP_AT_LEAST`] of what it

@@ -1225,3 +1225,71 @@ fn the_cut_needs_a_saturated_server_whose_backlog_grew() {
     // A weight of 1 stays 1.
     assert_eq!(cut_to_backlog(Some(Demand { ratio: 2.0, draining: false, kept_up: 0.1 }), 1.0), Some(1.0));
 }
+
+/// A cluster in which the last server's CPU is taken by outside work: it reads 100 % busy and answers its
+/// probes in 8 ms whatever it is sent, yet completes up to `hog_capacity` connections a second of the director's.
+/// The others (capacities 100 and 200) report the CPU their completions take and probe in 0.5 ms plus 0.1 ms per
+/// connection waiting. One report a second with the director's counts, as in [`backlog_loop`]. Returns each
+/// period's effective weights and the others' backlog at the end.
+fn outside_work_loop(offered: f64, hog_capacity: f64, periods: u64) -> (Vec<Vec<u32>>, f64) {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let caps = [100.0, 200.0, hog_capacity];
+    let mut weights = vec![10u32; 3];
+    let (mut sent, mut backlog) = ([0.0f64; 3], [0.0f64; 3]);
+    let mut history = Vec::new();
+    for k in 0..periods {
+        let now = start + SEC * k as u32;
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let inputs: Vec<ServerInput> = (0..3)
+            .map(|i| {
+                let arrived = offered * f64::from(weights[i]) / total;
+                let completed = (backlog[i] + arrived).min(caps[i]);
+                backlog[i] += arrived - completed;
+                sent[i] += arrived;
+                let (cpu, rt_us, stalled) = if i == 2 {
+                    (1.0, 8000.0, 0.8)
+                } else {
+                    let cpu = (completed / caps[i]).min(1.0);
+                    (cpu, 500.0 + 100.0 * backlog[i], 0.3 * cpu)
+                };
+                let bp = |share: f64| (share * 10_000.0).round() as u16;
+                let mut r = report(k + 1, now, bp(cpu));
+                r.response_time_us = Some(rt_us.round() as u32);
+                r.cpu_pressure_bp = Some(bp(stalled));
+                let mut input = server(i as u64, 10, Some(r));
+                input.connections_total = sent[i].round() as u64;
+                input.connections_established = input.connections_total;
+                input.active = backlog[i].round() as u32;
+                input
+            })
+            .collect();
+        weights = b.update(now, &inputs).iter().map(|o| o.effective_weight).collect();
+        history.push(weights.clone());
+    }
+    (history, backlog[0] + backlog[1])
+}
+
+#[test]
+fn a_server_busy_with_outside_work_takes_the_overflow_of_servers_that_fall_behind() {
+    // The two others can complete 300 a second; 360 are offered. On the floor of 1 the busy server takes under
+    // 2 % of them and the others' backlog would grow by about 55 a second for ever: it is raised as long as
+    // they fall behind, and keeps what it took while they stay saturated.
+    let (history, backlog) = outside_work_loop(360.0, 150.0, 60);
+    let last = history.last().unwrap();
+    let hog = shares(last)[2];
+    assert!(
+        hog >= 60.0 / 360.0 * 0.9,
+        "it ended with {hog:.3} of the weight, the others' backlog {backlog:.0}: {history:?}"
+    );
+    let growth = {
+        let (_, earlier) = outside_work_loop(360.0, 150.0, 50);
+        backlog - earlier
+    };
+    assert!(growth < 100.0, "the others' backlog still grew by {growth:.0} in the last 10 s: {history:?}");
+    // With room for everything at the others (240 of their 300), it goes to the floor and stays there: its
+    // answers are slow, and nobody needs it.
+    let (history, backlog) = outside_work_loop(240.0, 150.0, 60);
+    assert!(history[20..].iter().all(|w| w[2] == 1), "{history:?}");
+    assert!(backlog < 10.0, "{backlog:.0}");
+}
