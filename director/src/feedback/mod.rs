@@ -112,6 +112,10 @@
 //!   renormalisation then scales every weight alike, the cut one included, so its share of the traffic falls
 //!   by less than the cut: the freed share is spread over all servers in proportion. The averages take seconds
 //!   to show what the director's counts show at the first report.
+//! * **A server busy with outside work takes the overflow** ([`Overflow`]): a saturated server that completed
+//!   all it was sent is raised by the rate cap at each report in which another server fell behind, and keeps
+//!   what it took while every other server stays saturated. Its CPU and response time read busy whatever its
+//!   weight, which alone would hold it on the floor while the others' backlogs grow.
 //! * **A step needs the newest report's agreement.** The averages trail the weight by about a half-life, so
 //!   right after a move they still read the load of the weight before it. A weight moves only when the newest
 //!   report alone also lies on the side of the target that the average points to; otherwise it waits (and
