@@ -836,7 +836,7 @@ impl Blender {
             slot.df_metrics = (m.rt.unwrap_or(0.0), m.cpu.unwrap_or(0.0));
         }
         let reference = reference_load(cfg, &self.slots);
-        let service = Overflow::census(&self.slots, &self.outputs);
+        let service = Census::of(&self.slots, &self.outputs);
 
         // 4. Weight steps.
         for slot in self.slots.iter_mut() {
@@ -1078,6 +1078,13 @@ struct Demand {
     kept_up: f64,
 }
 
+impl Demand {
+    /// The server's backlog grew in the interval (see [`Demand::kept_up`]).
+    fn behind(self) -> bool {
+        self.kept_up < 1.0
+    }
+}
+
 /// The share of the time since the previous accepted report (`previous`: its sequence number and PSI total)
 /// in which the server's tasks stalled on CPU: `Δ some total / (Δ seq × interval)`, at most 1. `None` without
 /// two totals in a row of the same counter (a restarted agent's counter may start lower).
@@ -1218,26 +1225,24 @@ struct Census {
     saturated: usize,
 }
 
-impl Overflow {
-    fn census(slots: &[Slot], outputs: &[ServerOutput]) -> Census {
+impl Census {
+    fn of(slots: &[Slot], outputs: &[ServerOutput]) -> Census {
         let mut census = Census { normal: 0, behind: 0, saturated: 0 };
         for (slot, out) in slots.iter().zip(outputs) {
             if out.status != FeedbackStatus::Normal || slot.configured == 0 || slot.aggregate.is_none() {
                 continue;
             }
             census.normal += 1;
-            census.behind += usize::from(behind(slot));
+            census.behind += usize::from(slot.smoothed.demand.is_some_and(|d| d.behind()));
             census.saturated += usize::from(slot.smoothed.demand.is_some());
         }
         census
     }
-}
 
-impl Census {
     /// What `slot` (one of the census's servers, or not in normal state) does about the others' overflow.
     fn for_server(&self, slot: &Slot) -> Overflow {
         let Some(d) = slot.smoothed.demand else { return Overflow::None };
-        if d.kept_up < 1.0 || d.ratio > 1.0 {
+        if d.behind() || d.ratio > 1.0 {
             return Overflow::None;
         }
         // The slot itself is saturated and not behind: the others are the census less it.
@@ -1250,11 +1255,6 @@ impl Census {
             Overflow::None
         }
     }
-}
-
-/// Whether the server's backlog grew in its newest report interval.
-fn behind(slot: &Slot) -> bool {
-    slot.smoothed.demand.is_some_and(|d| d.kept_up < 1.0)
 }
 
 /// The weight a saturated server is cut to at once when it completed less than [`KEPT_UP_AT_LEAST`] of what it

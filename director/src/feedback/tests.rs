@@ -867,12 +867,40 @@ fn configured_weight_one_still_gets_feedback() {
 /// the backlog); without them the blender sees the CPU alone. `capacities(k)` gives period k's capacities.
 /// Returns each period's effective weights.
 fn backlog_loop(capacities: impl Fn(u64) -> Vec<f64>, offered: f64, periods: u64, counts: bool) -> Vec<Vec<u32>> {
+    let cpu_only = |_, seq, now, served: Served| report(seq, now, bp(served.completed / served.capacity));
+    queue_loop(100, capacities, offered, periods, counts, cpu_only).0
+}
+
+/// One server's period in [`queue_loop`].
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    completed: f64,
+    capacity: f64,
+    /// Connections still waiting at the end of the period.
+    backlog: f64,
+}
+
+/// A share (capped at 1) in basis points.
+fn bp(share: f64) -> u16 {
+    (share.min(1.0) * 10_000.0).round() as u16
+}
+
+/// The queueing cluster behind [`backlog_loop`], every server configured at `configured`, each report made by
+/// `report_of(server, seq, now, what it served)`. Returns each period's effective weights and backlogs.
+fn queue_loop(
+    configured: u32,
+    capacities: impl Fn(u64) -> Vec<f64>,
+    offered: f64,
+    periods: u64,
+    counts: bool,
+    report_of: impl Fn(usize, u64, Instant, Served) -> ReportInput,
+) -> (Vec<Vec<u32>>, Vec<Vec<f64>>) {
     let mut b = blender(BlenderConfig::default());
     let start = t0();
     let n = capacities(0).len();
-    let mut weights = vec![100u32; n];
+    let mut weights = vec![configured; n];
     let (mut sent, mut backlog) = (vec![0.0f64; n], vec![0.0f64; n]);
-    let mut history = Vec::new();
+    let (mut history, mut backlogs) = (Vec::new(), Vec::new());
     for k in 0..periods {
         let now = start + SEC * k as u32;
         let caps = capacities(k);
@@ -883,8 +911,8 @@ fn backlog_loop(capacities: impl Fn(u64) -> Vec<f64>, offered: f64, periods: u64
                 let completed = (backlog[i] + arrived).min(caps[i]);
                 backlog[i] += arrived - completed;
                 sent[i] += arrived;
-                let cpu = ((completed / caps[i]).min(1.0) * 10_000.0).round() as u16;
-                let mut input = server(i as u64, 100, Some(report(k + 1, now, cpu)));
+                let served = Served { completed, capacity: caps[i], backlog: backlog[i] };
+                let mut input = server(i as u64, configured, Some(report_of(i, k + 1, now, served)));
                 if counts {
                     input.connections_total = sent[i].round() as u64;
                     input.connections_established = input.connections_total;
@@ -895,8 +923,9 @@ fn backlog_loop(capacities: impl Fn(u64) -> Vec<f64>, offered: f64, periods: u64
             .collect();
         weights = b.update(now, &inputs).iter().map(|o| o.effective_weight).collect();
         history.push(weights.clone());
+        backlogs.push(backlog.clone());
     }
-    history
+    (history, backlogs)
 }
 
 /// Each server's share of the weight sum.
@@ -1229,45 +1258,23 @@ fn the_cut_needs_a_saturated_server_whose_backlog_grew() {
 /// A cluster in which the last server's CPU is taken by outside work: it reads 100 % busy and answers its
 /// probes in 8 ms whatever it is sent, yet completes up to `hog_capacity` connections a second of the director's.
 /// The others (capacities 100 and 200) report the CPU their completions take and probe in 0.5 ms plus 0.1 ms per
-/// connection waiting. One report a second with the director's counts, as in [`backlog_loop`]. Returns each
-/// period's effective weights and the others' backlog at the end.
-fn outside_work_loop(offered: f64, hog_capacity: f64, periods: u64) -> (Vec<Vec<u32>>, f64) {
-    let mut b = blender(BlenderConfig::default());
-    let start = t0();
-    let caps = [100.0, 200.0, hog_capacity];
-    let mut weights = vec![10u32; 3];
-    let (mut sent, mut backlog) = ([0.0f64; 3], [0.0f64; 3]);
-    let mut history = Vec::new();
-    for k in 0..periods {
-        let now = start + SEC * k as u32;
-        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-        let inputs: Vec<ServerInput> = (0..3)
-            .map(|i| {
-                let arrived = offered * f64::from(weights[i]) / total;
-                let completed = (backlog[i] + arrived).min(caps[i]);
-                backlog[i] += arrived - completed;
-                sent[i] += arrived;
-                let (cpu, rt_us, stalled) = if i == 2 {
-                    (1.0, 8000.0, 0.8)
-                } else {
-                    let cpu = (completed / caps[i]).min(1.0);
-                    (cpu, 500.0 + 100.0 * backlog[i], 0.3 * cpu)
-                };
-                let bp = |share: f64| (share * 10_000.0).round() as u16;
-                let mut r = report(k + 1, now, bp(cpu));
-                r.response_time_us = Some(rt_us.round() as u32);
-                r.cpu_pressure_bp = Some(bp(stalled));
-                let mut input = server(i as u64, 10, Some(r));
-                input.connections_total = sent[i].round() as u64;
-                input.connections_established = input.connections_total;
-                input.active = backlog[i].round() as u32;
-                input
-            })
-            .collect();
-        weights = b.update(now, &inputs).iter().map(|o| o.effective_weight).collect();
-        history.push(weights.clone());
-    }
-    (history, backlog[0] + backlog[1])
+/// connection waiting. One report a second with the director's counts ([`queue_loop`]). Returns each period's
+/// effective weights and the others' backlog.
+fn outside_work_loop(offered: f64, hog_capacity: f64, periods: u64) -> (Vec<Vec<u32>>, Vec<f64>) {
+    let report_of = |i: usize, seq: u64, now: Instant, served: Served| {
+        let (cpu, rt_us, stalled) = if i == 2 {
+            (1.0, 8000.0, 0.8)
+        } else {
+            let cpu = (served.completed / served.capacity).min(1.0);
+            (cpu, 500.0 + 100.0 * served.backlog, 0.3 * cpu)
+        };
+        let mut r = report(seq, now, bp(cpu));
+        r.response_time_us = Some(rt_us.round() as u32);
+        r.cpu_pressure_bp = Some(bp(stalled));
+        r
+    };
+    let (history, backlogs) = queue_loop(10, |_| vec![100.0, 200.0, hog_capacity], offered, periods, true, report_of);
+    (history, backlogs.iter().map(|b| b[0] + b[1]).collect())
 }
 
 #[test]
@@ -1276,20 +1283,17 @@ fn a_server_busy_with_outside_work_takes_the_overflow_of_servers_that_fall_behin
     // 2 % of them and the others' backlog would grow by about 55 a second for ever: it is raised as long as
     // they fall behind, and keeps what it took while they stay saturated.
     let (history, backlog) = outside_work_loop(360.0, 150.0, 60);
-    let last = history.last().unwrap();
+    let (last, backlog_at_end) = (&history[59], backlog[59]);
     let hog = shares(last)[2];
     assert!(
         hog >= 60.0 / 360.0 * 0.9,
-        "it ended with {hog:.3} of the weight, the others' backlog {backlog:.0}: {history:?}"
+        "it ended with {hog:.3} of the weight, the others' backlog {backlog_at_end:.0}: {history:?}"
     );
-    let growth = {
-        let (_, earlier) = outside_work_loop(360.0, 150.0, 50);
-        backlog - earlier
-    };
+    let growth = backlog_at_end - backlog[49];
     assert!(growth < 100.0, "the others' backlog still grew by {growth:.0} in the last 10 s: {history:?}");
     // With room for everything at the others (240 of their 300), it goes to the floor and stays there: its
     // answers are slow, and nobody needs it.
     let (history, backlog) = outside_work_loop(240.0, 150.0, 60);
     assert!(history[20..].iter().all(|w| w[2] == 1), "{history:?}");
-    assert!(backlog < 10.0, "{backlog:.0}");
+    assert!(backlog[59] < 10.0, "{:.0}", backlog[59]);
 }
