@@ -1818,6 +1818,11 @@ fn render(
     s
 }
 
+/// The open-loop runs at `percent` that completed.
+fn runs_at(open: &[Outcome], percent: u32) -> impl Iterator<Item = &RunResult> {
+    open.iter().filter_map(Outcome::ok).filter(move |r| matches!(r.load, Load::Open { percent: p, .. } if p == percent))
+}
+
 /// The machine's CPU, busy for at least this share of a level's runs (median), bounded them: see
 /// [`host_bound`].
 const HOST_BOUND: f64 = 0.9;
@@ -1829,23 +1834,14 @@ const HOST_BOUND: f64 = 0.9;
 /// of the requests were slow even in the scenario's quiet phase (df and wlc alike), where on the faster machine
 /// df's were under 0.1 % and wlc's under 4 %.
 fn host_bound(open: &[Outcome], percent: u32) -> Option<f64> {
-    let busy: Vec<f64> = open
-        .iter()
-        .filter_map(Outcome::ok)
-        .filter(|r| matches!(r.load, Load::Open { percent: p, .. } if p == percent))
-        .filter_map(|r| r.host_busy)
-        .collect();
+    let busy: Vec<f64> = runs_at(open, percent).filter_map(|r| r.host_busy).collect();
     median(busy).filter(|&b| b >= HOST_BOUND)
 }
 
 /// One level's row of the targets table: each figure per round (a scheduler compared only with the same
 /// round's runs), the verdict on the median over the rounds.
 fn targets_row(open: &[Outcome], percent: u32) -> String {
-    let runs: Vec<&RunResult> = open
-        .iter()
-        .filter_map(Outcome::ok)
-        .filter(|r| matches!(r.load, Load::Open { percent: p, .. } if p == percent))
-        .collect();
+    let runs: Vec<&RunResult> = runs_at(open, percent).collect();
     let mut rounds: Vec<u32> = runs.iter().map(|r| r.load.round()).collect();
     rounds.sort_unstable();
     rounds.dedup();
