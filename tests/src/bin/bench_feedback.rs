@@ -21,11 +21,11 @@
 //!
 //! Load, new connection per request (`Connection: close`, so the scheduler decides every request):
 //! 1. closed loop, `wrk` at each concurrency (default 50 … 800): the median throughput of the schedulers other
-//!    than `rr` at the best concurrency is the scenario's mean capacity; at that concurrency each scheduler
-//!    (but `rr`) again with the worst phase held throughout (quota halved, antagonist on), then through the
-//!    scenario: the median ratio of the pairs times the mean capacity is the sustained capacity, what the
-//!    cluster serves at every moment;
-//! 2. open loop at 50 %, 70 % and 90 % of the sustained capacity ([`fulcrum_tests::loadgen`]: fixed rate, latency from
+//!    than `rr` at the best concurrency is the scenario's mean capacity;
+//! 2. the sustained capacity, what the cluster keeps up with at every moment: the open loop with the worst phase
+//!    held throughout (quota halved, antagonist on) and `wlc-oracle` spreading it, at rates found by halving the
+//!    interval between 0 and the mean capacity ([`RateSearch`], [`kept_up`]);
+//! 3. open loop at 50 %, 70 % and 90 % of the sustained capacity ([`fulcrum_tests::loadgen`]: fixed rate, latency from
 //!    each request's intended send time, so queueing is not hidden).
 //!
 //! Per run: throughput, p50/p99/p99.9 latency, error rate, the CPU spread over the servers (coefficient of
@@ -103,7 +103,7 @@ struct Args {
     /// Closed-loop wrk concurrencies [default: 50,100,200,400,800; quick: 50,400].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=10_000))]
     concurrency: Option<Vec<u32>>,
-    /// Seconds per closed-loop run [default: 30; quick: 8].
+    /// Seconds per closed-loop run and per step of the capacity search [default: 30; quick: 8].
     #[arg(long, value_parser = clap::value_parser!(u64).range(4..=3600))]
     closed_seconds: Option<u64>,
     /// Open-loop rates, in % of the sustained capacity [default: 50,70,90; quick: 70].
@@ -394,20 +394,48 @@ fn measured_capacity(closed: &[Outcome]) -> Option<(u32, f64)> {
         .max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
-/// The median over the pairs of runs (a run with the worst phase held, then one through the scenario, of the same
-/// scheduler) of the first's throughput over the second's. `None` without a completed pair.
-fn worst_phase_ratio(pairs: &[Outcome]) -> Option<f64> {
-    let mut ratios = Vec::new();
-    for pair in pairs.windows(2) {
-        if let (Load::Sustained { .. }, Load::Closed { .. }, Some(held), Some(through)) =
-            (pair[0].load, pair[1].load, pair[0].ok(), pair[1].ok())
-        {
-            if pair[0].sched == pair[1].sched && through.measured.throughput > 0.0 {
-                ratios.push(held.measured.throughput / through.measured.throughput);
-            }
+/// Halvings of the interval in doubt when measuring the sustained capacity: 6 leave it at 1/64 of the mean
+/// capacity, a few % of the result.
+const CAPACITY_STEPS: u32 = 6;
+
+/// The search for the highest fixed rate the cluster keeps up with ([`kept_up`]): each step tries the middle of
+/// the interval still in doubt, between the highest rate kept up with (0 at first) and the lowest one not kept
+/// up with (the upper bound at first).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct RateSearch {
+    kept_up: f64,
+    not_kept_up: f64,
+}
+
+impl RateSearch {
+    fn new(upper: f64) -> RateSearch {
+        RateSearch { kept_up: 0.0, not_kept_up: upper }
+    }
+
+    fn next_rate(&self) -> f64 {
+        (self.kept_up + self.not_kept_up) / 2.0
+    }
+
+    fn record(&mut self, rate: f64, kept_up: bool) {
+        if kept_up {
+            self.kept_up = self.kept_up.max(rate);
+        } else {
+            self.not_kept_up = self.not_kept_up.min(rate);
         }
     }
-    median(ratios)
+
+    /// The highest rate kept up with; `None` before any was.
+    fn result(&self) -> Option<f64> {
+        (self.kept_up > 0.0).then_some(self.kept_up)
+    }
+}
+
+/// Whether an open-loop run kept up with its rate: every request answered, and the median within [`SLOW_AFTER`]
+/// (half a CFS period), so the median request waited neither in a queue nor for a throttled quota. Not the
+/// servers' CPU: they run at their quota's limit well below this rate (measured: 93–100 % of each quota at
+/// 3 301 requests/s with the median at 2.3 ms; 2.8 ms at 5 364 requests/s, 13.0 ms at 5 777).
+fn kept_up(measured: &Measured) -> bool {
+    measured.error_ratio == 0.0 && measured.p50_ms.is_some_and(|p50| p50 <= SLOW_AFTER.as_secs_f64() * 1000.0)
 }
 
 /// The median throughput of the completed runs, leaving out `rr` unless it is all there is.
@@ -530,9 +558,9 @@ fn weight_changes(samples: &[Sample]) -> u64 {
 enum Load {
     /// `wrk` at this concurrency through the scenario.
     Closed { concurrency: u32 },
-    /// `wrk` at this concurrency with the scenario's worst phase held throughout (the last server's quota halved,
-    /// the antagonist burning): what the cluster sustains at every moment of a run.
-    Sustained { concurrency: u32 },
+    /// A fixed rate with the scenario's worst phase held throughout (the last server's quota halved, the
+    /// antagonist burning): a step of the search for the sustained capacity.
+    Held { rate: f64 },
     /// A fixed rate through the scenario; `round` (from 1) when the open loop is repeated.
     Open { percent: u32, rate: f64, round: Option<u32> },
 }
@@ -541,7 +569,7 @@ impl Load {
     fn kind(&self) -> &'static str {
         match self {
             Load::Closed { .. } => "closed",
-            Load::Sustained { .. } => "sustained",
+            Load::Held { .. } => "held",
             Load::Open { .. } => "open",
         }
     }
@@ -549,7 +577,7 @@ impl Load {
     fn label(&self) -> String {
         match self {
             Load::Closed { concurrency } => format!("c={concurrency}"),
-            Load::Sustained { concurrency } => format!("c={concurrency} held"),
+            Load::Held { rate } => format!("{rate:.0}/s"),
             Load::Open { percent, round: None, .. } => format!("{percent} %"),
             Load::Open { percent, round: Some(round), .. } => format!("{percent} % #{round}"),
         }
@@ -563,11 +591,11 @@ impl Load {
         }
     }
 
-    /// The closed loop's concurrency (through the scenario; not the sustained runs).
+    /// The closed loop's concurrency.
     fn concurrency(&self) -> Option<u32> {
         match self {
             Load::Closed { concurrency } => Some(*concurrency),
-            Load::Sustained { .. } | Load::Open { .. } => None,
+            Load::Held { .. } | Load::Open { .. } => None,
         }
     }
 
@@ -575,7 +603,7 @@ impl Load {
     fn column(&self) -> String {
         match self {
             Load::Closed { concurrency } => concurrency.to_string(),
-            Load::Sustained { concurrency } => format!("{concurrency}, held"),
+            Load::Held { .. } => "held".to_string(),
             Load::Open { .. } => self.label(),
         }
     }
@@ -706,10 +734,9 @@ struct Capacity {
     /// has halved and the antagonist burns (measured: 24 656 requests/s offered where wlc, p2c and df all queued
     /// for a second), and then every scheduler's p99 is its backlog, not its choices.
     sustained: f64,
-    /// How `sustained` was measured, `(mean, ratio)`: the closed loop's capacity through the whole scenario, and
-    /// what the cluster serves with the worst phase held as a share of it (`sustained = mean × ratio`). `None`
-    /// when `--capacity` gave it.
-    measured: Option<(f64, f64)>,
+    /// The closed loop's capacity through the whole scenario, the upper bound of the search for `sustained`.
+    /// `None` when `--capacity` gave `sustained`.
+    mean: Option<f64>,
 }
 
 fn main() {
@@ -746,27 +773,37 @@ fn run(args: &Args) -> Result<()> {
             closed.push(Outcome { sched, load, result });
         }
     }
-    let mut sustained: Vec<Outcome> = Vec::new();
+    let mut held: Vec<Outcome> = Vec::new();
     let capacity = match args.capacity {
-        Some(c) if c > 0.0 => Capacity { sustained: c, measured: None },
+        Some(c) if c > 0.0 => Capacity { sustained: c, mean: None },
         Some(c) => bail!("--capacity must be positive, not {c}"),
         None => {
             let (concurrency, mean) = measured_capacity(&closed)
                 .context("no closed-loop run completed a request: no capacity to base the open loop on")?;
             log(format!("mean capacity through the scenario: {mean:.0} requests/s (c={concurrency})"));
-            // Each run with the worst phase held is followed by one through the scenario, and only their ratio
-            // is kept: the host's speed drifts by a third within minutes (measured: held runs at 33 000
-            // requests/s where the scenario's had made 26 000), and one pair half a minute apart shares it.
-            for &sched in without_rr(closed_schedulers.iter(), |&s| s, |_| true) {
-                for load in [Load::Sustained { concurrency }, Load::Closed { concurrency }] {
-                    let result = bed.run_once(sched, load, plan.closed).map_err(|e| short_reason(&e));
-                    sustained.push(Outcome { sched, load, result });
-                }
+            // The open loop itself measures what it may offer, with the generator and the cost per request of
+            // the levels it sets. The closed-loop measure before it (wrk with the worst phase held over wrk
+            // through the scenario, times the mean capacity) rode on wrk's deep queues, in which nginx accepts
+            // in batches: on the machine of 6 December it gave 6 497 requests/s, and this search 5 468 an hour
+            // later. The host's drift between steps is not cancelled; each step is short and follows the last.
+            let mut search = RateSearch::new(mean);
+            for _ in 0..CAPACITY_STEPS {
+                let rate = search.next_rate();
+                let load = Load::Held { rate };
+                let result = bed.run_once(Sched::WlcOracle, load, plan.closed).map_err(|e| short_reason(&e));
+                let kept = result.as_ref().is_ok_and(|r| kept_up(&r.measured));
+                log(format!("  {}", if kept { "kept up" } else { "did not keep up" }));
+                search.record(rate, kept);
+                held.push(Outcome { sched: Sched::WlcOracle, load, result });
             }
-            let ratio = worst_phase_ratio(&sustained).context(
-                "no pair of runs with and without the worst phase held completed: no capacity for the open loop",
-            )?;
-            Capacity { sustained: mean * ratio, measured: Some((mean, ratio)) }
+            let sustained = search.result().with_context(|| {
+                format!(
+                    "wlc-oracle kept up with none of the rates tried with the worst phase held, down to {:.0} \
+                     requests/s: no capacity for the open loop",
+                    search.not_kept_up
+                )
+            })?;
+            Capacity { sustained, mean: Some(mean) }
         }
     };
     log(format!("sustained capacity: {:.0} requests/s", capacity.sustained));
@@ -784,16 +821,16 @@ fn run(args: &Args) -> Result<()> {
     let notes = std::mem::take(&mut bed.notes);
     drop(bed);
     if let Some(path) = &args.csv {
-        write_file(path, &runs_csv(&[&closed, &sustained, &open]))?;
+        write_file(path, &runs_csv(&[&closed, &held, &open]))?;
     }
     if let Some(path) = &args.timeline_csv {
-        write_file(path, &timeline_csv(&[&closed, &sustained, &open]))?;
+        write_file(path, &timeline_csv(&[&closed, &held, &open]))?;
     }
     if let Some(path) = &args.seconds_csv {
         write_file(path, &seconds_csv(&open))?;
     }
     let run = RunInfo { elapsed: started.elapsed(), commit };
-    print!("{}", render(&plan, &capacity, &closed, &sustained, &open, &notes, &run));
+    print!("{}", render(&plan, &capacity, &closed, &held, &open, &notes, &run));
     Ok(())
 }
 
@@ -1030,7 +1067,7 @@ impl Bed {
         // of queueing to undo it). Every scheduler starts from the configured weights.
         std::thread::sleep(GAP);
         let mut quota = self.plan.quotas.clone();
-        let worst_held = matches!(load, Load::Sustained { .. });
+        let worst_held = matches!(load, Load::Held { .. });
         let changing = self.plan.changing();
         if worst_held {
             quota[changing] = self.plan.quotas[changing] / 2.0;
@@ -1171,10 +1208,8 @@ impl Bed {
         let script = self.wrk_script.clone();
         let servers = self.servers.iter().map(|s| s.host().name().to_string()).collect();
         Ok(std::thread::spawn(move || match load {
-            Load::Closed { concurrency } | Load::Sustained { concurrency } => {
-                closed_loop(&client, &script, concurrency, duration)
-            }
-            Load::Open { rate, .. } => open_loop(&client, servers, rate, duration),
+            Load::Closed { concurrency } => closed_loop(&client, &script, concurrency, duration),
+            Load::Open { rate, .. } | Load::Held { rate } => open_loop(&client, servers, rate, duration),
         }))
     }
 }
@@ -1420,10 +1455,9 @@ fn runs_csv(groups: &[&[Outcome]]) -> String {
     let opt = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.3}"));
     for r in groups.iter().flat_map(|g| g.iter()).filter_map(Outcome::ok) {
         let (concurrency, level, offered) = match r.load {
-            Load::Closed { concurrency } | Load::Sustained { concurrency } => {
-                (concurrency.to_string(), String::new(), String::new())
-            }
+            Load::Closed { concurrency } => (concurrency.to_string(), String::new(), String::new()),
             Load::Open { percent, rate, .. } => (String::new(), percent.to_string(), format!("{rate:.1}")),
+            Load::Held { rate } => (String::new(), String::new(), format!("{rate:.1}")),
         };
         let m = &r.measured;
         let _ = writeln!(
@@ -1587,7 +1621,7 @@ fn render(
     plan: &Plan,
     capacity: &Capacity,
     closed: &[Outcome],
-    sustained: &[Outcome],
+    held: &[Outcome],
     open: &[Outcome],
     notes: &[String],
     run: &RunInfo,
@@ -1622,32 +1656,43 @@ fn render(
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     render_rows(&mut s, closed);
-    if !sustained.is_empty() {
+    let open_header = format!(
+        "| scheduler | load | offered req/s | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | host CPU busy | requests served {servers_header} | CPU use of quota {servers_header} |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    if !held.is_empty() {
         let _ = writeln!(
             s,
-            "\n## Worst phase held (wrk, {} s per run: rs{}'s quota halved and the antagonist burning throughout, \
-             each run followed by one through the scenario)\n",
+            "\n## Sustained capacity (open loop, {} s per step, rs{}'s quota halved and the antagonist burning \
+             throughout, wlc-oracle spreading it; a step kept up when every request was answered and the median \
+             within {} ms)\n",
             plan.closed.as_secs(),
             plan.changing() + 1,
+            SLOW_AFTER.as_millis(),
         );
-        let _ = writeln!(
-            s,
-            "| scheduler | concurrency | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | host CPU busy | requests served {servers_header} | CPU use of quota {servers_header} |"
-        );
-        let _ = writeln!(
-            s,
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-        );
-        render_rows(&mut s, sustained);
+        let _ = writeln!(s, "{open_header}");
+        render_rows(&mut s, held);
+        let verdicts: Vec<String> = held
+            .iter()
+            .filter_map(|o| match o.load {
+                Load::Held { rate } => Some(format!(
+                    "{rate:.0} {}",
+                    if o.ok().is_some_and(|r| kept_up(&r.measured)) { "kept up" } else { "did not keep up" }
+                )),
+                _ => None,
+            })
+            .collect();
+        let _ = writeln!(s, "\nSteps in order: {}.", verdicts.join(", "));
     }
-    let how = match capacity.measured {
+    let how = match capacity.mean {
         None => "given with --capacity".to_string(),
-        Some((mean, ratio)) => format!(
-            "what the cluster sustains through the scenario's worst phase: the scenario's mean capacity, {mean:.0} \
-             requests/s (the closed loop's median over the schedulers other than rr at its best concurrency), \
-             times {ratio:.2}, the median ratio of a run with the worst phase held to the run through the \
-             scenario right after it. A fixed rate at 90 % of the mean capacity would be more than the cluster \
-             serves once the quota has halved and the antagonist burns"
+        Some(mean) => format!(
+            "the highest fixed rate wlc-oracle kept up with while the scenario's worst phase was held, found in \
+             {CAPACITY_STEPS} halvings between 0 and the scenario's mean capacity, {mean:.0} requests/s (the \
+             closed loop's median over the schedulers other than rr at its best concurrency). The closed loop's \
+             figures are no base for a fixed rate: wrk's deep queues let nginx accept in batches, so each of its \
+             requests costs a server less than the open loop's, and a fixed rate at 90 % of the mean capacity \
+             is more than the cluster serves once the quota has halved and the antagonist burns"
         ),
     };
     let _ = writeln!(
@@ -1656,14 +1701,7 @@ fn render(
         plan.open.as_secs(),
         capacity.sustained,
     );
-    let _ = writeln!(
-        s,
-        "| scheduler | load | offered req/s | req/s | p50 ms | p99 ms | p99.9 ms | errors | CPU CV | weight changes/min | settle s | lost: ring drops · SYN retries | host CPU busy | requests served {servers_header} | CPU use of quota {servers_header} |"
-    );
-    let _ = writeln!(
-        s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
+    let _ = writeln!(s, "{open_header}");
     render_rows(&mut s, open);
 
     let _ = writeln!(
@@ -1909,8 +1947,8 @@ fn render_rows(s: &mut String, outcomes: &[Outcome]) {
             Ok(r) => {
                 let m = &r.measured;
                 let offered = match r.load {
-                    Load::Open { rate, .. } => format!(" {rate:.0} |"),
-                    Load::Closed { .. } | Load::Sustained { .. } => String::new(),
+                    Load::Open { rate, .. } | Load::Held { rate } => format!(" {rate:.0} |"),
+                    Load::Closed { .. } => String::new(),
                 };
                 let load = r.load.column();
                 let served: Vec<String> = r.served.iter().map(u64::to_string).collect();
@@ -2122,29 +2160,46 @@ mod tests {
         assert_eq!(measured_capacity(&closed), Some((400, 31.0)), "a failed run counts for nothing");
         // rr alone: its own figures.
         assert_eq!(measured_capacity(&[run(Sched::Rr, 50, 90.0), run(Sched::Rr, 400, 10.0)]), Some((50, 90.0)));
-        // The same rule picks the schedulers whose runs with the worst phase held measure the sustained capacity.
-        let plan = [Sched::Rr, Sched::Wlc, Sched::Df];
-        assert_eq!(without_rr(plan.iter(), |&s| s, |_| true).copied().collect::<Vec<_>>(), [Sched::Wlc, Sched::Df]);
-        assert_eq!(without_rr([Sched::Rr].iter(), |&s| s, |_| true).copied().collect::<Vec<_>>(), [Sched::Rr]);
         assert_eq!(measured_capacity(&[]), None);
-        // The runs with the worst phase held are not the scenario's closed loop.
-        let held =
-            |sched, throughput| Outcome { load: Load::Sustained { concurrency: 400 }, ..run(sched, 400, throughput) };
-        closed.extend([held(Sched::Wlc, 5.0), held(Sched::Df, 6.0)]);
+        // The steps of the search for the sustained capacity are not the scenario's closed loop.
+        closed.push(Outcome { load: Load::Held { rate: 5.0 }, ..run(Sched::WlcOracle, 400, 5.0) });
         assert_eq!(measured_capacity(&closed), Some((400, 31.0)));
-        // The worst phase's share: each held run over the scenario's run right after it, the median of those.
-        let pairs = [
-            held(Sched::Wlc, 5.0),
-            run(Sched::Wlc, 400, 10.0),
-            held(Sched::P2c, 9.0),
-            run(Sched::P2c, 400, 10.0),
-            held(Sched::Df, 6.0),
-            run(Sched::Df, 400, 8.0),
-        ];
-        assert_eq!(worst_phase_ratio(&pairs), Some(0.75), "the median of 0.5, 0.9 and 0.75");
-        let broken = [held(Sched::Wlc, 5.0), run(Sched::Df, 400, 10.0), run(Sched::P2c, 400, 10.0)];
-        assert_eq!(worst_phase_ratio(&broken), None, "only a pair of one scheduler, held first, counts");
-        assert_eq!(worst_phase_ratio(&[]), None);
+    }
+
+    #[test]
+    fn the_capacity_search_halves_the_interval_in_doubt() {
+        // A cluster that keeps up with 700 requests/s and no more, searched below 1000.
+        let mut search = RateSearch::new(1000.0);
+        assert_eq!(search.result(), None, "nothing kept up with yet");
+        let mut tried = Vec::new();
+        for _ in 0..CAPACITY_STEPS {
+            let rate = search.next_rate();
+            tried.push(rate);
+            search.record(rate, rate <= 700.0);
+        }
+        assert_eq!(tried, [500.0, 750.0, 625.0, 687.5, 718.75, 703.125]);
+        assert_eq!(search.result(), Some(687.5));
+        // A step out of order cannot widen the interval again.
+        search.record(600.0, false);
+        search.record(650.0, true);
+        assert_eq!((search.result(), search.not_kept_up), (Some(687.5), 600.0));
+        // A cluster that keeps up with nothing has no capacity.
+        let mut none = RateSearch::new(1000.0);
+        for _ in 0..CAPACITY_STEPS {
+            none.record(none.next_rate(), false);
+        }
+        assert_eq!(none.result(), None);
+        assert_eq!(none.not_kept_up, 15.625);
+    }
+
+    #[test]
+    fn a_run_kept_up_when_every_request_was_answered_and_the_median_met_no_queue() {
+        let run = |p50_ms: Option<f64>, error_ratio: f64| Measured { p50_ms, error_ratio, ..Measured::default() };
+        assert!(kept_up(&run(Some(2.1), 0.0)));
+        assert!(kept_up(&run(Some(10.0), 0.0)), "10 ms is half a CFS period: still no queue");
+        assert!(!kept_up(&run(Some(10.5), 0.0)), "a median over half a period waited");
+        assert!(!kept_up(&run(Some(2.1), 0.0001)), "a request abandoned after its timeout");
+        assert!(!kept_up(&run(None, 0.0)), "nothing answered");
     }
 
     #[test]
