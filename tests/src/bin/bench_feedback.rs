@@ -97,7 +97,8 @@ struct Args {
     /// explicitly still win.
     #[arg(long)]
     quick: bool,
-    /// Schedulers, in this order (wlc-oracle runs in the open loop only).
+    /// Schedulers, in this order (wlc-oracle runs in the open loop only; the capacity search runs it in any
+    /// case).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "rr,wlc,p2c,df,wrr-oracle,wlc-oracle")]
     schedulers: Vec<Sched>,
     /// Closed-loop wrk concurrencies [default: 50,100,200,400,800; quick: 50,400].
@@ -127,13 +128,14 @@ struct Args {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=65535))]
     weight: u32,
     /// wlc-oracle's weight for the antagonist's server while the antagonist burns, as a share of its quota's
-    /// weight (0 .. 1; 0 takes it out of new connections).
+    /// weight (0 .. 1; 0 takes it out of new connections). The capacity search spreads its load so too: the
+    /// share moves the sustained capacity, and with it every open-loop rate.
     #[arg(long, default_value_t = 0.25, value_parser = parse_share)]
     oracle_antagonist_share: f64,
     /// Director forwarding workers.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
-    /// Use this capacity (requests/s) for the open-loop levels instead of the one the closed loop measures.
+    /// Use this capacity (requests/s) for the open-loop levels instead of searching for it.
     #[arg(long)]
     capacity: Option<f64>,
     /// A `[service.feedback]` setting for the director, e.g. `--feedback response_time=0.4` (repeatable): what
@@ -431,7 +433,10 @@ impl RateSearch {
 }
 
 /// Whether an open-loop run kept up with its rate: every request answered, and the median within [`SLOW_AFTER`]
-/// (half a CFS period), so the median request waited neither in a queue nor for a throttled quota. Not the
+/// (half the default CFS period), so the median request waited neither in a queue nor for a throttled quota.
+/// The median suffices under `wlc-oracle`: counting connections, it sends a server whose backlog grows less, so
+/// no one server's backlog grows alone; the cluster's does, and a backlog growing through the run puts the
+/// median request in it. Not the
 /// servers' CPU: they run at their quota's limit well below this rate (measured: 93–100 % of each quota at
 /// 3 301 requests/s with the median at 2.3 ms; 2.8 ms at 5 364 requests/s, 13.0 ms at 5 777).
 fn kept_up(measured: &Measured) -> bool {
@@ -603,7 +608,7 @@ impl Load {
     fn column(&self) -> String {
         match self {
             Load::Closed { concurrency } => concurrency.to_string(),
-            Load::Held { .. } => "held".to_string(),
+            Load::Held { .. } => format!("held, {}", self.label()),
             Load::Open { .. } => self.label(),
         }
     }
@@ -791,10 +796,23 @@ fn run(args: &Args) -> Result<()> {
                 let rate = search.next_rate();
                 let load = Load::Held { rate };
                 let result = bed.run_once(Sched::WlcOracle, load, plan.closed).map_err(|e| short_reason(&e));
-                let kept = result.as_ref().is_ok_and(|r| kept_up(&r.measured));
-                log(format!("  {}", if kept { "kept up" } else { "did not keep up" }));
-                search.record(rate, kept);
+                // A step that failed measured nothing: the next tries the same rate again.
+                match &result {
+                    Ok(r) => {
+                        let kept = kept_up(&r.measured);
+                        log(format!("  {}", if kept { "kept up" } else { "did not keep up" }));
+                        search.record(rate, kept);
+                    }
+                    Err(reason) => log(format!("  failed, not counted: {reason}")),
+                }
                 held.push(Outcome { sched: Sched::WlcOracle, load, result });
+            }
+            if search.not_kept_up >= mean {
+                bed.notes.push(format!(
+                    "the capacity search kept up with every rate it tried: the cluster sustains at least {:.0} \
+                     requests/s, and the search stopped below the mean capacity ({mean:.0})",
+                    search.kept_up
+                ));
             }
             let sustained = search.result().with_context(|| {
                 format!(
@@ -1677,7 +1695,11 @@ fn render(
             .filter_map(|o| match o.load {
                 Load::Held { rate } => Some(format!(
                     "{rate:.0} {}",
-                    if o.ok().is_some_and(|r| kept_up(&r.measured)) { "kept up" } else { "did not keep up" }
+                    match o.ok() {
+                        Some(r) if kept_up(&r.measured) => "kept up",
+                        Some(_) => "did not keep up",
+                        None => "failed (not counted)",
+                    }
                 )),
                 _ => None,
             })
@@ -2179,7 +2201,8 @@ mod tests {
         }
         assert_eq!(tried, [500.0, 750.0, 625.0, 687.5, 718.75, 703.125]);
         assert_eq!(search.result(), Some(687.5));
-        // A step out of order cannot widen the interval again.
+        // A step that contradicts an earlier one (the host's drift) is recorded as it came: the interval may
+        // invert, and the result stays the highest rate kept up with.
         search.record(600.0, false);
         search.record(650.0, true);
         assert_eq!((search.result(), search.not_kept_up), (Some(687.5), 600.0));
