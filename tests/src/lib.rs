@@ -119,10 +119,8 @@ pub fn write_random_file(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// The median of `values` (the mean of the middle two for an even count); `None` for none. For the benchmarks'
-/// summaries, where one run's outlier must not decide a figure.
-/// The sum of the samples of `series` in a Prometheus text exposition: an exact name, or, when `series` ends
-/// with `{`, a name with any labels. `None` when the exposition has no such sample.
+/// The sum of the samples of `series` in a Prometheus text exposition: an exact name (with its labels, if
+/// any), or, when `series` ends with `{`, a name with any labels. `None` when the exposition has no such sample.
 pub fn metric_sum(exposition: &str, series: &str) -> Option<f64> {
     exposition
         .lines()
@@ -131,6 +129,8 @@ pub fn metric_sum(exposition: &str, series: &str) -> Option<f64> {
         .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
 }
 
+/// The median of `values` (the mean of the middle two for an even count); `None` for none. For the benchmarks'
+/// summaries, where one run's outlier must not decide a figure.
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;

@@ -165,11 +165,7 @@ fn report_count(agent: &Value) -> u64 {
 /// The scraped value of one metric series, if present.
 fn metric(host: &Host, series: &str) -> Result<Option<f64>> {
     let text = host.curl(&format!("http://{DIRECTOR_IP}:9469/metrics"), &[])?;
-    Ok(text
-        .lines()
-        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok()))
+    Ok(fulcrum_tests::metric_sum(&text, series))
 }
 
 #[test]

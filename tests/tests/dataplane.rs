@@ -153,11 +153,7 @@ impl Lab {
 
     fn metric(&self, series: &str) -> Result<f64> {
         let text = self.director.curl(&format!("http://{DIRECTOR_IP}:9469/metrics"), &[])?;
-        Ok(text
-            .lines()
-            .filter(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(fulcrum_tests::metric_sum(&text, series).unwrap_or(0.0))
     }
 }
 

@@ -66,10 +66,7 @@ fn main() -> Result<()> {
     })?;
     let metric = |name: &str| -> Result<f64> {
         let text = director.curl("http://10.0.0.2:9469/metrics", &[])?;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .with_context(|| format!("metric {name}"))
+        fulcrum_tests::metric_sum(&text, name).with_context(|| format!("metric {name}"))
     };
     wait_until("the real server's MAC", Duration::from_secs(15), Duration::from_millis(50), || {
         let out =

@@ -160,15 +160,10 @@ impl Lab {
         Ok(counts)
     }
 
-    /// The sum of the scraped values of the series starting with `series` (a name, or a name with the start
-    /// of its labels).
+    /// The sum of the scraped samples of `series` ([`fulcrum_tests::metric_sum`]), 0 without one.
     pub fn metric(&self, series: &str) -> Result<f64> {
         let text = self.director.curl(&format!("http://{DIRECTOR_IP}:9469/metrics"), &[])?;
-        Ok(text
-            .lines()
-            .filter(|line| line.starts_with(series))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(fulcrum_tests::metric_sum(&text, series).unwrap_or(0.0))
     }
 
     /// Issues an agent certificate and starts `fulcrum-agent` for real server `i`, reporting every 200 ms the CPU
