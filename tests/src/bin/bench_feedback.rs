@@ -436,28 +436,29 @@ impl RateSearch {
 /// (half the default CFS period), so the median request waited neither in a queue nor for a throttled quota.
 /// The median suffices under `wlc-oracle`: counting connections, it sends a server whose backlog grows less, so
 /// no one server's backlog grows alone; the cluster's does, and a backlog growing through the run puts the
-/// median request in it. Not the
-/// servers' CPU: they run at their quota's limit well below this rate (measured: 93–100 % of each quota at
-/// 3 301 requests/s with the median at 2.3 ms; 2.8 ms at 5 364 requests/s, 13.0 ms at 5 777).
+/// median request in it. Not the servers' CPU: they run at their quota's limit well below this rate (measured:
+/// 93–100 % of each quota at 3 301 requests/s with the median at 2.3 ms; 2.8 ms at 5 364 requests/s, 13.0 ms at
+/// 5 777).
 fn kept_up(measured: &Measured) -> bool {
     measured.error_ratio == 0.0 && measured.p50_ms.is_some_and(|p50| p50 <= SLOW_AFTER.as_secs_f64() * 1000.0)
 }
 
-/// The median throughput of the completed runs, leaving out `rr` unless it is all there is.
-fn balanced_median<'a>(runs: impl Iterator<Item = &'a Outcome> + Clone) -> Option<f64> {
-    let runs = without_rr(runs, |o| o.sched, |o| o.ok().is_some());
-    median(runs.filter_map(Outcome::ok).map(|r| r.measured.throughput).collect())
+/// A capacity-search step's verdict, as the log and the report name it.
+fn step_verdict(kept: bool) -> &'static str {
+    if kept {
+        "kept up"
+    } else {
+        "did not keep up"
+    }
 }
 
-/// `items` without `rr`'s, unless no other scheduler's item `counts`. The capacity is what the balancing
-/// schedulers serve: `rr` leaves the small servers' queues to grow and would drag it down.
-fn without_rr<'a, T: 'a>(
-    items: impl Iterator<Item = &'a T> + Clone,
-    sched: impl Fn(&T) -> Sched + Copy + 'a,
-    counts: impl Fn(&T) -> bool,
-) -> impl Iterator<Item = &'a T> {
-    let others = items.clone().any(|t| sched(t) != Sched::Rr && counts(t));
-    items.filter(move |t| !others || sched(t) != Sched::Rr)
+/// The median throughput of the completed runs, leaving out `rr`'s unless no other scheduler's completed. The
+/// capacity is what the balancing schedulers serve: `rr` leaves the small servers' queues to grow and would drag
+/// it down.
+fn balanced_median<'a>(runs: impl Iterator<Item = &'a Outcome>) -> Option<f64> {
+    let done: Vec<&RunResult> = runs.filter_map(Outcome::ok).collect();
+    let others = done.iter().any(|r| r.sched != Sched::Rr);
+    median(done.iter().filter(|r| !others || r.sched != Sched::Rr).map(|r| r.measured.throughput).collect())
 }
 
 /// How the effective weights behaved after the capacity change.
@@ -800,7 +801,7 @@ fn run(args: &Args) -> Result<()> {
                 match &result {
                     Ok(r) => {
                         let kept = kept_up(&r.measured);
-                        log(format!("  {}", if kept { "kept up" } else { "did not keep up" }));
+                        log(format!("  {}", step_verdict(kept)));
                         search.record(rate, kept);
                     }
                     Err(reason) => log(format!("  failed, not counted: {reason}")),
@@ -1695,11 +1696,7 @@ fn render(
             .filter_map(|o| match o.load {
                 Load::Held { rate } => Some(format!(
                     "{rate:.0} {}",
-                    match o.ok() {
-                        Some(r) if kept_up(&r.measured) => "kept up",
-                        Some(_) => "did not keep up",
-                        None => "failed (not counted)",
-                    }
+                    o.ok().map_or("failed (not counted)", |r| step_verdict(kept_up(&r.measured)))
                 )),
                 _ => None,
             })
