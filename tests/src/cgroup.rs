@@ -257,6 +257,40 @@ impl Drop for CpuCgroup {
     }
 }
 
+/// The kernel's smallest CFS quota per period.
+const MIN_QUOTA_US: f64 = 1_000.0;
+
+/// Which CFS period a cgroup's quota is given in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CfsPeriod {
+    /// The same period whatever the quota.
+    Fixed(Duration),
+    /// The shortest period in which the quota comes to the kernel's 1 ms minimum (20 ms for 5 % of a core, 5 ms
+    /// for 20 %, 1 ms from one core up): a cgroup that spent its quota waits at most one period for the next,
+    /// so the shorter the period, the less a small server stalls between bursts at full speed, the way no real
+    /// server of that size does. Changing the quota changes the period with it.
+    Shortest,
+}
+
+impl CfsPeriod {
+    /// The period for a quota of `cores`.
+    pub fn for_quota(self, cores: f64) -> Result<Duration> {
+        match self {
+            CfsPeriod::Fixed(period) => Ok(period),
+            CfsPeriod::Shortest => {
+                if !(cores.is_finite() && cores > 0.0) {
+                    bail!("a CPU quota must be a positive number of cores, not {cores}");
+                }
+                let period_us = (MIN_QUOTA_US / cores).ceil().max(MIN_QUOTA_US);
+                if period_us > 1_000_000.0 {
+                    bail!("{cores} cores would need a CFS period over 1 s to reach the kernel's 1 ms minimum quota");
+                }
+                Ok(Duration::from_micros(period_us as u64))
+            }
+        }
+    }
+}
+
 /// `cores` per `period` as whole microseconds (quota, period), checked against the kernel's bounds.
 pub fn quota_us(cores: f64, period: Duration) -> Result<(u64, u64)> {
     let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
@@ -267,7 +301,7 @@ pub fn quota_us(cores: f64, period: Duration) -> Result<(u64, u64)> {
         bail!("a CPU quota must be a positive number of cores, not {cores}");
     }
     let quota_us = (cores * period_us as f64).round() as u64;
-    if quota_us < 1_000 {
+    if (quota_us as f64) < MIN_QUOTA_US {
         bail!(
             "{cores} cores per {period:?} is {quota_us} µs, under the kernel's 1 ms minimum quota: use a longer period"
         );
@@ -374,5 +408,22 @@ mod tests {
         assert!(quota_us(0.5, Duration::from_secs(2)).is_err());
         assert!(quota_us(0.0, Duration::from_millis(20)).is_err());
         assert!(quota_us(f64::NAN, Duration::from_millis(20)).is_err());
+    }
+
+    #[test]
+    fn the_shortest_period_gives_the_minimum_quota() {
+        let ms = Duration::from_millis;
+        for (cores, period) in [(0.05, ms(20)), (0.1, ms(10)), (0.2, ms(5)), (1.0, ms(1)), (4.0, ms(1))] {
+            assert_eq!(CfsPeriod::Shortest.for_quota(cores).unwrap(), period, "{cores} cores");
+            assert!(quota_us(cores, period).is_ok(), "{cores} cores in {period:?}");
+        }
+        // A share that divides 1 ms unevenly rounds the period up, never the quota under 1 ms.
+        let odd = CfsPeriod::Shortest.for_quota(0.3).unwrap();
+        assert_eq!(odd, Duration::from_micros(3_334));
+        assert_eq!(quota_us(0.3, odd).unwrap(), (1_000, 3_334));
+        assert!(CfsPeriod::Shortest.for_quota(0.0005).is_err(), "it would take a 2 s period");
+        assert!(CfsPeriod::Shortest.for_quota(0.0).is_err());
+        assert!(CfsPeriod::Shortest.for_quota(f64::INFINITY).is_err());
+        assert_eq!(CfsPeriod::Fixed(ms(20)).for_quota(0.2).unwrap(), ms(20));
     }
 }

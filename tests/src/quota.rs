@@ -2,7 +2,7 @@
 //! CPU (relative to the quota) to a director, and a CPU antagonist that can be put into the same cgroup.
 //!
 //! ```no_run
-//! use std::time::Duration;
+//! use fulcrum_tests::cgroup::CfsPeriod;
 //! use fulcrum_tests::pki::Pki;
 //! use fulcrum_tests::quota::QuotaServer;
 //! use fulcrum_tests::Testbed;
@@ -11,7 +11,7 @@
 //! let tb = Testbed::new("quota")?;
 //! let rs = tb.add_host("rs1", "10.0.0.11/24")?;
 //! let pki = Pki::new(&[("d1", "10.0.0.2".parse()?)], &["rs1"])?;
-//! let mut server = QuotaServer::start(&rs, 80, 0.1, Duration::from_millis(20))?;   // 10 % of one core
+//! let mut server = QuotaServer::start(&rs, 80, 0.1, CfsPeriod::Shortest)?;   // 10 % of one core, 10 ms periods
 //! server.start_agent(&pki, "d1", "10.0.0.2:7946".parse()?, 500)?;
 //! let _antagonist = server.start_antagonist()?;                                      // burns the same quota
 //! # Ok(()) }
@@ -19,11 +19,10 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cgroup::{netns_command_keeping_mounts, CpuCgroup};
+use crate::cgroup::{netns_command_keeping_mounts, CfsPeriod, CpuCgroup};
 use crate::pki::Pki;
 use crate::{try_workspace_bin, ChildGuard, Host, Nginx};
 
@@ -35,16 +34,16 @@ pub struct QuotaServer {
     nginx: Nginx,
     cgroup: CpuCgroup,
     host: Host,
-    period: Duration,
+    period: CfsPeriod,
     work: tempfile::TempDir,
 }
 
 impl QuotaServer {
     /// Starts nginx on `port` in `host`'s namespace and moves it (master and workers) into a new cgroup limited
     /// to `cores` CPUs per CFS `period`.
-    pub fn start(host: &Host, port: u16, cores: f64, period: Duration) -> Result<QuotaServer> {
+    pub fn start(host: &Host, port: u16, cores: f64, period: CfsPeriod) -> Result<QuotaServer> {
         let cgroup = CpuCgroup::create(host.name())?;
-        cgroup.set_quota(cores, period)?;
+        cgroup.set_quota(cores, period.for_quota(cores)?)?;
         let mut nginx = host.start_nginx(port)?;
         cgroup.add_process_tree(nginx.process().pid())?;
         let work = tempfile::Builder::new().prefix(&format!("fulcrum-quota-{}-", host.name())).tempdir()?;
@@ -63,9 +62,10 @@ impl QuotaServer {
         &self.cgroup
     }
 
-    /// Changes the quota (same period) while nginx runs.
+    /// Changes the quota while nginx runs (in a period of the same kind: the same fixed one, or the shortest
+    /// for the new quota).
     pub fn set_quota(&self, cores: f64) -> Result<()> {
-        self.cgroup.set_quota(cores, self.period)
+        self.cgroup.set_quota(cores, self.period.for_quota(cores)?)
     }
 
     /// Starts `fulcrum-agent` for this server (its name is the host's name, its real server the host's address,

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use fulcrum_tests::cgroup::CfsPeriod;
 use fulcrum_tests::pki::Pki;
 use fulcrum_tests::quota::QuotaServer;
 use fulcrum_tests::{abort_wait, require_root, wait_until, workspace_bin, ChildGuard, Host, Testbed};
@@ -65,7 +66,7 @@ fn an_agent_in_a_quota_cgroup_reports_cpu_relative_to_the_quota() -> Result<()> 
     let pki = Pki::new(&[("d1", DIRECTOR_IP.parse()?)], &["rs1"])?;
     let work = tempfile::tempdir()?;
 
-    let mut server = QuotaServer::start(&rs1, 80, CORES, PERIOD)?;
+    let mut server = QuotaServer::start(&rs1, 80, CORES, CfsPeriod::Fixed(PERIOD))?;
     let quota = server.cgroup().quota()?.context("a quota is set")?;
     assert!((quota - CORES).abs() < 1e-9, "quota {quota} CPUs, want {CORES}");
     // nginx (master and worker) runs in the cgroup, and still serves.

@@ -3,8 +3,8 @@
 //!
 //! A client (10.0.0.1), a director (10.0.0.2, AF_PACKET data plane, `forward = "dr"`) and N real servers
 //! (10.0.0.11 …, default four), each a real nginx confined to a CFS quota cgroup (default 5 %, 10 %, 20 % and
-//! 20 % of one core, in 20 ms periods) with a `fulcrum-agent` reporting that cgroup's CPU (relative to the
-//! quota) and an HTTP probe. Every server has the same configured weight. In **every** run:
+//! 20 % of one core, each in the shortest CFS period the kernel allows it: 20, 10, 5 and 5 ms) with a
+//! `fulcrum-agent` reporting that cgroup's CPU (relative to the quota) and an HTTP probe. Every server has the same configured weight. In **every** run:
 //!
 //! - at half time the last server's quota halves (its capacity halves);
 //! - a CPU antagonist (a busy loop in the cgroup of the second-to-last server) switches on and off every
@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use fulcrum_tests::cgroup::CfsPeriod;
 use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec, SecondCounts};
 use fulcrum_tests::pki::Pki;
 use fulcrum_tests::quota::QuotaServer;
@@ -82,8 +83,9 @@ const SETTLE_BAND: f64 = 0.10;
 /// an empty table. (The client reuses its ports within seconds; a SYN over a closing entry of the same 5-tuple
 /// is scheduled afresh in any case, as IPVS's `conn_reuse_mode` does.)
 const TIMEOUTS: &str = "[dataplane.timeouts]\ntcp_fin_wait_s = 1\ntcp_time_wait_s = 1\ntcp_close_s = 1\n";
-/// A request slower than this (or failed) counts as slow in the open loop's per-second tally: half a CFS
-/// period, so a request that waited for a throttled quota is slow.
+/// A request slower than this (or failed) counts as slow in the open loop's per-second tally: half the longest
+/// CFS period of the default quotas (the 5 % server's 20 ms), so a request that waited there for a throttled
+/// quota is slow.
 const SLOW_AFTER: Duration = Duration::from_millis(10);
 /// The longest antagonist half-cycle.
 const MAX_ANTAGONIST_PERIOD: Duration = Duration::from_secs(30);
@@ -121,9 +123,12 @@ struct Args {
     /// antagonist runs in the second-to-last.
     #[arg(long, value_delimiter = ',', default_value = "5,10,20,20")]
     quotas: Vec<f64>,
-    /// CFS period of the quotas, ms (a quota must come to at least 1 ms per period).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    period_ms: u64,
+    /// One CFS period for every quota, ms (a quota must come to at least 1 ms per period). By default each
+    /// server's quota is in the shortest period in which it comes to the kernel's 1 ms minimum (20 ms for 5 %,
+    /// 10 ms for 10 %, 5 ms for 20 %; the halved server's follows its quota), so that a server that spent its
+    /// quota stalls as briefly as the kernel allows.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    period_ms: Option<u64>,
     /// The configured weight of every server (wrr-oracle excepted). Larger gives the feedback finer steps.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=65535))]
     weight: u32,
@@ -203,7 +208,7 @@ struct Plan {
     repeat: u32,
     /// Cores per server.
     quotas: Vec<f64>,
-    period: Duration,
+    period: CfsPeriod,
     weight: u32,
     oracle_antagonist_share: f64,
     workers: u32,
@@ -245,15 +250,15 @@ impl Plan {
         if args.quotas.len() < 2 || args.quotas.len() > 9 {
             bail!("--quotas: give 2 to 9 servers' quotas, not {}", args.quotas.len());
         }
-        let period = Duration::from_millis(args.period_ms);
+        let period = args.period_ms.map_or(CfsPeriod::Shortest, |ms| CfsPeriod::Fixed(Duration::from_millis(ms)));
         let quotas: Vec<f64> = args.quotas.iter().map(|q| q / 100.0).collect();
+        let fits = |cores: f64| period.for_quota(cores).and_then(|p| fulcrum_tests::cgroup::quota_us(cores, p));
         for (i, &q) in quotas.iter().enumerate() {
-            fulcrum_tests::cgroup::quota_us(q, period).with_context(|| format!("--quotas: server {}", i + 1))?;
+            fits(q).with_context(|| format!("--quotas: server {}", i + 1))?;
         }
         // The last server's quota halves mid-run: that must be possible too.
         let last = quotas.len() - 1;
-        fulcrum_tests::cgroup::quota_us(quotas[last] / 2.0, period)
-            .with_context(|| format!("--quotas: server {} halved mid-run", last + 1))?;
+        fits(quotas[last] / 2.0).with_context(|| format!("--quotas: server {} halved mid-run", last + 1))?;
         Ok(Plan {
             schedulers,
             concurrency: args.concurrency.clone().unwrap_or_else(|| {
@@ -433,7 +438,8 @@ impl RateSearch {
 }
 
 /// Whether an open-loop run kept up with its rate: every request answered, and the median within [`SLOW_AFTER`]
-/// (half the default CFS period), so the median request waited neither in a queue nor for a throttled quota.
+/// (half the longest default CFS period), so the median request waited neither in a queue nor for a throttled
+/// quota.
 /// The median suffices under `wlc-oracle`: counting connections, it sends a server whose backlog grows less, so
 /// no one server's backlog grows alone; the cluster's does, and a backlog growing through the run puts the
 /// median request in it. Not the servers' CPU: they run at their quota's limit well below this rate (measured:
@@ -1647,16 +1653,30 @@ fn render(
 ) -> String {
     let mut s = String::new();
     let quotas: Vec<String> = plan.quotas.iter().map(|q| format!("{:.0} %", q * 100.0)).collect();
+    let period_ms = |cores: f64| {
+        plan.period.for_quota(cores).map_or_else(|_| "?".to_string(), |p| format!("{}", p.as_micros() as f64 / 1000.0))
+    };
+    let periods = match plan.period {
+        CfsPeriod::Fixed(p) => format!("CFS period {} ms", p.as_millis()),
+        CfsPeriod::Shortest => {
+            let each: Vec<String> = plan.quotas.iter().map(|&q| period_ms(q)).collect();
+            format!(
+                "CFS periods of {} ms, the shortest in which each quota comes to the kernel's 1 ms minimum; {} ms \
+                 for the halved quota",
+                each.join(", "),
+                period_ms(plan.quotas[plan.changing()] / 2.0)
+            )
+        }
+    };
     let n = plan.servers();
     let _ = writeln!(s, "# Fulcrum dynamic-feedback benchmark\n");
     let _ = writeln!(
         s,
-        "{n} real servers (nginx, 1 worker) with CPU quotas of {} of one core (CFS period {} ms), every one with \
+        "{n} real servers (nginx, 1 worker) with CPU quotas of {} of one core ({periods}), every one with \
          weight {} (wrr-oracle: the quotas' ratio). In every run rs{} halves its quota at half time and a CPU \
          antagonist in rs{}'s cgroup switches on and off every min(30 s, run / 3). New connection per request \
          (`Connection: close`), forwarding `dr`, {} director worker(s){}.\n",
         quotas.join(", "),
-        plan.period.as_millis(),
         plan.weight,
         plan.changing() + 1,
         plan.antagonist() + 1,
@@ -2216,7 +2236,7 @@ mod tests {
     fn a_run_kept_up_when_every_request_was_answered_and_the_median_met_no_queue() {
         let run = |p50_ms: Option<f64>, error_ratio: f64| Measured { p50_ms, error_ratio, ..Measured::default() };
         assert!(kept_up(&run(Some(2.1), 0.0)));
-        assert!(kept_up(&run(Some(10.0), 0.0)), "10 ms is half a CFS period: still no queue");
+        assert!(kept_up(&run(Some(10.0), 0.0)), "10 ms is half the longest CFS period: still no queue");
         assert!(!kept_up(&run(Some(10.5), 0.0)), "a median over half a period waited");
         assert!(!kept_up(&run(Some(2.1), 0.0001)), "a request abandoned after its timeout");
         assert!(!kept_up(&run(None, 0.0)), "nothing answered");
@@ -2312,9 +2332,16 @@ mod tests {
         assert_eq!(plan.schedulers, [Sched::Rr, Sched::Wlc, Sched::P2c, Sched::Df, Sched::WrrOracle, Sched::WlcOracle]);
         let full = Plan::from_args(&Args::parse_from(["bench_feedback", "--levels", "60"])).unwrap();
         assert_eq!((full.levels, full.open), (vec![60], secs(120.0)));
-        // 2.5 % is 500 µs per 20 ms, under the kernel's 1 ms minimum; so is 8 % halved.
-        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "2.5,10"])).is_err());
-        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "10,8"])).is_err());
+        // By default each quota gets the period it needs: 40 ms for 2.5 %, 25 ms for 8 % halved. In a fixed
+        // 20 ms period both are under the kernel's 1 ms minimum; 0.05 % would need periods of 2 s.
+        assert_eq!(plan.period, CfsPeriod::Shortest);
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "2.5,10"])).is_ok());
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "10,8"])).is_ok());
+        let fixed = |quotas: &str| Args::parse_from(["bench_feedback", "--period-ms", "20", "--quotas", quotas]);
+        assert!(Plan::from_args(&fixed("2.5,10")).is_err());
+        assert!(Plan::from_args(&fixed("10,8")).is_err());
+        assert!(Plan::from_args(&fixed("5,10")).is_ok());
+        assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "0.05,10"])).is_err());
         assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "5,10"])).is_ok());
         assert!(Plan::from_args(&Args::parse_from(["bench_feedback", "--quotas", "10"])).is_err());
         assert_eq!(Plan::oracle_weight(0.05), 50);
