@@ -4,7 +4,8 @@
 //! A client (10.0.0.1), a director (10.0.0.2, AF_PACKET data plane, `forward = "dr"`) and N real servers
 //! (10.0.0.11 …, default four), each a real nginx confined to a CFS quota cgroup (default 5 %, 10 %, 20 % and
 //! 20 % of one core, each in the shortest CFS period the kernel allows it: 20, 10, 5 and 5 ms) with a
-//! `fulcrum-agent` reporting that cgroup's CPU (relative to the quota) and an HTTP probe. Every server has the same configured weight. In **every** run:
+//! `fulcrum-agent` reporting that cgroup's CPU (relative to the quota) and an HTTP probe. Every server has the
+//! same configured weight. In **every** run:
 //!
 //! - at half time the last server's quota halves (its capacity halves);
 //! - a CPU antagonist (a busy loop in the cgroup of the second-to-last server) switches on and off every
