@@ -439,8 +439,8 @@ impl RateSearch {
 }
 
 /// Whether an open-loop run kept up with its rate: every request answered, and the median within [`SLOW_AFTER`]
-/// (half the longest default CFS period), so the median request waited neither in a queue nor for a throttled
-/// quota.
+/// (half the longest default CFS period, the 5 % server's), so the median request waited neither in a queue nor
+/// for that server's throttled quota (the other servers' periods are 10 ms at most).
 /// The median suffices under `wlc-oracle`: counting connections, it sends a server whose backlog grows less, so
 /// no one server's backlog grows alone; the cluster's does, and a backlog growing through the run puts the
 /// median request in it. Not the servers' CPU: they run at their quota's limit well below this rate (measured:
