@@ -278,9 +278,7 @@ impl CfsPeriod {
         match self {
             CfsPeriod::Fixed(period) => Ok(period),
             CfsPeriod::Shortest => {
-                if !(cores.is_finite() && cores > 0.0) {
-                    bail!("a CPU quota must be a positive number of cores, not {cores}");
-                }
+                check_cores(cores)?;
                 let period_us = (MIN_QUOTA_US / cores).ceil().max(MIN_QUOTA_US);
                 if period_us > 1_000_000.0 {
                     bail!("{cores} cores would need a CFS period over 1 s to reach the kernel's 1 ms minimum quota");
@@ -291,15 +289,21 @@ impl CfsPeriod {
     }
 }
 
+/// A quota must be a positive, finite number of cores.
+fn check_cores(cores: f64) -> Result<()> {
+    if !(cores.is_finite() && cores > 0.0) {
+        bail!("a CPU quota must be a positive number of cores, not {cores}");
+    }
+    Ok(())
+}
+
 /// `cores` per `period` as whole microseconds (quota, period), checked against the kernel's bounds.
 pub fn quota_us(cores: f64, period: Duration) -> Result<(u64, u64)> {
     let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
     if !(1_000..=1_000_000).contains(&period_us) {
         bail!("a CFS period must be 1 ms … 1 s, not {period:?}");
     }
-    if !(cores.is_finite() && cores > 0.0) {
-        bail!("a CPU quota must be a positive number of cores, not {cores}");
-    }
+    check_cores(cores)?;
     let quota_us = (cores * period_us as f64).round() as u64;
     if (quota_us as f64) < MIN_QUOTA_US {
         bail!(

@@ -1654,11 +1654,12 @@ fn render(
 ) -> String {
     let mut s = String::new();
     let quotas: Vec<String> = plan.quotas.iter().map(|q| format!("{:.0} %", q * 100.0)).collect();
+    // Plan::from_args checked every quota's period, the halved one's included.
     let period_ms = |cores: f64| {
         plan.period.for_quota(cores).map_or_else(|_| "?".to_string(), |p| format!("{}", p.as_micros() as f64 / 1000.0))
     };
     let periods = match plan.period {
-        CfsPeriod::Fixed(p) => format!("CFS period {} ms", p.as_millis()),
+        CfsPeriod::Fixed(_) => format!("CFS period {} ms", period_ms(plan.quotas[0])),
         CfsPeriod::Shortest => {
             let each: Vec<String> = plan.quotas.iter().map(|&q| period_ms(q)).collect();
             format!(
