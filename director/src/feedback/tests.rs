@@ -562,9 +562,11 @@ fn df_terms_are_in_connection_units_and_zero_without_feedback() {
     assert_eq!(out[1].cpu_norm, (0.5 * unit(1)).round() as u32);
     assert_eq!(out[0].response_time_norm, (0.5 * unit(0)).round() as u32);
     assert_eq!((out[2].cpu_norm, out[2].response_time_norm), (0, 0), "stale: df is wlc for it");
-    // Few connections: the floor of 4.
+    // Fewer than one connection a server: the floor of one.
     let mut b = blender(BlenderConfig::default());
-    assert_eq!(b.update(now, &[server(1, 10, Some(report(1, now, 10_000)))])[0].cpu_norm, 1024);
+    assert_eq!(b.update(now, &[server(1, 10, Some(report(1, now, 10_000)))])[0].cpu_norm, 256);
+    let mut b = blender(BlenderConfig { df_min_connections: 4, ..BlenderConfig::default() });
+    assert_eq!(b.update(now, &[server(1, 10, Some(report(1, now, 10_000)))])[0].cpu_norm, 1024, "a floor of 4");
 }
 
 /// `df` balances `(connections + T + L) / W`. Terms the same size for every server weighed `1 / W` on each and

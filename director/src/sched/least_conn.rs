@@ -115,7 +115,7 @@ pub(super) fn nq(servers: &[ServerView]) -> Option<usize> {
 ///   servers' reported load;
 /// * `T` = [`ServerView::response_time_norm`] and `L` = [`ServerView::cpu_norm`] are the blender's normalised
 ///   response-time and CPU metrics (1.0 = fully loaded) times `unit = 256 × max(mean active connections per
-///   server, 4) × W / mean W`, i.e. in [`conn_overhead`] units: a fully busy CPU adds as much as the server's
+///   server, 1) × W / mean W`, i.e. in [`conn_overhead`] units: a fully busy CPU adds as much as the server's
 ///   fair share of the active connections, so the feedback terms stay comparable with the connection term at
 ///   any load, and equally loaded servers get the same `(T + L) / W` (a term the same size for all would weigh
 ///   `1 / W` and push connections off the small weights).
