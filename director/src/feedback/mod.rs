@@ -164,13 +164,13 @@
 //! feedback terms stay comparable with the connection term at any load. Servers not in normal state get
 //! `T = L = 0` (`df` is then `wlc` for them).
 //!
-//! The floor, `df_min_connections`, is 1: a fully busy CPU weighs at least one connection. It was 4, and with
-//! short connections (about two in flight per server in `bench/feedback` at 70 % load) that made the CPU term
-//! twice the connection term it is meant to match. The terms are a second old when they are read, so a term
-//! that large steered the next half second's connections off a server that had just reported busy, and onto
-//! it once it reported idle: the 10 % server's reported CPU swung 34–40 points from one report to the next
-//! (8–23 with a floor of 1), and `df` answered 7.4 % of its requests late (over 10 ms), against 4.7 % (medians
-//! of five paired 60 s runs at 70 % load).
+//! The floor, `df_min_connections`, is 1: a fully busy CPU weighs at least one connection. It was 4, and with short
+//! connections (about two in flight per server in `bench/feedback` at 70 % load) that made the CPU term twice the
+//! connection term it is meant to match. The terms are a report old when they are read (half a second at the
+//! agent's default interval), so a term that large steered the next half second's connections off a server that had
+//! just reported busy, and onto it once it reported idle: the 10 % server's reported CPU swung 34–40 points from
+//! one report to the next (8–23 with a floor of 1), and `df` answered 7.4 % of its requests late (over 10 ms),
+//! against 4.7 % (medians of five paired 60 s runs at 70 % load).
 //!
 //! The share of the weight matters because `df` divides the whole sum by `W`: it balances
 //! `connections / W + (T + L) / W`. With terms in proportion to `W` the second part is `k × metrics`, the same
