@@ -5,7 +5,9 @@
 //! `cpu` and the `cpuacct` hierarchies, co-mounted or not) or, where no v1 CPU controllers are mounted, in
 //! cgroup v2 (enabling the `cpu` controller in the root's `cgroup.subtree_control`). The choice is the agent's
 //! (`agent/src/sample/cgroup.rs`): v1 when both v1 controllers are mounted, else v2. Dropping the cgroup moves
-//! whatever still runs in it back to the root and removes it.
+//! whatever still runs in it back to the root and removes it. A run that was killed cannot drop its cgroups;
+//! the next [`CpuCgroup::create`] removes those of processes that no longer exist, killing what still runs in
+//! them ([`sweep_stale_cgroups`]), as [`crate::Testbed::new`] sweeps stale namespaces.
 //!
 //! `ip netns exec` remounts `/sys` for the namespace, which hides `/sys/fs/cgroup`: a process that must read
 //! its cgroup (an agent with `cpu.source = "cgroup"`) is started with [`netns_command_keeping_mounts`]
@@ -27,6 +29,17 @@ pub enum CgroupDirs {
     V1 { cpu: PathBuf, cpuacct: PathBuf },
     /// Limit in `<dir>/cpu.max`, usage in `<dir>/cpu.stat`.
     V2 { dir: PathBuf },
+}
+
+impl CgroupDirs {
+    /// Every directory of the cgroup (one when the v1 controllers are co-mounted).
+    fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            CgroupDirs::V1 { cpu, cpuacct } if cpu == cpuacct => vec![cpu.clone()],
+            CgroupDirs::V1 { cpu, cpuacct } => vec![cpu.clone(), cpuacct.clone()],
+            CgroupDirs::V2 { dir } => vec![dir.clone()],
+        }
+    }
 }
 
 /// The mount points of the CPU controllers, read from a mountinfo text.
@@ -108,6 +121,12 @@ impl CpuCgroup {
         let hint: String = hint.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(24).collect();
         let name = format!("/fulcrum-{}-{}-{hint}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let mounts = CpuMounts::of_this_machine()?;
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            if let Err(e) = sweep_stale_cgroups(&mounts) {
+                eprintln!("[fulcrum-tests] warning: sweeping stale cgroups: {e:#}");
+            }
+        });
         let dirs = mounts.dirs_of(&name)?;
         let root_procs = match (&dirs, &mounts) {
             (CgroupDirs::V1 { .. }, CpuMounts { v1_cpu: Some(cpu), v1_cpuacct: Some(acct), .. }) => {
@@ -145,11 +164,7 @@ impl CpuCgroup {
     }
 
     fn dir_list(&self) -> Vec<PathBuf> {
-        match &self.dirs {
-            CgroupDirs::V1 { cpu, cpuacct } if cpu == cpuacct => vec![cpu.clone()],
-            CgroupDirs::V1 { cpu, cpuacct } => vec![cpu.clone(), cpuacct.clone()],
-            CgroupDirs::V2 { dir } => vec![dir.clone()],
-        }
+        self.dirs.paths()
     }
 
     /// Limits the cgroup to `cores` CPUs (e.g. 0.1 = 10 % of one core) per CFS `period` (1 ms … 1 s). The
@@ -255,6 +270,60 @@ impl Drop for CpuCgroup {
             }
         }
     }
+}
+
+/// The pid of the process that made a cgroup named `fulcrum-<pid>-<n>-<hint>` (see [`CpuCgroup::create`]); `None`
+/// for any other name.
+pub fn experiment_cgroup_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("fulcrum-")?;
+    let mut parts = rest.splitn(3, '-');
+    let (pid, n) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(n) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes the experiment cgroups (under the root of every CPU hierarchy in `mounts`) whose process no longer
+/// exists: a run killed before it could drop them. What still runs in one is killed first, since it belongs
+/// to that run (a server, a CPU antagonist) and would go on using CPU. Returns the directories removed.
+pub fn sweep_stale_cgroups(mounts: &CpuMounts) -> Result<Vec<PathBuf>> {
+    let me = std::process::id();
+    let mut roots: Vec<&PathBuf> = [&mounts.v1_cpu, &mounts.v1_cpuacct, &mounts.v2].into_iter().flatten().collect();
+    roots.dedup();
+    let mut removed = Vec::new();
+    for root in roots {
+        let entries = std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))?;
+        for entry in entries {
+            let dir = entry.with_context(|| format!("listing {}", root.display()))?.path();
+            let Some(pid) = dir.file_name().and_then(|n| n.to_str()).and_then(experiment_cgroup_pid) else { continue };
+            if pid == me || crate::netns::pid_alive(pid) || !dir.is_dir() {
+                continue;
+            }
+            let procs = dir.join("cgroup.procs");
+            let left = |procs: &Path| -> Result<Vec<String>> {
+                Ok(read(procs)?.split_whitespace().map(str::to_owned).collect())
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let pids = left(&procs)?;
+                if pids.is_empty() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("stale cgroup {}: processes {pids:?} outlived SIGKILL for 5 s", dir.display());
+                }
+                // Already gone is fine: only the cgroup's emptiness counts.
+                let _ = Command::new("kill").arg("-KILL").args(&pids).output();
+                std::thread::yield_now();
+            }
+            std::fs::remove_dir(&dir).with_context(|| format!("removing stale cgroup {}", dir.display()))?;
+            removed.push(dir);
+        }
+    }
+    Ok(removed)
 }
 
 /// The kernel's smallest CFS quota per period.
@@ -429,5 +498,45 @@ mod tests {
         assert!(CfsPeriod::Shortest.for_quota(0.0).is_err());
         assert!(CfsPeriod::Shortest.for_quota(f64::INFINITY).is_err());
         assert_eq!(CfsPeriod::Fixed(ms(20)).for_quota(0.2).unwrap(), ms(20));
+    }
+
+    #[test]
+    fn only_experiment_cgroup_names_give_a_pid() {
+        assert_eq!(experiment_cgroup_pid("fulcrum-30179-2-rs3"), Some(30179));
+        assert_eq!(experiment_cgroup_pid("fulcrum-7-0-stale-one"), Some(7));
+        for other in
+            ["fulcrum-30179-2", "fulcrum-x-2-rs3", "fulcrum-1-y-rs3", "system.slice", "fulcrum--0-a", "user-1-0-a"]
+        {
+            assert_eq!(experiment_cgroup_pid(other), None, "{other}");
+        }
+    }
+
+    /// A run killed before it dropped its cgroups: the sweep kills what still runs in them and removes them,
+    /// and leaves this process's own.
+    #[test]
+    fn stale_cgroups_of_dead_runs_are_swept() {
+        crate::require_root();
+        let mut exited = Command::new("true").spawn().unwrap();
+        let dead = exited.id();
+        exited.wait().unwrap();
+        // Creating one sweeps once per process: do that first, so that the sweep below is the one that meets
+        // the stale cgroup.
+        let mine = CpuCgroup::create("mine").unwrap();
+        let mounts = CpuMounts::of_this_machine().unwrap();
+        let stale_dirs = mounts.dirs_of(&format!("/fulcrum-{dead}-0-stale")).unwrap().paths();
+        for dir in &stale_dirs {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let mut leftover = Command::new("sleep").arg("600").spawn().unwrap();
+        for dir in &stale_dirs {
+            write(&dir.join("cgroup.procs"), &leftover.id().to_string()).unwrap();
+        }
+        let removed = sweep_stale_cgroups(&mounts).unwrap();
+        for dir in &stale_dirs {
+            assert!(removed.contains(dir), "{} not in {removed:?}", dir.display());
+            assert!(!dir.exists(), "{} is still there", dir.display());
+        }
+        assert!(!leftover.wait().unwrap().success(), "the leftover process was killed");
+        assert!(mine.dir_list().iter().all(|d| d.exists()), "this process's own cgroup was left alone");
     }
 }

@@ -81,7 +81,8 @@ pub fn testbed_netns_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether a process with this pid exists.
+pub(crate) fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
