@@ -227,8 +227,7 @@ impl CpuCgroup {
     /// The processes in the cgroup.
     pub fn processes(&self) -> Result<Vec<u32>> {
         let dir = self.dir_list().into_iter().next().context("a cgroup has a directory")?;
-        let text = read(&dir.join("cgroup.procs"))?;
-        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        pids_in(&dir.join("cgroup.procs"))
     }
 
     /// CPU time used by the cgroup's tasks since it was made.
@@ -279,8 +278,7 @@ pub fn experiment_cgroup_pid(name: &str) -> Option<u32> {
     let mut parts = rest.splitn(3, '-');
     let (pid, n) = (parts.next()?, parts.next()?);
     parts.next()?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(pid) || !digits(n) {
+    if !crate::netns::all_digits(pid) || !crate::netns::all_digits(n) {
         return None;
     }
     pid.parse().ok()
@@ -303,22 +301,11 @@ pub fn sweep_stale_cgroups(mounts: &CpuMounts) -> Result<Vec<PathBuf>> {
                 continue;
             }
             let procs = dir.join("cgroup.procs");
-            let left = |procs: &Path| -> Result<Vec<String>> {
-                Ok(read(procs)?.split_whitespace().map(str::to_owned).collect())
-            };
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            loop {
-                let pids = left(&procs)?;
-                if pids.is_empty() {
-                    break;
-                }
-                if std::time::Instant::now() > deadline {
-                    bail!("stale cgroup {}: processes {pids:?} outlived SIGKILL for 5 s", dir.display());
-                }
-                // Already gone is fine: only the cgroup's emptiness counts.
-                let _ = Command::new("kill").arg("-KILL").args(&pids).output();
-                std::thread::yield_now();
-            }
+            crate::netns::kill_until_gone(
+                &format!("the processes in stale cgroup {}", dir.display()),
+                Duration::from_secs(5),
+                || pids_in(&procs),
+            )?;
             std::fs::remove_dir(&dir).with_context(|| format!("removing stale cgroup {}", dir.display()))?;
             removed.push(dir);
         }
@@ -412,6 +399,11 @@ pub fn netns_command_keeping_mounts(netns: &str, program: impl AsRef<OsStr>) -> 
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{netns}")).arg("--").arg(program);
     cmd
+}
+
+/// The pids listed in a `cgroup.procs` file.
+fn pids_in(procs: &Path) -> Result<Vec<u32>> {
+    Ok(read(procs)?.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
 fn read(path: &Path) -> Result<String> {

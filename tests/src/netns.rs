@@ -74,8 +74,7 @@ pub fn testbed_netns_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(NETNS_PREFIX)?;
     let (pid, rest) = rest.split_once('x')?;
     let (n, _) = rest.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(pid) || !digits(n) {
+    if !all_digits(pid) || !all_digits(n) {
         return None;
     }
     pid.parse().ok()
@@ -136,30 +135,39 @@ pub fn destroy_netns(ns: &str) -> Result<()> {
     if !netns_exists(ns) {
         return Ok(());
     }
-    wait_until(
-        &format!("the processes in namespace {ns} to die"),
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        || {
-            if !netns_exists(ns) {
-                return Ok(true);
-            }
-            let pids = netns_pids(ns)?;
-            if pids.is_empty() {
-                return Ok(true);
-            }
-            let mut kill = Command::new("kill");
-            kill.arg("-KILL").args(pids.iter().map(|p| p.to_string()));
-            // Some may already have died: ignore the status, the next poll re-lists.
-            run_unchecked(&mut kill)?;
-            Ok(false)
-        },
-    )?;
+    kill_until_gone(&format!("the processes in namespace {ns}"), Duration::from_secs(10), || {
+        if !netns_exists(ns) {
+            return Ok(Vec::new());
+        }
+        netns_pids(ns)
+    })?;
     let out = run_unchecked(Command::new("ip").args(["netns", "delete", ns]))?;
     if !out.status.success() && netns_exists(ns) {
         check_output(&format!("ip netns delete {ns}"), out)?;
     }
     Ok(())
+}
+
+/// SIGKILLs the processes `pids` lists until it lists none, for at most `timeout`; `what` names them in the
+/// timeout error.
+pub(crate) fn kill_until_gone(what: &str, timeout: Duration, mut pids: impl FnMut() -> Result<Vec<u32>>) -> Result<()> {
+    wait_until(&format!("{what} to die"), timeout, Duration::from_millis(10), || {
+        let pids = pids()?;
+        if pids.is_empty() {
+            return Ok(true);
+        }
+        let mut kill = Command::new("kill");
+        kill.arg("-KILL").args(pids.iter().map(|p| p.to_string()));
+        // Some may already have died: ignore the status, the next poll re-lists.
+        run_unchecked(&mut kill)?;
+        Ok(false)
+    })
+}
+
+/// Whether `s` is a non-empty run of ASCII digits (the pid and counter fields of the names experiments give
+/// their namespaces and cgroups).
+pub(crate) fn all_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn sanitize(hint: &str, max: usize) -> String {
