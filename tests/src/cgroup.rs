@@ -148,7 +148,7 @@ impl CpuCgroup {
             _ => bail!("no CPU cgroup hierarchy is mounted"),
         };
         let cgroup = CpuCgroup { name, dirs, root_procs };
-        for dir in cgroup.dir_list() {
+        for dir in cgroup.dirs.paths() {
             std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         }
         Ok(cgroup)
@@ -161,10 +161,6 @@ impl CpuCgroup {
 
     pub fn dirs(&self) -> &CgroupDirs {
         &self.dirs
-    }
-
-    fn dir_list(&self) -> Vec<PathBuf> {
-        self.dirs.paths()
     }
 
     /// Limits the cgroup to `cores` CPUs (e.g. 0.1 = 10 % of one core) per CFS `period` (1 ms … 1 s). The
@@ -205,7 +201,7 @@ impl CpuCgroup {
 
     /// Moves one process (all its threads) into the cgroup.
     pub fn add_process(&self, pid: u32) -> Result<()> {
-        for dir in self.dir_list() {
+        for dir in self.dirs.paths() {
             write(&dir.join("cgroup.procs"), &pid.to_string())
                 .with_context(|| format!("moving process {pid} into cgroup {}", self.name))?;
         }
@@ -226,7 +222,7 @@ impl CpuCgroup {
 
     /// The processes in the cgroup.
     pub fn processes(&self) -> Result<Vec<u32>> {
-        let dir = self.dir_list().into_iter().next().context("a cgroup has a directory")?;
+        let dir = self.dirs.paths().into_iter().next().context("a cgroup has a directory")?;
         pids_in(&dir.join("cgroup.procs"))
     }
 
@@ -263,7 +259,7 @@ impl Drop for CpuCgroup {
                 let _ = std::fs::write(procs, pid.to_string());
             }
         }
-        for dir in self.dir_list() {
+        for dir in self.dirs.paths() {
             if let Err(e) = std::fs::remove_dir(&dir) {
                 eprintln!("fulcrum-tests: could not remove cgroup {}: {e}", dir.display());
             }
@@ -529,6 +525,6 @@ mod tests {
             assert!(!dir.exists(), "{} is still there", dir.display());
         }
         assert!(!leftover.wait().unwrap().success(), "the leftover process was killed");
-        assert!(mine.dir_list().iter().all(|d| d.exists()), "this process's own cgroup was left alone");
+        assert!(mine.dirs.paths().iter().all(|d| d.exists()), "this process's own cgroup was left alone");
     }
 }
