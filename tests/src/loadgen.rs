@@ -73,8 +73,9 @@ pub struct LoadSpec {
     /// With a threshold, [`LoadReport::per_second`] counts, per second of intended send time, the requests and
     /// those slower than this or failed: when in a run the tail happened.
     pub slow_after: Option<Duration>,
-    /// With [`LoadSpec::slow_after`], [`LoadReport::per_backend_second`] splits the good responses by the value
-    /// of their [`BACKEND_HEADER`], one entry per name here: which real server the tail came from.
+    /// [`LoadReport::per_backend_latency`] (and, with [`LoadSpec::slow_after`],
+    /// [`LoadReport::per_backend_second`]) split the good responses by the value of their [`BACKEND_HEADER`],
+    /// one entry per name here: which real server the tail came from.
     pub backends: Vec<String>,
 }
 
@@ -185,6 +186,17 @@ impl LatencyHistogram {
         Duration::from_micros(self.hist.value_at_quantile(q.clamp(0.0, 1.0)))
     }
 
+    /// How many recorded values are above `threshold` (beyond the histogram bucket that holds it, so a
+    /// threshold taken from [`LatencyHistogram::quantile`] counts only the values past that quantile).
+    pub fn count_above(&self, threshold: Duration) -> u64 {
+        let us = u64::try_from(threshold.as_micros()).unwrap_or(u64::MAX).clamp(1, HIST_MAX_US);
+        let above = self.hist.highest_equivalent(us).saturating_add(1);
+        if above > HIST_MAX_US {
+            return 0;
+        }
+        self.hist.count_between(above, HIST_MAX_US)
+    }
+
     pub fn max(&self) -> Duration {
         if self.hist.is_empty() {
             Duration::ZERO
@@ -269,6 +281,8 @@ pub struct LoadReport {
     /// good responses it sent and those among them slower than the threshold. Failures name no backend: they
     /// count in [`LoadReport::per_second`] only, as do responses from a backend not in the list.
     pub per_backend_second: Vec<Vec<SecondCounts>>,
+    /// For each of [`LoadSpec::backends`], the latencies of the good responses it sent.
+    pub per_backend_latency: Vec<LatencyHistogram>,
 }
 
 /// One second of a run (by intended send time).
@@ -316,6 +330,7 @@ struct Tally {
     slow_after: Option<Duration>,
     per_second: Vec<SecondCounts>,
     per_backend_second: Vec<Vec<SecondCounts>>,
+    per_backend_hist: Vec<LatencyHistogram>,
 }
 
 /// Adds `counts` to second `second` of `seconds`, growing it as needed.
@@ -331,6 +346,7 @@ impl Tally {
         Tally {
             slow_after: spec.slow_after,
             per_backend_second: vec![Vec::new(); spec.backends.len()],
+            per_backend_hist: vec![LatencyHistogram::new(); spec.backends.len()],
             ..Tally::default()
         }
     }
@@ -347,9 +363,12 @@ impl Tally {
             }
         }
         match outcome {
-            Ok(Answer { latency, .. }) => {
+            Ok(Answer { latency, backend }) => {
                 self.ok += 1;
                 self.hist.record(latency);
+                if let Some(hist) = backend.and_then(|b| self.per_backend_hist.get_mut(b)) {
+                    hist.record(latency);
+                }
             }
             Err(Failure::Connect) => self.errors.connect += 1,
             Err(Failure::Io) => self.errors.io += 1,
@@ -369,6 +388,9 @@ impl Tally {
             for (k, &counts) in theirs.iter().enumerate() {
                 add_to_second(mine, k, counts);
             }
+        }
+        for (mine, theirs) in self.per_backend_hist.iter_mut().zip(&other.per_backend_hist) {
+            mine.merge(theirs);
         }
     }
 }
@@ -404,6 +426,7 @@ pub async fn run_async(spec: &LoadSpec) -> Result<LoadReport> {
         elapsed,
         per_second: tally.per_second,
         per_backend_second: tally.per_backend_second,
+        per_backend_latency: tally.per_backend_hist,
     })
 }
 
@@ -822,6 +845,10 @@ mod tests {
         assert_eq!(h.quantile(0.99), Duration::from_micros(100));
         let p999 = h.quantile(0.999).as_micros();
         assert!((49_950..=50_050).contains(&p999), "{p999}");
+        assert_eq!(h.count_above(h.quantile(0.99)), 1, "only the outlier is past p99");
+        assert_eq!(h.count_above(Duration::from_micros(99)), 100);
+        assert_eq!(h.count_above(h.max()), 0);
+        assert_eq!(h.count_above(Duration::from_secs(10_000)), 0, "past the histogram's range");
     }
 
     #[test]
@@ -967,6 +994,8 @@ mod tests {
         let fast = SecondCounts { requests: 200, slow: 0 };
         assert_eq!(report.per_second, [fast, fast], "per second of intended send time");
         assert_eq!(report.per_backend_second, [vec![], vec![fast, fast]], "every answer came from rs2");
+        let answered: Vec<u64> = report.per_backend_latency.iter().map(LatencyHistogram::count).collect();
+        assert_eq!(answered, [0, 400], "every latency recorded under rs2");
         assert_eq!((report.ok, report.errors()), (400, 0), "{report:?}");
         assert_eq!(served.load(Ordering::Relaxed), 400);
         assert!((180.0..=220.0).contains(&report.achieved_rate), "{report:?}");
@@ -984,6 +1013,7 @@ mod tests {
         assert_eq!((report.ok, report.errors()), (500, 0), "{report:?}");
         assert_eq!(report.per_second, [SecondCounts { requests: 500, slow: 0 }]);
         assert_eq!(report.per_backend_second, [[SecondCounts { requests: 500, slow: 0 }]], "merged over the pool");
+        assert_eq!(report.per_backend_latency[0].count(), 500, "merged over the pool");
         assert_eq!(served.load(Ordering::Relaxed), 500);
         assert_eq!(report.histogram.count(), 500);
     }

@@ -638,6 +638,9 @@ struct Measured {
     /// Open loop: per real server (rs1 first), per second of the run, the good responses it sent and those
     /// slower than [`SLOW_AFTER`].
     per_server_second: Vec<Vec<SecondCounts>>,
+    /// Open loop: per real server (rs1 first), its good responses slower than the run's p99: who sent the
+    /// slowest 1 %, which sets the p99 the targets judge.
+    past_p99_by_server: Vec<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -1309,6 +1312,7 @@ fn parse_wrk_report(out: &str) -> Result<Measured> {
     Ok(Measured {
         per_second: Vec::new(),
         per_server_second: Vec::new(),
+        past_p99_by_server: Vec::new(),
         throughput: good / (duration_us / 1e6),
         p50_ms: ms(p50),
         p99_ms: ms(p99),
@@ -1340,6 +1344,7 @@ fn open_loop(client: &Host, servers: Vec<String>, rate: f64, duration: Duration)
         error_ratio: report.errors() as f64 / report.scheduled.max(1) as f64,
         per_second: report.per_second.clone(),
         per_server_second: report.per_backend_second.clone(),
+        past_p99_by_server: report.per_backend_latency.iter().map(|h| h.count_above(report.latency.p99)).collect(),
         error_detail: (e.total() > 0).then(|| {
             format!(
                 "{} of {} requests failed (connect {}, io {}, status {}, timeout {})",
@@ -1783,11 +1788,16 @@ fn render(
         s,
         "\n## Which server the tail came from (open loop: good responses over {} ms, by the server that sent them)\n\n\
          Each cell, per server: its share of the part's good responses, and in brackets the share of its own that \
-         were slow. Failed requests name no server and are left out.\n",
+         were slow. Failed requests name no server and are left out. The last column splits the run's slowest \
+         responses, those past its p99 (which the targets judge), by the server that sent them.\n",
         SLOW_AFTER.as_millis()
     );
-    let _ = writeln!(s, "| scheduler | load | antagonist on: {servers_header} | antagonist off: {servers_header} |");
-    let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
+    let _ = writeln!(
+        s,
+        "| scheduler | load | antagonist on: {servers_header} | antagonist off: {servers_header} \
+         | past the p99: {servers_header} |"
+    );
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: |");
     for r in open.iter().filter_map(Outcome::ok) {
         let split = by_server(&Timeline::new(r.duration), &r.measured.per_server_second);
         let part = |pick: fn(&ServerSplit) -> SecondCounts| {
@@ -1803,9 +1813,17 @@ fn render(
                 .collect();
             cells.join(" / ")
         };
+        let past: u64 = r.measured.past_p99_by_server.iter().sum();
+        let past_p99 = r
+            .measured
+            .past_p99_by_server
+            .iter()
+            .map(|&n| if past > 0 { format!("{:.0} %", n as f64 / past as f64 * 100.0) } else { "–".to_string() })
+            .collect::<Vec<_>>()
+            .join(" / ");
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {past_p99} |",
             r.sched.name(),
             r.load.column(),
             part(|c| c.antagonist_on),
