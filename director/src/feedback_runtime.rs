@@ -16,6 +16,12 @@
 //! below quorum with a sorry server: every real server 0, the sorry server 1
 //! ```
 //!
+//! When no agent of a feedback service has been heard from for `down_after` (every server with a configured
+//! weight marked down for its report age), the silence says more about the agents, their certificates or the
+//! network to them than about the servers: rather than take the whole service down, `full` falls back to the
+//! configured weights (the health checks still decide `effective`) until an agent reports again. Both
+//! switches are logged and counted. A server the feedback marks down is not serving for the quorum.
+//!
 //! `df`'s `T` and `L` terms come from the blender too (0 with feedback off), so `df` and `wlc` differ exactly by
 //! the feedback. Everything is recomputed every `period_ms` (the shortest of the services'), and at once after
 //! a health-check result or a configuration change.
@@ -34,7 +40,7 @@ use crate::agents::{AgentLatest, AgentRegistry};
 use crate::config::{DirectorConfig, FeedbackSettings, HealthCheckKind, HealthSettings, OnFailure, Protocol};
 use crate::control_plane::{ControlPlane, ServiceKey};
 use crate::dataplane::table::{Health, ServerEntry, ServerState, ServiceTable};
-use crate::feedback::{Blender, RejectReason, ReportInput, ServerInput};
+use crate::feedback::{Blender, DownReason, FeedbackStatus, RejectReason, ReportInput, ServerInput};
 use crate::flow::Proto;
 use crate::health::checker::{self, CheckOutcome, CheckSpec};
 use crate::health::quorum::{QuorumConfig, QuorumTransition, Routing, ServiceQuorum};
@@ -44,9 +50,33 @@ use crate::sched::server_key;
 /// Something worth a log line and a counter.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Health { service: ServiceKey, server: (Ipv4Addr, u16), transition: Transition },
-    Quorum { service: ServiceKey, transition: QuorumTransition },
-    Rejected { service: ServiceKey, server: (Ipv4Addr, u16), reason: RejectReason },
+    Health {
+        service: ServiceKey,
+        server: (Ipv4Addr, u16),
+        transition: Transition,
+    },
+    Quorum {
+        service: ServiceKey,
+        transition: QuorumTransition,
+    },
+    Rejected {
+        service: ServiceKey,
+        server: (Ipv4Addr, u16),
+        reason: RejectReason,
+    },
+    /// A server's feedback status changed kind (normal, stale, down).
+    Feedback {
+        service: ServiceKey,
+        server: (Ipv4Addr, u16),
+        from: FeedbackStatus,
+        to: FeedbackStatus,
+    },
+    /// Every agent of the service fell silent (`silent`: weights fall back to the configured ones), or one
+    /// reports again.
+    AgentsSilent {
+        service: ServiceKey,
+        silent: bool,
+    },
 }
 
 struct ServerHealth {
@@ -64,6 +94,8 @@ struct ServiceRuntime {
     servers: Vec<ServerHealth>,
     /// Evaluated only when the service has a health signal or a sorry server.
     quorum: Option<ServiceQuorum>,
+    /// No agent of the service has reported for `down_after`: weights fall back to the configured ones.
+    agents_silent: bool,
 }
 
 /// The pure part: per-service blenders, health states and quorums.
@@ -110,6 +142,7 @@ impl FeedbackCore {
             let keep_blender =
                 previous.as_ref().is_some_and(|p| p.feedback == service.feedback && p.feedback_on == feedback_on);
             let keep_health = previous.as_ref().is_some_and(|p| p.health == service.health);
+            let previous_silent = keep_blender && previous.as_ref().is_some_and(|p| p.agents_silent);
             let (mut old_servers, old_blender, old_quorum) = match previous {
                 Some(p) => (p.servers, p.blender, p.quorum),
                 None => (Vec::new(), None, None),
@@ -148,14 +181,21 @@ impl FeedbackCore {
             let wants_quorum = service.health.is_checked() || service.health.sorry_server.is_some();
             let quorum = match (keep_health, old_quorum) {
                 (true, Some(q)) => Some(q),
-                _ => wants_quorum.then(|| {
-                    ServiceQuorum::new(QuorumConfig {
+                (_, old) => wants_quorum.then(|| {
+                    let config = QuorumConfig {
                         min_servers: service.health.quorum,
                         min_weight: u64::from(service.health.quorum.min(1)),
                         hysteresis: service.health.hysteresis,
                         hysteresis_weight: 0,
                         sorry_server: service.health.sorry_server,
-                    })
+                    };
+                    // New settings carry on from the old state: a change of, say, a check's timeout must not by
+                    // itself send the service to its sorry server (a restarted quorum starts as not met, and
+                    // with a hysteresis the servers serving may not be enough to regain it), nor silently.
+                    match old {
+                        Some(old) => ServiceQuorum::continuing(config, old.is_met()),
+                        None => ServiceQuorum::new(config),
+                    }
                 }),
             };
             self.services.push(ServiceRuntime {
@@ -166,6 +206,7 @@ impl FeedbackCore {
                 blender,
                 servers,
                 quorum,
+                agents_silent: previous_silent,
             });
         }
     }
@@ -199,13 +240,34 @@ impl FeedbackCore {
             let sorry: Option<&ServerState> = all.iter().find(|s| s.sorry).map(|s| &*s.state);
             let agent_of = |address: Ipv4Addr| agents.iter().find(|a| a.real_server == IpAddr::V4(address));
 
-            // 1. Feedback: the full weight and df's terms.
+            // 1. Health: agent liveness and due transitions. First, because the blender leaves out the servers
+            // not in rotation.
+            let mut statuses: Vec<Option<HealthStatus>> = Vec::with_capacity(real.len());
+            for s in &real {
+                let health = service.servers.iter_mut().find(|h| h.server == (s.address, s.port));
+                let Some(state) = health.and_then(|h| h.state.as_mut()) else {
+                    statuses.push(None);
+                    continue;
+                };
+                let agent = agent_of(s.address);
+                let age = agent.and_then(|a| a.report.as_ref()).map(|(_, at)| now.saturating_duration_since(*at));
+                state.agent(now, agent.is_some_and(|a| a.connected), age);
+                while let Some(transition) = state.poll(now) {
+                    events.push(Event::Health { service: service.key, server: (s.address, s.port), transition });
+                }
+                statuses.push(Some(state.status()));
+            }
+            // The sorry server standing in since the last period takes every real server out of rotation.
+            let sorry_before = service.quorum.as_ref().is_some_and(|q| matches!(q.routing(), Routing::SorryServer(_)));
+
+            // 2. Feedback: the full weight and df's terms.
             let mut full: Vec<Blended> =
                 real.iter().map(|s| Blended { weight: s.configured_weight, ..Blended::default() }).collect();
             if let Some(blender) = &mut service.blender {
                 let inputs: Vec<ServerInput> = real
                     .iter()
-                    .map(|s| ServerInput {
+                    .zip(&statuses)
+                    .map(|(s, status)| ServerInput {
                         key: server_key(s.address, s.port),
                         configured_weight: s.configured_weight,
                         report: agent_of(s.address)
@@ -215,9 +277,11 @@ impl FeedbackCore {
                         inactive: s.state.inactive(),
                         connections_total: s.state.sum(|w| &w.connections_total),
                         connections_established: s.state.sum(|w| &w.connections_established),
+                        in_rotation: !sorry_before && status.is_none_or(|st| st == HealthStatus::Up),
                     })
                     .collect();
-                for ((out, f), s) in blender.update(now, &inputs).iter().zip(&mut full).zip(&real) {
+                let outputs = blender.update(now, &inputs);
+                for ((out, f), s) in outputs.iter().zip(&mut full).zip(&real) {
                     *f = Blended {
                         weight: out.effective_weight,
                         response_time_norm: out.response_time_norm,
@@ -226,26 +290,36 @@ impl FeedbackCore {
                             .capacity_per_s
                             .map_or(0, |c| c.round().clamp(1.0, f64::from(u32::MAX)) as u32),
                     };
+                    let server = (s.address, s.port);
                     if let Some(reason) = out.rejected {
-                        events.push(Event::Rejected { service: service.key, server: (s.address, s.port), reason });
+                        events.push(Event::Rejected { service: service.key, server, reason });
+                    }
+                    if out.status.name() != out.status_before.name() {
+                        let (from, to) = (out.status_before, out.status);
+                        events.push(Event::Feedback { service: service.key, server, from, to });
+                    }
+                }
+                let silent =
+                    agents_silent(outputs.iter().map(|o| o.status).zip(real.iter().map(|s| s.configured_weight)));
+                if silent != service.agents_silent {
+                    service.agents_silent = silent;
+                    events.push(Event::AgentsSilent { service: service.key, silent });
+                }
+                if silent {
+                    for (f, s) in full.iter_mut().zip(&real) {
+                        *f = Blended { weight: s.configured_weight, ..Blended::default() };
                     }
                 }
             }
 
-            // 2. Health: agent liveness, due transitions, slow-start ramp.
+            // 3. Health: the weight each server gets, with the slow-start ramp.
             let mut decided: Vec<(u32, Health, bool)> = Vec::with_capacity(real.len());
             for (s, &Blended { weight, .. }) in real.iter().zip(&full) {
                 let health = service.servers.iter_mut().find(|h| h.server == (s.address, s.port));
-                let Some(state) = health.and_then(|h| h.state.as_mut()) else {
+                let Some(state) = health.and_then(|h| h.state.as_ref()) else {
                     decided.push((weight, Health::Unchecked, true));
                     continue;
                 };
-                let agent = agent_of(s.address);
-                let age = agent.and_then(|a| a.report.as_ref()).map(|(_, at)| now.saturating_duration_since(*at));
-                state.agent(now, agent.is_some_and(|a| a.connected), age);
-                while let Some(transition) = state.poll(now) {
-                    events.push(Event::Health { service: service.key, server: (s.address, s.port), transition });
-                }
                 let shown = match state.status() {
                     HealthStatus::Up => Health::Up,
                     HealthStatus::SlowStart { .. } => Health::SlowStart,
@@ -256,14 +330,16 @@ impl FeedbackCore {
                 decided.push((state.effective_weight(now, weight), shown, state.status().is_serving()));
             }
 
-            // 3. Quorum and sorry server.
+            // 4. Quorum and sorry server.
             let mut routing = Routing::RealServers;
             if let Some(quorum) = &mut service.quorum {
+                // Serving: health says so, and the feedback has not marked the server down (its full weight 0).
                 let serving = real
                     .iter()
                     .zip(&decided)
-                    .filter(|(s, d)| d.2 && s.configured_weight > 0)
-                    .map(|(s, _)| s.configured_weight);
+                    .zip(&full)
+                    .filter(|((s, d), f)| d.2 && s.configured_weight > 0 && f.weight > 0)
+                    .map(|((s, _), _)| s.configured_weight);
                 if let Some(transition) = quorum.evaluate(now, serving) {
                     events.push(Event::Quorum { service: service.key, transition });
                 }
@@ -271,7 +347,7 @@ impl FeedbackCore {
             }
             let sorry_active = matches!(routing, Routing::SorryServer(_));
 
-            // 4. Publish.
+            // 5. Publish.
             for ((s, fed), &(weight, health, _)) in real.iter().zip(&full).zip(&decided) {
                 let weight = if sorry_active { 0 } else { weight };
                 s.state.effective_weight.store(weight, Ordering::Relaxed);
@@ -294,6 +370,19 @@ impl FeedbackCore {
         let ms = self.services.iter().map(|s| s.feedback.period_ms).min().unwrap_or(500);
         Duration::from_millis(ms.into())
     }
+}
+
+/// Whether no agent of a service is heard from: every server with a configured weight is marked down for the age
+/// of its newest report (never reported counts as stale, not down), and there is at least one.
+fn agents_silent(servers: impl Iterator<Item = (FeedbackStatus, u32)>) -> bool {
+    let mut any = false;
+    for (status, _) in servers.filter(|&(_, configured)| configured > 0) {
+        if !matches!(status, FeedbackStatus::Down { reason: DownReason::ReportTooOld { .. } }) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 /// What the blender made of one real server this tick, before health and quorum: its full weight (the configured
@@ -331,6 +420,24 @@ fn report(event: &Event) {
         Event::Rejected { service, server: (address, port), reason } => {
             metrics::counter!("fulcrum_feedback_rejected_reports_total", "reason" => reason.name()).increment(1);
             warn!(%service, server = %format!("{address}:{port}"), reason = reason.name(), "agent report refused");
+        }
+        Event::Feedback { service, server: (address, port), from, to } => {
+            metrics::counter!("fulcrum_feedback_transitions_total", "to" => to.name()).increment(1);
+            let server = format!("{address}:{port}");
+            let (from, reason) = (from.name(), format!("{to:?}"));
+            match to {
+                FeedbackStatus::Normal => info!(%service, %server, from, to = to.name(), "feedback"),
+                _ => warn!(%service, %server, from, to = to.name(), %reason, "feedback"),
+            }
+        }
+        Event::AgentsSilent { service, silent } => {
+            metrics::counter!("fulcrum_feedback_agents_silent_total", "silent" => if *silent { "true" } else { "false" })
+                .increment(1);
+            if *silent {
+                warn!(%service, "no agent of the service reports: going by the configured weights until one does");
+            } else {
+                info!(%service, "an agent reports again: weights from feedback");
+            }
         }
     }
 }

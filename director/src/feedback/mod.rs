@@ -148,6 +148,14 @@
 //!   or with at least [`BlenderConfig::down_probe_failures`] (default 3) consecutive agent probe failures it is
 //!   marked down: weight 0 ([`FeedbackStatus::Down`]). Coming back, it restarts from its configured share with
 //!   fresh averages.
+//! * **Servers out of rotation are left out** ([`ServerInput::in_rotation`]). A server the health checks took
+//!   out (down, held down after flapping, removed), one ramping back up in slow start, and every real server
+//!   while the sorry server stands in, gets less traffic than its weight, or none: its load then describes the
+//!   health rule, not its weight. Counted, it read idle, climbed towards `scale × configured` while out (the
+//!   renormalisation pushing every other weight down, to the floor where the configured ratios are lost), and
+//!   came back with that inflated weight once slow start ended. So it stands at its configured share, `neutral
+//!   × configured`, with no aggregate: out of the reference, the overflow census and the renormalisation; its
+//!   reports still decide its status. Back in rotation, it restarts from there with fresh averages.
 //! * **Impossible values are refused**: CPU or pressure above 100 %, a response time above one hour, a report
 //!   interval of 0 or above one hour, a receipt time in the future. A refused report feeds nothing; it is
 //!   counted once by reason ([`Blender::rejections`]) and shown in [`ServerOutput::rejected`].
@@ -423,7 +431,8 @@ impl ReportInput {
 /// One real server's inputs for one period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerInput {
-    /// Stable identity (e.g. `sched::server_key`); a different key at the same index restarts that slot.
+    /// Stable identity (e.g. `sched::server_key`): the blender follows each server's state by it, wherever the
+    /// server is in the list; a new key starts from the configured share.
     pub key: u64,
     /// The configured weight; 0 = administratively quiesced (effective weight 0, no feedback).
     pub configured_weight: u32,
@@ -439,6 +448,11 @@ pub struct ServerInput {
     /// Of those, the ones that got going (TCP: reached ESTABLISHED; UDP: all), cumulative: a connection
     /// whose SYN the server dropped (its listen queue full) is not completed, it waits.
     pub connections_established: u64,
+    /// The server takes new connections at its full weight. False while its health checks hold it out (down,
+    /// held down, removed), while it ramps back up in slow start, and while the sorry server stands in: then its
+    /// load follows that rule, not its weight, and the blender holds it at its configured share (see the
+    /// module documentation).
+    pub in_rotation: bool,
 }
 
 /// Why a report was refused.
@@ -518,6 +532,17 @@ pub enum FeedbackStatus {
     Down { reason: DownReason },
 }
 
+impl FeedbackStatus {
+    /// The status without its reason, as logs and metrics name it: `normal`, `stale` or `down`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FeedbackStatus::Normal => "normal",
+            FeedbackStatus::Stale { .. } => "stale",
+            FeedbackStatus::Down { .. } => "down",
+        }
+    }
+}
+
 /// One server's result of one period.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ServerOutput {
@@ -528,6 +553,8 @@ pub struct ServerOutput {
     /// `df`'s L, in connection-overhead units.
     pub cpu_norm: u32,
     pub status: FeedbackStatus,
+    /// The previous period's status: a change of [`FeedbackStatus::name`] is a transition to log and count.
+    pub status_before: FeedbackStatus,
     /// The server's aggregate load `Σ Rᵢ·Mᵢ` (before the cluster-relative scaling); `None` without metrics or
     /// when not in normal state.
     pub aggregate_load: Option<f64>,
@@ -546,6 +573,7 @@ impl ServerOutput {
         response_time_norm: 0,
         cpu_norm: 0,
         status: FeedbackStatus::Stale { reason: StaleReason::NeverReported },
+        status_before: FeedbackStatus::Stale { reason: StaleReason::NeverReported },
         aggregate_load: None,
         capacity_per_s: None,
         rejected: None,
@@ -625,7 +653,10 @@ struct Slot {
     /// The weight was raised to take the overflow of servers that fell behind ([`Overflow`]): it keeps what
     /// it took while every other server stays saturated.
     overflow: bool,
+    /// In normal state and in rotation at the previous period: its averages describe its weight.
     normal_before: bool,
+    /// [`ServerInput::in_rotation`] this period.
+    in_rotation: bool,
     aggregate: Option<f64>,
     /// Sequence number and PSI `some total` of the newest accepted report that had one.
     pressure_total: Option<(u64, u64)>,
@@ -669,6 +700,7 @@ impl Slot {
             streak: Streak::default(),
             overflow: false,
             normal_before: false,
+            in_rotation: true,
             aggregate: None,
             df_metrics: (0.0, 0.0),
             pressure_total: None,
@@ -725,18 +757,30 @@ impl Blender {
     pub fn update(&mut self, now: Instant, inputs: &[ServerInput]) -> &[ServerOutput] {
         let cfg = &self.config;
         let neutral = neutral_factor(cfg, inputs);
-        if self.slots.len() != inputs.len() {
-            self.slots.truncate(inputs.len());
-            let kept = self.slots.len();
-            self.slots.extend(inputs[kept..].iter().map(|i| Slot::new(i.key, i.configured_weight, neutral)));
-            self.outputs.resize(inputs.len(), ServerOutput::EMPTY);
+        let same_servers = self.slots.len() == inputs.len()
+            && self.slots.iter().zip(inputs).all(|(slot, input)| slot.key == input.key);
+        if !same_servers {
+            // Follow each server by its key, not its place: removing the first of ten servers must not restart
+            // the other nine (their averages, and weights that would jump to the configured share uncapped).
+            let mut old = std::mem::take(&mut self.slots);
+            let mut old_outputs = std::mem::take(&mut self.outputs);
+            for input in inputs {
+                let (slot, out) = match old.iter().position(|slot| slot.key == input.key) {
+                    Some(i) => (old.swap_remove(i), old_outputs.swap_remove(i)),
+                    None => (Slot::new(input.key, input.configured_weight, neutral), ServerOutput::EMPTY),
+                };
+                self.slots.push(slot);
+                self.outputs.push(out);
+            }
             self.scratch.reserve(inputs.len());
         }
 
         // 1. Reports, averages and status.
         for ((slot, input), out) in self.slots.iter_mut().zip(inputs).zip(self.outputs.iter_mut()) {
-            if slot.key != input.key {
-                *slot = Slot::new(input.key, input.configured_weight, neutral);
+            if slot.configured == 0 && input.configured_weight > 0 {
+                // Back from an administrative quiesce: from the configured share, as a new server.
+                slot.weight = neutral * f64::from(input.configured_weight);
+                slot.configured = input.configured_weight;
             }
             if slot.configured != input.configured_weight {
                 // A configuration change: rescale the feedback weight with it.
@@ -798,8 +842,10 @@ impl Blender {
                     }
                 }
             }
+            out.status_before = out.status;
             out.status = status(cfg, slot.accepted, now);
-            let normal = out.status == FeedbackStatus::Normal;
+            slot.in_rotation = input.in_rotation;
+            let normal = out.status == FeedbackStatus::Normal && input.in_rotation;
             if !normal {
                 slot.weight = neutral * f64::from(slot.configured);
                 slot.fresh = false;
@@ -834,7 +880,7 @@ impl Blender {
 
         // 3. Aggregates, and their mean for the relative mode.
         for (slot, out) in self.slots.iter_mut().zip(self.outputs.iter_mut()) {
-            let metrics = (out.status == FeedbackStatus::Normal && slot.configured > 0)
+            let metrics = (out.status == FeedbackStatus::Normal && slot.configured > 0 && slot.in_rotation)
                 .then(|| Metrics::of(cfg, &slot.smoothed, rt_full_us));
             slot.aggregate = metrics.and_then(|m| m.aggregate(&cfg.coefficients));
             out.aggregate_load = slot.aggregate;
@@ -920,6 +966,7 @@ impl Blender {
                 FeedbackStatus::Down { .. } => 0,
                 _ if slot.configured == 0 => 0,
                 FeedbackStatus::Stale { .. } => to_units(neutral * f64::from(slot.configured)),
+                FeedbackStatus::Normal if !slot.in_rotation => to_units(neutral * f64::from(slot.configured)),
                 FeedbackStatus::Normal => slot.weight.round().clamp(1.0, ceiling(cfg, slot.configured)) as u32,
             };
             out.changed = weight != slot.published;
@@ -1129,8 +1176,9 @@ fn reference_load(cfg: &BlenderConfig, slots: &[Slot]) -> Option<f64> {
 /// by more than `max_step` in one period, step and scaling together (the rest follows in the next periods),
 /// except a weight cut to its backlog ([`cut_to_backlog`]), which the scaling does not lift back to the cap.
 fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput], neutral: f64) {
-    let feedback =
-        |(slot, out): &(&mut Slot, &ServerOutput)| out.status == FeedbackStatus::Normal && slot.configured > 0;
+    let feedback = |(slot, out): &(&mut Slot, &ServerOutput)| {
+        out.status == FeedbackStatus::Normal && slot.configured > 0 && slot.in_rotation
+    };
     let (mut sum, mut count) = (0.0, 0usize);
     for pair in slots.iter_mut().zip(outputs).filter(feedback) {
         sum += pair.0.weight / f64::from(pair.0.configured);

@@ -34,6 +34,7 @@ fn server(key: u64, weight: u32, report: Option<ReportInput>) -> ServerInput {
         inactive: 0,
         connections_total: 0,
         connections_established: 0,
+        in_rotation: true,
     }
 }
 
@@ -646,6 +647,65 @@ fn a_new_key_or_weight_restarts_or_rescales_the_slot() {
     let out = b.update(now, &[server(9, 50, None), server(2, 50, None)]);
     assert_eq!(out[0].status, FeedbackStatus::Stale { reason: StaleReason::NeverReported });
     assert_eq!(out[0].effective_weight, 50);
+}
+
+#[test]
+fn servers_are_followed_by_key_when_the_list_changes() {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    // Server 2 busy, server 3 idle: their weights part.
+    for k in 0..20u32 {
+        let now = start + SEC * k;
+        let r = |cpu| Some(report(u64::from(k), now, cpu));
+        b.update(now, &[server(1, 100, r(5000)), server(2, 100, r(9000)), server(3, 100, r(1000))]);
+    }
+    let before: Vec<u32> = b.outputs().iter().map(|o| o.effective_weight).collect();
+    assert!(before[1] < 100 && before[2] > 100, "{before:?}");
+    // Server 1 leaves the list: 2 and 3 move up one place and keep their weights.
+    let now = start + SEC * 20;
+    let r = |cpu| Some(report(19, start + SEC * 19, cpu));
+    let out = b.update(now, &[server(2, 100, r(9000)), server(3, 100, r(1000))]);
+    assert_eq!(out.iter().map(|o| o.status).collect::<Vec<_>>(), [FeedbackStatus::Normal; 2]);
+    for (got, want) in out.iter().map(|o| o.effective_weight).zip(&before[1..]) {
+        // Renormalised over two servers instead of three, within the rate cap: not back to 100.
+        assert!(got.abs_diff(*want) <= want / 4 + 1, "{got} vs {want}");
+    }
+    assert!(out[0].effective_weight < out[1].effective_weight);
+}
+
+#[test]
+fn a_server_back_from_configured_weight_zero_starts_at_its_configured_share() {
+    let mut b = blender(BlenderConfig::default());
+    let now = t0();
+    b.update(now, &[server(1, 0, None), server(2, 10, None)]);
+    let out = b.update(now + SEC, &[server(1, 10, None), server(2, 10, None)]);
+    assert_eq!(out[0].effective_weight, out[1].effective_weight, "the same share as its peer, not the floor");
+}
+
+/// A server out of rotation (health checks failed, slow start, sorry server) gets little or no traffic, so it
+/// reads idle whatever its weight: it must neither climb nor push the others down.
+#[test]
+fn a_server_out_of_rotation_holds_its_configured_share_and_moves_no_one() {
+    let mut b = blender(BlenderConfig::default());
+    let start = t0();
+    let mut last = Vec::new();
+    for k in 0..40u32 {
+        let now = start + SEC * k;
+        let r = |cpu| Some(report(u64::from(k), now, cpu));
+        let out = ServerInput { in_rotation: false, ..server(1, 10, r(0)) };
+        last = b.update(now, &[out, server(2, 10, r(5000)), server(3, 10, r(5000))]).to_vec();
+    }
+    let weights: Vec<u32> = last.iter().map(|o| o.effective_weight).collect();
+    assert_eq!(weights, [10, 10, 10], "the idle server out of rotation did not climb, nor the others fall");
+    assert_eq!(last[0].status, FeedbackStatus::Normal, "its reports still decide its status");
+    assert_eq!(last[0].aggregate_load, None, "no aggregate: out of the reference");
+    // Back in rotation: from its configured share, with fresh averages (an idle server then climbs).
+    let now = start + SEC * 40;
+    let r = |cpu| Some(report(40, now, cpu));
+    let out = b.update(now, &[server(1, 10, r(1000)), server(2, 10, r(5000)), server(3, 10, r(5000))]);
+    let back = out[0].effective_weight;
+    assert!((11..=13).contains(&back), "one capped step up from 10, not from a climbed weight: {back}");
+    assert!(out[0].aggregate_load.is_some());
 }
 
 #[test]

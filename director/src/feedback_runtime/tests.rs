@@ -192,7 +192,19 @@ fn df_feedback_lowers_a_loaded_servers_weight_and_sets_its_terms() {
         let now = t0 + SEC * k;
         let events =
             core.tick(now, &table, &[agent(0, u64::from(k) + 1, 9000, now), agent(1, u64::from(k) + 1, 1000, now)]);
-        assert!(events.is_empty(), "{events:?}");
+        if k == 0 {
+            // Each server's first report takes its feedback from stale (never reported) to normal: logged once.
+            let kinds: Vec<_> = events
+                .iter()
+                .map(|e| match e {
+                    Event::Feedback { from, to, .. } => (from.name(), to.name()),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            assert_eq!(kinds, [("stale", "normal"); 2]);
+        } else {
+            assert!(events.is_empty(), "{events:?}");
+        }
     }
     let weights = published(&table);
     assert!(weights[0].0 < weights[1].0, "the loaded server weighs less: {weights:?}");
@@ -244,4 +256,121 @@ fn reconfiguring_keeps_the_health_of_unchanged_servers() {
     core.reconfigure(t0, &changed.config);
     core.tick(t0, &table, &[]);
     assert_eq!(published(&table), vec![(10, Health::Up), (0, Health::Down)]);
+}
+
+/// `agent` with its probe failing `failures` times in a row.
+fn failing_agent(i: u8, seq: u64, at: Instant, failures: u32) -> AgentLatest {
+    let mut report = load_report(seq, 5000);
+    report.probe.consecutive_failures = failures;
+    AgentLatest { real_server: IpAddr::V4(server(i).0), connected: true, report: Some((report, at)) }
+}
+
+#[test]
+fn when_every_agent_falls_silent_the_configured_weights_stand() {
+    let s = setup("scheduler = \"df\"", 2);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    core.tick(t0, &table, &[agent(0, 1, 9000, t0), agent(1, 1, 1000, t0)]);
+    // Nothing heard for longer than down_after (10 s): the silence is the agents', not proof that the servers
+    // died, so the configured weights stand rather than none.
+    let late = t0 + 11 * SEC;
+    let events = core.tick(late, &table, &[agent(0, 1, 9000, t0), agent(1, 1, 1000, t0)]);
+    let feedback: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Feedback { to, .. } => Some(to.name()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(feedback, ["down", "down"], "each server's status change is still reported: {events:?}");
+    assert!(events.contains(&Event::AgentsSilent { service: web(), silent: true }), "{events:?}");
+    assert_eq!(published(&table), vec![(10, Health::Unchecked), (10, Health::Unchecked)]);
+    assert!(!core.tick(late + SEC, &table, &[]).iter().any(|e| matches!(e, Event::AgentsSilent { .. })), "once");
+
+    // One agent reports again: feedback again, and the server still silent is down.
+    let back = late + 2 * SEC;
+    let events = core.tick(back, &table, &[agent(0, 2, 5000, back), agent(1, 1, 1000, t0)]);
+    assert!(events.contains(&Event::AgentsSilent { service: web(), silent: false }), "{events:?}");
+    let weights = published(&table);
+    assert!(weights[0].0 > 0 && weights[1].0 == 0, "{weights:?}");
+}
+
+#[test]
+fn a_server_the_feedback_marks_down_is_not_serving_for_the_quorum() {
+    let s = setup("scheduler = \"df\"\n[service.health]\nsorry_server = \"10.0.0.50:80\"", 2);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    core.tick(t0, &table, &[agent(0, 1, 5000, t0), agent(1, 1, 5000, t0)]);
+    assert_eq!(published(&table), vec![(10, Health::Unchecked), (10, Health::Unchecked), (0, Health::SorryStandby)]);
+    // Both agents' probes of their service fail: the feedback marks both servers down, and with none serving
+    // the sorry server takes the new connections (the weights alone would have dropped them).
+    let now = t0 + SEC;
+    let events = core.tick(now, &table, &[failing_agent(0, 2, now, 3), failing_agent(1, 2, now, 3)]);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Quorum { transition, .. } if matches!(transition.to, Routing::SorryServer(_)))));
+    assert_eq!(published(&table), vec![(0, Health::Unchecked), (0, Health::Unchecked), (1, Health::SorryActive)]);
+}
+
+#[test]
+fn changing_the_health_settings_keeps_a_met_quorum() {
+    let health = |timeout| {
+        format!(
+            "[service.health]\nkind = \"tcp\"\nrise = 1\nfall = 1\nslow_start_s = 0\ntimeout_ms = {timeout}\n\
+             quorum = 2\nhysteresis = 1\nsorry_server = \"10.0.0.50:80\""
+        )
+    };
+    let s = setup(&health(1000), 3);
+    let mut builder = TableBuilder::new(1);
+    let table = builder.build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    for i in 0..3 {
+        core.record(t0, web(), server(i), CheckResult::Success);
+    }
+    core.tick(t0, &table, &[]);
+    core.record(t0 + SEC, web(), server(2), CheckResult::Failure(CheckFailure::Refused));
+    core.tick(t0 + SEC, &table, &[]);
+    // Two of three serving: still at quorum 2, though regaining it would take three.
+    assert_eq!(published(&table)[3], (0, Health::SorryStandby));
+
+    let changed = setup(&health(500), 3);
+    let table = builder.build(&changed.config.services);
+    core.reconfigure(t0 + 2 * SEC, &changed.config);
+    let events = core.tick(t0 + 2 * SEC, &table, &[]);
+    assert!(!events.iter().any(|e| matches!(e, Event::Quorum { .. })), "{events:?}");
+    assert_eq!(
+        published(&table),
+        vec![(10, Health::Up), (10, Health::Up), (0, Health::Down), (0, Health::SorryStandby)],
+        "a new check timeout alone does not send the service to its sorry server"
+    );
+}
+
+#[test]
+fn a_server_out_of_rotation_comes_back_at_its_configured_share() {
+    let s = setup("scheduler = \"df\"\n[service.health]\nkind = \"tcp\"\nrise = 1\nfall = 1\nslow_start_s = 0", 2);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    core.record(t0, web(), server(0), CheckResult::Failure(CheckFailure::Refused));
+    core.record(t0, web(), server(1), CheckResult::Success);
+    // Server 0 is down for 30 s; its agent, with no traffic to serve, reads idle all along.
+    for k in 0..30u32 {
+        let now = t0 + SEC * k;
+        let seq = u64::from(k) + 1;
+        core.tick(now, &table, &[agent(0, seq, 300, now), agent(1, seq, 5000, now)]);
+    }
+    assert_eq!(published(&table), vec![(0, Health::Down), (10, Health::Up)]);
+    let now = t0 + SEC * 30;
+    core.record(now, web(), server(0), CheckResult::Success);
+    core.tick(now, &table, &[agent(0, 31, 300, now), agent(1, 31, 5000, now)]);
+    let weights = published(&table);
+    // Counted while down, the idle server would have climbed towards 10 × 10 and the other sunk to the floor.
+    assert!(weights[0].0 <= 13 && weights[1].0 >= 8, "back at about its configured share: {weights:?}");
 }

@@ -13,7 +13,8 @@
 //!
 //! * **Active checks**: `rise` consecutive successes bring the checks up, `fall` consecutive failures bring
 //!   them down (keepalived's `rise`/`fall`; defaults 2 and 3).
-//! * **Agent liveness**, the second signal ([`AgentPolicy::Required`], the default): the agent must be connected
+//! * **Agent liveness**, the second signal ([`AgentPolicy::Required`], the default of [`HealthConfig`]; the
+//!   configuration file's `agent` key defaults to `"ignored"`, active checks alone): the agent must be connected
 //!   and its newest report at most `max_report_age` old. A lost agent takes the server down even while the
 //!   active checks pass; [`AgentPolicy::Ignored`] uses the active checks alone.
 //! * **On failure** the server is quiesced (weight 0; established connections continue, as keepalived's

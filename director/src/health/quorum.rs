@@ -70,6 +70,13 @@ impl ServiceQuorum {
         ServiceQuorum { config, met: false, lost: 0, regained: 0 }
     }
 
+    /// A quorum whose settings changed: it carries on from the old one's state (`met`), so that a change of
+    /// settings alone neither loses nor regains it; the next [`ServiceQuorum::evaluate`] judges the servers
+    /// by the new settings, and a change it makes is a transition like any other.
+    pub fn continuing(config: QuorumConfig, met: bool) -> ServiceQuorum {
+        ServiceQuorum { met, ..ServiceQuorum::new(config) }
+    }
+
     /// Counts the serving servers — one item per server that is serving (`HealthStatus::is_serving`), with its
     /// full (configured) weight — and returns the transition, if the quorum was lost or regained.
     pub fn evaluate(
