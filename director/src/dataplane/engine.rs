@@ -255,6 +255,7 @@ impl Engine {
             view.inactive = state.inactive();
             view.response_time_norm = state.response_time_norm.load(Ordering::Relaxed);
             view.cpu_norm = state.cpu_norm.load(Ordering::Relaxed);
+            view.failed = state.health().is_failed();
             runtime.views.push(view);
         }
         let input =

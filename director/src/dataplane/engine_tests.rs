@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use super::afpacket::{RxMeta, VNET_HDR_LEN};
 use super::counters::{DropReason, WorkerCounters};
 use super::engine::{Engine, EngineConfig};
-use super::table::{ServiceTable, TableBuilder};
+use super::table::{Health, ServiceTable, TableBuilder};
 use super::worker::{PacketHandler, Scratch, Verdict};
 use crate::config::{ForwardMethod, Protocol, RealServerConfig, Scheduler, ServiceConfig, TimeoutsConfig};
 use crate::wire::{self, ArpOperation, ArpPacket, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket};
@@ -315,6 +315,41 @@ fn a_quiesced_server_gets_no_new_connections_but_keeps_its_own() {
     let mut ack = ack_from_client(40000);
     rig.handle(&mut ack);
     assert_eq!(&ack[VNET_HDR_LEN..VNET_HDR_LEN + 6], owner.as_slice(), "the open connection continues");
+}
+
+#[test]
+fn persistent_clients_stay_on_a_drained_server_but_leave_a_failed_one() {
+    let mut config = service(ForwardMethod::Dr, &[1, 1], Scheduler::Rr);
+    config.persistence_s = 300;
+    let mut rig = Rig::new(&[config], 64);
+    let dst_mac = |frame: &[u8]| frame[VNET_HDR_LEN..VNET_HDR_LEN + 6].to_vec();
+    let mut syn = syn_from_client(40000);
+    rig.handle(&mut syn);
+    let owner = dst_mac(&syn);
+    let table = rig.table.load_full();
+    let owner_state = &table
+        .servers
+        .iter()
+        .flatten()
+        .find(|server| server_mac(server.address.octets()[3] - 10).as_slice() == owner.as_slice())
+        .expect("the owner's entry")
+        .state;
+    // Drained (weight 0, health unchanged): the template holds.
+    owner_state.effective_weight.store(0, Ordering::Relaxed);
+    let mut syn = syn_from_client(40001);
+    rig.handle(&mut syn);
+    assert_eq!(dst_mac(&syn), owner, "a drained server keeps its persistent client");
+    // Failed its health checks: the client is scheduled elsewhere, and stays there once the server is back.
+    owner_state.health.store(Health::Down as u8, Ordering::Relaxed);
+    let mut syn = syn_from_client(40002);
+    rig.handle(&mut syn);
+    let moved = dst_mac(&syn);
+    assert_ne!(moved, owner, "a persistent client sent to a failed server");
+    owner_state.health.store(Health::Up as u8, Ordering::Relaxed);
+    owner_state.effective_weight.store(1, Ordering::Relaxed);
+    let mut syn = syn_from_client(40003);
+    rig.handle(&mut syn);
+    assert_eq!(dst_mac(&syn), moved, "the template names the new server");
 }
 
 #[test]

@@ -92,6 +92,13 @@ impl Health {
         matches!(self, Health::Unchecked | Health::Up | Health::SlowStart | Health::SorryActive)
     }
 
+    /// Whether the server failed its health checks (down, held down after flapping, or removed), as opposed to
+    /// idle or quiesced by its configured weight: persistence templates stop sending clients to a failed server
+    /// (`sched::ServerView::failed`), while a drained one keeps its persistent clients.
+    pub const fn is_failed(self) -> bool {
+        matches!(self, Health::Down | Health::HeldDown | Health::Removed)
+    }
+
     pub const fn from_u8(raw: u8) -> Health {
         match raw {
             1 => Health::Up,

@@ -18,7 +18,7 @@
 //! values are handled without overflow). Weight 0 means quiesced: no algorithm ever returns a weight-0 server for
 //! a new connection, whatever the tables built earlier say. `pick` returns `None` exactly when no server has
 //! weight > 0 (including an empty server list). [`PersistenceTable`] is the one place that keeps sending a client
-//! to a quiesced server, as LVS does.
+//! to a quiesced server, as LVS does, unless the server is [`ServerView::failed`].
 //!
 //! Where the kernel can return "no destination" while some server is available (`sh`, `dh` and `mh` without
 //! their fallback flag), Fulcrum always falls back to another available server instead.
@@ -83,12 +83,16 @@ pub struct ServerView {
     /// Load (CPU) term L of the dynamic-feedback (`df`) scheduler, same units as `response_time_norm`. Filled by
     /// the dynamic-feedback blender; with zeros df equals wlc over active+inactive. Other algorithms ignore it.
     pub cpu_norm: u32,
+    /// The server failed its health checks (down, held down after flapping, or removed): persistence templates
+    /// do not send clients to it, unlike a server quiesced by its configured weight, whose persistent clients
+    /// finish their sessions. The schedulers themselves go by `weight` alone.
+    pub failed: bool,
 }
 
 impl ServerView {
-    /// A server with no connections and no feedback.
+    /// A server with no connections, no feedback, not failed.
     pub const fn new(key: u64, weight: u32) -> ServerView {
-        ServerView { key, weight, active: 0, inactive: 0, response_time_norm: 0, cpu_norm: 0 }
+        ServerView { key, weight, active: 0, inactive: 0, response_time_norm: 0, cpu_norm: 0, failed: false }
     }
 
     /// Whether the server may receive new connections (weight > 0).

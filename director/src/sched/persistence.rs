@@ -5,11 +5,18 @@
 //! one [`PersistenceTable`] per service: client address (optionally masked, as `ipvsadm -M`) → server index,
 //! refreshed on every lookup hit and insert, forgotten `timeout` after its last use.
 //!
-//! # Quiesced servers
+//! # Quiesced and failed servers
 //!
 //! An entry whose server has weight 0 keeps sending that client to it, as LVS does (with the default
 //! `expire_quiescent_template = 0`): draining a server with weight 0 lets its persistent clients finish their
 //! sessions. Removing the server from the service ([`PersistenceTable::remove_server`]) does end them.
+//!
+//! An entry whose server failed its health checks ([`ServerView::failed`](super::ServerView::failed): down,
+//! held down, or removed by `on_failure = "remove"`) is a miss instead: the client is scheduled afresh and its
+//! entry names the new server from then on, so it stays there when the failed server recovers. Otherwise a
+//! client that keeps retrying would keep refreshing its entry and be sent to the dead server for as long as it
+//! retries. This is what LVS does for every weight-0 server with `expire_quiescent_template = 1`; Fulcrum does it
+//! only for failed servers, since the health state tells a failure from an operator's drain.
 //!
 //! # Allocation and capacity
 //!
@@ -62,7 +69,8 @@ impl PersistenceTable {
     }
 
     /// The server `client` is persistent to, if its entry has not expired; a hit restarts the timeout. The
-    /// server may have been quiesced (weight 0) since: it is returned all the same (see the module docs).
+    /// server may have been quiesced (weight 0) or have failed since: it is returned all the same, and
+    /// [`PersistenceTable::pick`] decides (see the module docs).
     #[inline]
     pub fn lookup(&mut self, client: Ipv4Addr, now: Instant) -> Option<usize> {
         let key = self.key(client);
@@ -109,11 +117,12 @@ impl PersistenceTable {
     }
 
     /// The persistent pick: the client's server from the table while its entry lives (even if quiesced, as
-    /// long as it is still in `input.servers`), otherwise `scheduler`'s pick, remembered. No allocation.
+    /// long as it is still in `input.servers` and not [`failed`](super::ServerView::failed)), otherwise
+    /// `scheduler`'s pick, remembered in place of the old entry. No allocation.
     #[inline]
     pub fn pick(&mut self, scheduler: &mut SchedulerState, input: &PickInput<'_>) -> Option<usize> {
         if let Some(server) = self.lookup(input.client, input.now) {
-            if server < input.servers.len() {
+            if input.servers.get(server).is_some_and(|view| !view.failed) {
                 return Some(server);
             }
         }
@@ -205,6 +214,46 @@ mod tests {
         assert_eq!(table.lookup(C1, t), None);
         assert_eq!(table.lookup(C2, t), Some(0));
         assert_eq!(table.pick(&mut wlc, &input(&list, C1, t)), Some(0));
+    }
+
+    #[test]
+    fn a_failed_server_loses_its_persistent_clients_for_good() {
+        let t = t0();
+        let mut list = servers(&[1, 1, 1]);
+        let mut wlc = state(SchedulerKind::Wlc, &list);
+        let mut table = PersistenceTable::new(64, TIMEOUT, 1);
+        assert_eq!(table.pick(&mut wlc, &input(&list, C1, t)), Some(0));
+        list[1].active = 5;
+        // Drained by its configured weight, not failed: the client finishes its sessions there.
+        list[0].weight = 0;
+        assert_eq!(table.pick(&mut wlc, &input(&list, C1, t)), Some(0));
+        // Failed its health checks: every retry would refresh the entry, so it must stop naming the dead server.
+        list[0].failed = true;
+        for k in 0..3 {
+            let now = t + Duration::from_secs(k);
+            assert_eq!(table.pick(&mut wlc, &input(&list, C1, now)), Some(2), "retry {k}");
+        }
+        assert_eq!(table.lookup(C1, t), Some(2), "the entry names the new server");
+        // Recovered: the client stays where it was moved.
+        list[0].failed = false;
+        list[0].weight = 1;
+        assert_eq!(table.pick(&mut wlc, &input(&list, C1, t)), Some(2));
+    }
+
+    #[test]
+    fn a_client_of_a_failed_server_waits_for_one_to_be_available() {
+        let t = t0();
+        let mut list = servers(&[1, 1]);
+        let mut rr = state(SchedulerKind::Rr, &list);
+        let mut table = PersistenceTable::new(64, TIMEOUT, 1);
+        assert_eq!(table.pick(&mut rr, &input(&list, C1, t)), Some(0));
+        list[0].weight = 0;
+        list[0].failed = true;
+        list[1].weight = 0;
+        assert_eq!(table.pick(&mut rr, &input(&list, C1, t)), None, "never the failed server");
+        list[1].weight = 1;
+        assert_eq!(table.pick(&mut rr, &input(&list, C1, t)), Some(1));
+        assert_eq!(table.lookup(C1, t), Some(1));
     }
 
     #[test]
