@@ -478,7 +478,7 @@ impl DirectorConfig {
                     return Err(invalid(&at("port"), "port 0 cannot be served"));
                 }
             }
-            service.feedback.check(i)?;
+            service.feedback.check(i, service.scheduler, self.agents.report_interval_ms)?;
             service.health.check(i, service)?;
         }
         if let Some(sync) = &self.sync {
@@ -828,6 +828,10 @@ impl HaSection {
 // Dynamic feedback and health checks: `[service.feedback]` and `[service.health]`.
 // ---------------------------------------------------------------------------------------------------------------
 
+/// Shortest accepted `[service.feedback] stale_after_ms` when the agents' report interval is not known (or
+/// shorter).
+const MIN_STALE_AFTER_MS: u32 = 100;
+
 /// `[service.feedback]`: the dynamic-feedback blender of one service (see `crate::feedback` for each formula).
 /// Every key has a default; `enabled` defaults to on for `df` services only, so that `wlc` stays `wlc` and `df`
 /// differs from it exactly by the feedback.
@@ -909,7 +913,8 @@ impl FeedbackSettings {
         }
     }
 
-    fn check(&self, service: usize) -> Result<(), Invalid> {
+    /// `report_interval_ms` is `[agents] report_interval_ms` (0: each agent's own, unknown here).
+    fn check(&self, service: usize, scheduler: Scheduler, report_interval_ms: u32) -> Result<(), Invalid> {
         use crate::feedback::ConfigError as E;
         let at = |key: &'static str| {
             [KeyStep::Key("service"), KeyStep::Index(service), KeyStep::Key("feedback"), KeyStep::Key(key)]
@@ -925,6 +930,28 @@ impl FeedbackSettings {
             if ms > 3_600_000 {
                 return Err(invalid(&at(key), format!("{ms} ms is outside 0..=3600000")));
             }
+        }
+        // A server whose newest report is older than `stale_after` falls back to its configured weight: shorter
+        // than the interval agents report at, every server does so between two reports (at 0, at once), and
+        // feedback is silently off. The interval counts only while feedback is on, so that a long interval does
+        // not refuse a service that never reads the reports.
+        let (floor, of) = match report_interval_ms {
+            n if n > MIN_STALE_AFTER_MS && self.is_enabled(scheduler) => {
+                (n, format!("the agents' report interval (agents.report_interval_ms = {n})"))
+            }
+            _ => (MIN_STALE_AFTER_MS, format!("{MIN_STALE_AFTER_MS} ms")),
+        };
+        if self.stale_after_ms < floor {
+            let when =
+                if self.stale_after_ms == 0 { "the moment it is received" } else { "before the next one arrives" };
+            return Err(invalid(
+                &at("stale_after_ms"),
+                format!(
+                    "{} ms is shorter than {of}: every report would be stale {when}, which silently turns \
+                     feedback off; use at least {floor} ms (the default is 3000)",
+                    self.stale_after_ms
+                ),
+            ));
         }
         match self.blender_config().validate() {
             Ok(()) => Ok(()),
@@ -1139,6 +1166,35 @@ impl HealthSettings {
             if config.servers.iter().any(|s| s.address == ip && s.port_for(config) == sorry.port()) {
                 return Err(invalid(&at("sorry_server"), format!("{sorry} is already a real server of this service")));
             }
+            if self.quorum == 0 {
+                return Err(invalid(
+                    &at("quorum"),
+                    "quorum 0 is never lost, so the sorry server would never be used; \
+                     set quorum = 1 (the default) or remove sorry_server",
+                ));
+            }
+        }
+        // The quorum starts lost and, once lost, comes back only at quorum + hysteresis serving servers. With
+        // fewer real servers than that it never would. Servers of weight 0 count: draining all of them to send
+        // everyone to the sorry server is a legitimate workflow. A service without real servers keeps any
+        // quorum: all its connections go to the sorry server.
+        let servers = config.servers.len();
+        let needed = u64::from(self.quorum) + u64::from(self.hysteresis);
+        if servers > 0 && needed > servers as u64 {
+            let key = if self.hysteresis > 0 && self.quorum as usize <= servers { "hysteresis" } else { "quorum" };
+            let stuck = match self.sorry_server {
+                Some(sorry) => format!("the sorry server {sorry} would take every new connection for good"),
+                None => "the service would stay below quorum for good".to_string(),
+            };
+            return Err(invalid(
+                &at(key),
+                format!(
+                    "quorum {} + hysteresis {} needs {needed} serving servers to be regained, but the service has \
+                     {servers}: once lost (and it starts lost) the quorum would never come back, and {stuck}; \
+                     lower {key} or add real servers",
+                    self.quorum, self.hysteresis
+                ),
+            ));
         }
         Ok(())
     }
@@ -1265,6 +1321,115 @@ mod tests {
             assert_eq!((err.line, err.key.as_str()), (line + 7, key), "{section}: {err}");
             assert!(err.message.contains(what), "{section}: {err}");
         }
+    }
+
+    /// `WEB` with `section` after the service's `port` line: the section's line `n` (from 1) is the file's
+    /// line `n + 9`.
+    fn web_with(pki: &Pki, section: &str) -> String {
+        pki.config(&WEB.replace("port = 80\n", &format!("port = 80\n{section}\n")))
+    }
+
+    #[test]
+    fn a_quorum_that_could_never_be_regained_is_refused() {
+        let pki = Pki::new();
+        // WEB has two real servers.
+        let err = refused(&web_with(&pki, "[service.health]\nquorum = 2\nhysteresis = 1"));
+        assert_eq!((err.line, err.key.as_str()), (12, "service[0].health.hysteresis"), "{err}");
+        assert!(
+            err.message
+                .contains("quorum 2 + hysteresis 1 needs 3 serving servers to be regained, but the service has 2"),
+            "{err}"
+        );
+        assert!(err.message.contains("below quorum for good"), "{err}");
+
+        let err = refused(&web_with(&pki, "[service.health]\nquorum = 3\nsorry_server = \"10.0.0.50:80\""));
+        assert_eq!((err.line, err.key.as_str()), (11, "service[0].health.quorum"), "{err}");
+        assert!(err.message.contains("quorum 3 + hysteresis 0 needs 3"), "{err}");
+        assert!(err.message.contains("sorry server 10.0.0.50:80 would take every new connection for good"), "{err}");
+
+        // The quorum alone cannot be met: the quorum is named, not the hysteresis.
+        let err = refused(&web_with(&pki, "[service.health]\nquorum = 3\nhysteresis = 2"));
+        assert_eq!((err.line, err.key.as_str()), (11, "service[0].health.quorum"), "{err}");
+
+        // Servers of weight 0 count: draining them all to send everyone to the sorry server is legitimate.
+        let drained = pki.config(
+            &WEB.replace("weight = 3", "weight = 0")
+                .replace("port = 8080\n", "port = 8080\nweight = 0\n")
+                .replace("port = 80\n", "port = 80\n[service.health]\nquorum = 2\nsorry_server = \"10.0.0.50:80\"\n"),
+        );
+        let config = load(&drained).unwrap();
+        assert!(config.services[0].servers.iter().all(|s| s.weight == 0));
+    }
+
+    #[test]
+    fn a_quorum_within_the_servers_loads() {
+        let pki = Pki::new();
+        let three = format!("{WEB}\n[[service.server]]\naddress = \"10.0.0.13\"\n");
+        let text =
+            pki.config(&three.replace("port = 80\n", "port = 80\n[service.health]\nquorum = 2\nhysteresis = 1\n"));
+        let health = &load(&text).unwrap().services[0].health;
+        assert_eq!((health.quorum, health.hysteresis), (2, 1));
+    }
+
+    #[test]
+    fn a_service_without_real_servers_keeps_the_default_quorum() {
+        let pki = Pki::new();
+        let service = "[[service]]\nvip = \"10.0.0.100\"\nport = 80\n";
+        let config = load(&pki.config(service)).unwrap();
+        assert_eq!((config.services[0].servers.len(), config.services[0].health.quorum), (0, 1));
+        // A sorry-server-only service: every connection goes to the sorry server.
+        let config =
+            load(&pki.config(&format!("{service}[service.health]\nsorry_server = \"10.0.0.50:80\"\n"))).unwrap();
+        assert_eq!(config.services[0].health.sorry_server, Some("10.0.0.50:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn quorum_zero_with_a_sorry_server_is_refused() {
+        let pki = Pki::new();
+        let err = refused(&web_with(&pki, "[service.health]\nsorry_server = \"10.0.0.50:80\"\nquorum = 0"));
+        assert_eq!((err.line, err.key.as_str()), (12, "service[0].health.quorum"), "{err}");
+        assert!(err.message.contains("never lost, so the sorry server would never be used"), "{err}");
+        assert!(err.message.contains("quorum = 1") && err.message.contains("remove sorry_server"), "{err}");
+        // Without a sorry server, quorum 0 (never below quorum) stays legal.
+        assert_eq!(load(&web_with(&pki, "[service.health]\nquorum = 0")).unwrap().services[0].health.quorum, 0);
+    }
+
+    #[test]
+    fn a_stale_after_shorter_than_a_report_interval_is_refused() {
+        let pki = Pki::new();
+        let err = refused(&web_with(&pki, "[service.feedback]\nstale_after_ms = 0"));
+        assert_eq!((err.line, err.key.as_str()), (11, "service[0].feedback.stale_after_ms"), "{err}");
+        assert!(err.message.contains("stale the moment it is received"), "{err}");
+        assert!(err.message.contains("silently turns feedback off"), "{err}");
+        assert!(err.message.contains("at least 100 ms"), "{err}");
+
+        let err = refused(&web_with(&pki, "[service.feedback]\nstale_after_ms = 50"));
+        assert_eq!(err.key, "service[0].feedback.stale_after_ms", "{err}");
+        assert!(err.message.contains("shorter than 100 ms"), "{err}");
+        assert_eq!(
+            load(&web_with(&pki, "[service.feedback]\nstale_after_ms = 100")).unwrap().services[0]
+                .feedback
+                .stale_after_ms,
+            100
+        );
+
+        // Agents asked for one report per 5 s: the default 3 s would make every df server stale between reports.
+        let slow =
+            |section: &str| web_with(&pki, section).replace("[agents]\n", "[agents]\nreport_interval_ms = 5000\n");
+        let err = refused(&slow("scheduler = \"df\""));
+        assert_eq!(err.key, "service[0].feedback.stale_after_ms", "{err}");
+        assert!(
+            err.message.contains("agents.report_interval_ms = 5000") && err.message.contains("at least 5000 ms"),
+            "{err}"
+        );
+        let err = refused(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 4000"));
+        assert_eq!((err.line, err.key.as_str()), (13, "service[0].feedback.stale_after_ms"), "{err}");
+        assert!(load(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 5000")).is_ok());
+        // Without feedback the reports' age is not read: the interval does not refuse the default.
+        assert!(load(&slow("")).is_ok());
+        // down_after must still exceed stale_after.
+        let err = refused(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 5000\ndown_after_ms = 5000"));
+        assert_eq!(err.key, "service[0].feedback.down_after_ms", "{err}");
     }
 
     #[test]
