@@ -128,15 +128,24 @@ impl AgentRegistry {
         metrics::counter!("fulcrum_agent_connections_total", "server" => hello.real_server.to_string()).increment(1);
     }
 
-    fn report(&self, server: IpAddr, report: LoadReport, now: Instant) {
-        self.with(|records| {
-            if let Some(record) = records.get_mut(&server) {
+    /// Records a report from the connection at `remote`; false (and nothing recorded) when a newer connection
+    /// for the same real server has replaced it: the newest connection wins, and two connections writing to
+    /// one record would interleave unrelated reports (two agents configured with the same real server, or an
+    /// agent's old connection not yet timed out).
+    fn report(&self, server: IpAddr, remote: SocketAddr, report: LoadReport, now: Instant) -> bool {
+        let accepted = self.with(|records| match records.get_mut(&server).filter(|r| r.remote == remote) {
+            Some(record) => {
                 record.reports += 1;
                 record.last_report = Some((report, now));
+                true
             }
+            None => false,
         });
-        self.reported.notify_one();
-        metrics::counter!("fulcrum_agent_reports_received_total", "server" => server.to_string()).increment(1);
+        if accepted {
+            self.reported.notify_one();
+            metrics::counter!("fulcrum_agent_reports_received_total", "server" => server.to_string()).increment(1);
+        }
+        accepted
     }
 
     /// Marks the agent's connection as ended, unless a newer connection for the same server has replaced it.
@@ -295,8 +304,11 @@ enum SessionEnd {
     Goodbye,
     StreamClosed,
     Refused(RejectReason, String),
-    Protocol(String),
+    /// The agent broke the protocol: the `fulcrum_agent_rejections_total` reason, and what happened.
+    Protocol(&'static str, String),
     Transport(String),
+    /// A newer connection for the same real server replaced this one.
+    Superseded,
 }
 
 async fn serve_agent(
@@ -328,13 +340,13 @@ async fn serve_agent(
             AgentMessage::Hello(hello) => Ok(hello),
             _ => Err(SessionEnd::Refused(RejectReason::ExpectedHello, "the first message must be Hello".into())),
         },
-        Ok(Ok(Some(frame))) => Err(SessionEnd::Protocol(format!(
-            "Hello must be a version-{HELLO_VERSION} frame, got version {}",
-            frame.version
-        ))),
+        Ok(Ok(Some(frame))) => Err(SessionEnd::Protocol(
+            "wrong_version",
+            format!("Hello must be a version-{HELLO_VERSION} frame, got version {}", frame.version),
+        )),
         Ok(Ok(None)) => Err(SessionEnd::StreamClosed),
         Ok(Err(e)) => Err(stream_error(e)),
-        Err(_) => Err(SessionEnd::Protocol(format!("no Hello within {HELLO_TIMEOUT:?}"))),
+        Err(_) => Err(SessionEnd::Protocol("hello_timeout", format!("no Hello within {HELLO_TIMEOUT:?}"))),
     };
     let accepted = hello.and_then(|hello| {
         let version = negotiate(VersionRange::SUPPORTED, hello.versions)
@@ -363,11 +375,15 @@ async fn serve_agent(
     };
 
     let server = hello.real_server;
+    // One borrow at a time: a watch borrow is a read lock, and a second one taken while a configuration reload
+    // waits to write would wait behind it for ever.
+    let current = Arc::clone(&config.borrow());
     let welcome = DirectorMessage::Welcome(Welcome {
         version,
-        director_name: config.borrow().name.clone(),
-        instructions: instructions(&config.borrow(), server),
+        director_name: current.name.clone(),
+        instructions: instructions(&current, server),
     });
+    drop(current);
     if let Err(e) = write_frame(&mut send, version, &welcome, &mut out).await {
         warn!(%remote, error = %e, "could not welcome agent");
         return;
@@ -382,8 +398,8 @@ async fn serve_agent(
             Err(e) => break stream_error(e),
         };
         if frame.version != version {
-            count_rejection("wrong_version");
             break SessionEnd::Protocol(
+                "wrong_version",
                 FrameError::WrongVersion { found: frame.version, expected: version }.to_string(),
             );
         }
@@ -397,14 +413,18 @@ async fn serve_agent(
                     );
                 }
                 let seq = report.seq;
-                registry.report(server, report, Instant::now());
+                if !registry.report(server, remote, report, Instant::now()) {
+                    break SessionEnd::Superseded;
+                }
                 let ack = DirectorMessage::Ack(Ack { seq, instructions: instructions(&config.borrow(), server) });
                 if let Err(e) = write_frame(&mut send, version, &ack, &mut out).await {
                     break stream_error(e);
                 }
             }
             AgentMessage::Goodbye(_) => break SessionEnd::Goodbye,
-            AgentMessage::Hello(_) => break SessionEnd::Protocol("a second Hello on the same connection".into()),
+            AgentMessage::Hello(_) => {
+                break SessionEnd::Protocol("malformed_frame", "a second Hello on the same connection".into())
+            }
         }
     };
     let reason = finish(&connection, &mut send, &mut out, Some(version), remote, end).await;
@@ -414,8 +434,8 @@ async fn serve_agent(
 
 fn stream_error(e: StreamError) -> SessionEnd {
     match e {
-        StreamError::Frame(frame) => SessionEnd::Protocol(frame.to_string()),
-        StreamError::EndInsideFrame { .. } => SessionEnd::Protocol(e.to_string()),
+        StreamError::Frame(frame) => SessionEnd::Protocol("malformed_frame", frame.to_string()),
+        StreamError::EndInsideFrame { .. } => SessionEnd::Protocol("malformed_frame", e.to_string()),
         StreamError::Io(io) => SessionEnd::Transport(io.to_string()),
     }
 }
@@ -459,8 +479,8 @@ async fn finish(
             connection.close(close_code::REJECTED.into(), b"rejected");
             format!("refused: {detail}")
         }
-        SessionEnd::Protocol(detail) => {
-            count_rejection("malformed_frame");
+        SessionEnd::Protocol(reason, detail) => {
+            count_rejection(reason);
             warn!(%remote, %detail, "agent broke the protocol; closing its connection");
             connection.close(close_code::PROTOCOL_ERROR.into(), truncate(&detail).as_bytes());
             format!("protocol error: {detail}")
@@ -468,6 +488,12 @@ async fn finish(
         SessionEnd::Transport(detail) => {
             debug!(%remote, %detail, "agent connection lost");
             format!("connection lost: {detail}")
+        }
+        SessionEnd::Superseded => {
+            let _ = send.finish();
+            warn!(%remote, "a newer connection for this real server replaced this one; closing it");
+            connection.close(close_code::NORMAL.into(), b"superseded");
+            "superseded by a newer connection".to_string()
         }
     }
 }
@@ -494,17 +520,51 @@ mod tests {
         pin!(future).poll(&mut Context::from_waker(Waker::noop())) == Poll::Ready(())
     }
 
+    fn hello(name: &str, server: IpAddr) -> Hello {
+        Hello {
+            agent_name: name.to_string(),
+            versions: VersionRange::SUPPORTED,
+            real_server: server,
+            ports: vec![80],
+            software: "test".to_string(),
+        }
+    }
+
     #[test]
     fn a_report_wakes_the_feedback_task_once_even_when_nobody_waited() {
         let registry = AgentRegistry::default();
         let server: IpAddr = "10.0.0.11".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.11:40000".parse().unwrap();
+        registry.connected(&hello("rs1", server), remote, 1);
         assert!(!ready(registry.report_arrived()), "no report yet");
         // Two reports before anyone waits: the wake-up is kept, and taken once.
-        registry.report(server, load_report(1, 5_000), Instant::now());
-        registry.report(server, load_report(2, 5_000), Instant::now());
+        assert!(registry.report(server, remote, load_report(1, 5_000), Instant::now()));
+        assert!(registry.report(server, remote, load_report(2, 5_000), Instant::now()));
         assert!(ready(registry.report_arrived()));
         assert!(!ready(registry.report_arrived()), "both reports were taken by one wake-up");
-        registry.report(server, load_report(3, 5_000), Instant::now());
+        assert!(registry.report(server, remote, load_report(3, 5_000), Instant::now()));
         assert!(ready(registry.report_arrived()));
+    }
+
+    #[test]
+    fn the_newest_connection_for_a_real_server_is_the_only_one_heard() {
+        let registry = AgentRegistry::default();
+        let server: IpAddr = "10.0.0.11".parse().unwrap();
+        let (old, new): (SocketAddr, SocketAddr) =
+            ("10.0.0.11:40000".parse().unwrap(), "10.0.0.11:40001".parse().unwrap());
+        registry.connected(&hello("rs1", server), old, 1);
+        assert!(registry.report(server, old, load_report(7, 9_000), Instant::now()));
+        // The agent reconnects (or a second agent claims the server): the old connection's reports are refused,
+        // so the record never interleaves two unrelated sequences.
+        registry.connected(&hello("rs1", server), new, 1);
+        assert!(registry.report(server, new, load_report(1, 2_000), Instant::now()));
+        assert!(!registry.report(server, old, load_report(8, 9_000), Instant::now()));
+        let latest = registry.with(|records| records[&server].last_report.as_ref().map(|(r, _)| r.seq));
+        assert_eq!(latest, Some(1));
+        // The old connection ending does not mark the new one disconnected.
+        registry.disconnected(server, old, "superseded".into());
+        assert!(registry.with(|records| records[&server].connected));
+        let never: IpAddr = "10.0.0.99".parse().unwrap();
+        assert!(!registry.report(never, old, load_report(1, 0), Instant::now()), "no connection, no record");
     }
 }
