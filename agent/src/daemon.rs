@@ -23,8 +23,43 @@ use crate::transport::{client_config, Link, LinkStatus};
 pub enum Stopped {
     /// SIGTERM or SIGINT: the agent said goodbye and exits.
     Shutdown,
-    /// SIGHUP with a valid new configuration: the agent said goodbye and runs again with it.
-    Reload(Box<AgentConfig>),
+    /// SIGHUP with a valid new configuration, already [`prepare`]d: the agent said goodbye and runs again with it.
+    Reload(Box<(AgentConfig, Prepared)>),
+}
+
+/// What a configuration needs from the machine before the agent can run with it: its CPU source located and its
+/// TLS files read. Made before a reload is chosen, so that a configuration which cannot run (a cgroup that does
+/// not exist, a key file without a key) is refused while the running one carries on, rather than ending the
+/// process after the goodbyes.
+#[derive(Debug)]
+pub struct Prepared {
+    cpu_source: CpuSourceConfig,
+    client: quinn::ClientConfig,
+    /// A digest of the TLS files' contents: a certificate renewed in place changes no path, and a SIGHUP must
+    /// still load it.
+    tls_digest: u64,
+}
+
+/// Locates `config`'s CPU source and reads its TLS files.
+pub fn prepare(config: &AgentConfig) -> Result<Prepared> {
+    let cpu_source = match &config.cpu {
+        CpuSetting::Proc => CpuSourceConfig::Proc,
+        CpuSetting::Cgroup(name) => CpuSourceConfig::Cgroup(
+            CgroupCpu::locate(name).with_context(|| format!("locating the cgroup {name:?} (cpu.cgroup)"))?,
+        ),
+    };
+    let client = client_config(&config.ca, &config.cert, &config.key)?;
+    Ok(Prepared { cpu_source, client, tls_digest: tls_digest(config)? })
+}
+
+/// A digest of the CA, certificate and key files' contents.
+fn tls_digest(config: &AgentConfig) -> Result<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in [&config.ca, &config.cert, &config.key] {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?.hash(&mut hasher);
+    }
+    Ok(hasher.finish())
 }
 
 /// Runs the agent with the configuration from `overrides` until SIGTERM or SIGINT, re-reading it on SIGHUP (a
@@ -35,15 +70,16 @@ pub async fn run_until_stopped(overrides: &Overrides, mut config: AgentConfig) -
     }
     metrics::gauge!("fulcrum_agent_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let mut watchdog = Watchdog::from_env();
+    let mut prepared = prepare(&config)?;
     loop {
-        match run(overrides, config, &mut watchdog).await? {
+        match run(overrides, config, prepared, &mut watchdog).await? {
             Stopped::Shutdown => {
                 sd_notify::notify(&[sd_notify::State::Stopping]);
                 return Ok(());
             }
             Stopped::Reload(new) => {
                 info!("configuration reloaded; reconnecting with it");
-                config = *new;
+                (config, prepared) = *new;
             }
         }
     }
@@ -51,15 +87,14 @@ pub async fn run_until_stopped(overrides: &Overrides, mut config: AgentConfig) -
 
 /// Runs until a signal; says goodbye to every director before returning. Feeds the service manager's
 /// `watchdog` from its loop, so a stuck loop gets the agent restarted.
-pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watchdog) -> Result<Stopped> {
-    let cpu_source = match &config.cpu {
-        CpuSetting::Proc => CpuSourceConfig::Proc,
-        CpuSetting::Cgroup(name) => CpuSourceConfig::Cgroup(
-            CgroupCpu::locate(name).with_context(|| format!("locating the cgroup {name:?} (cpu.cgroup)"))?,
-        ),
-    };
+pub async fn run(
+    overrides: &Overrides,
+    config: AgentConfig,
+    prepared: Prepared,
+    watchdog: &mut Watchdog,
+) -> Result<Stopped> {
+    let Prepared { cpu_source, client, tls_digest: running_tls } = prepared;
     let mut sampler = Sampler::new(cpu_source, config.ports.clone());
-    let client = client_config(&config.ca, &config.cert, &config.key)?;
 
     let (reports_tx, reports_rx) = watch::channel::<Option<LoadReport>>(None);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -119,20 +154,24 @@ pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watc
             _ = watchdog.due() => watchdog.feed(),
             _ = sighup.recv() => {
                 sd_notify::notify(&[sd_notify::State::Reloading]);
-                match AgentConfig::load(overrides) {
-                    Ok(new) if new == config => {
+                let loaded = AgentConfig::load(overrides).map_err(anyhow::Error::from);
+                match loaded.and_then(|new| prepare(&new).map(|ready| (new, ready))) {
+                    Ok((new, ready)) if new == config && ready.tls_digest == running_tls => {
                         info!("SIGHUP: configuration unchanged");
                         sd_notify::notify(&[sd_notify::State::Ready]);
                     }
-                    Ok(new) => {
+                    Ok((new, ready)) => {
                         if new.metrics_listen != config.metrics_listen {
                             warn!("metrics.listen changes only on restart");
                         }
+                        if new == config {
+                            info!("SIGHUP: the TLS files changed; reconnecting with them");
+                        }
                         // READY=1 follows when `run` starts again with the new configuration.
-                        break Stopped::Reload(Box::new(new));
+                        break Stopped::Reload(Box::new((new, ready)));
                     }
                     Err(e) => {
-                        error!("SIGHUP: configuration refused, the running one stays: {e}");
+                        error!("SIGHUP: configuration refused, the running one stays: {e:#}");
                         sd_notify::notify(&[sd_notify::State::Ready]);
                     }
                 }
@@ -158,13 +197,18 @@ pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watc
                     Err(e) => {
                         metrics::counter!("fulcrum_agent_sample_errors_total").increment(1);
                         warn!(error = %e, "sampling failed; no report this interval");
+                        // Nor the previous one again: a link that reconnects sends the latest report, and the
+                        // director would take an old one (its probe result included) as news.
+                        reports_tx.send_replace(None);
                     }
                 }
                 let wanted = effective_interval(config.interval, &statuses);
                 if wanted != interval {
                     info!(from = ?interval, to = ?wanted, "report interval changed at a director's request");
                     interval = wanted;
-                    ticker = new_ticker(interval);
+                    // The next report a whole new interval on: a tick at once would measure the CPU over
+                    // microseconds and claim the new interval for them.
+                    ticker = ticker_from(tokio::time::Instant::now() + interval, interval);
                     // The probes keep their number per report, so that each report's response time is still
                     // mostly its own interval's.
                     probe_every_tx.send_replace(probe_spacing(interval, per_interval));
@@ -183,7 +227,12 @@ pub async fn run(overrides: &Overrides, config: AgentConfig, watchdog: &mut Watc
 }
 
 fn new_ticker(interval: Duration) -> tokio::time::Interval {
-    let mut ticker = tokio::time::interval(interval);
+    ticker_from(tokio::time::Instant::now(), interval)
+}
+
+/// Ticks at `start`, then every `interval`.
+fn ticker_from(start: tokio::time::Instant, interval: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(start, interval);
     // After a stall, report once and carry on rather than bursting the missed reports.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker

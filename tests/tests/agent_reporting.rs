@@ -423,5 +423,31 @@ fn sighup_applies_a_good_config_and_refuses_a_bad_one_without_stopping() -> Resu
         let web1 = director.agent("10.0.0.11")?.context("web1")?;
         Ok(web1["connections"] == 2 && report_count(&web1) > before)
     })?;
+
+    // A configuration that parses but cannot run (its cgroup does not exist) is refused the same way, before
+    // the goodbyes, rather than ending the agent.
+    let running = original.replace(&format!("interval_ms = {INTERVAL_MS}"), "interval_ms = 250");
+    let no_cgroup = format!("{running}\n[cpu]\nsource = \"cgroup\"\ncgroup = \"fulcrum-no-such-cgroup\"\n");
+    std::fs::write(&agent_config, no_cgroup)?;
+    agent.signal("HUP")?;
+    agent.wait_for_output("locating the cgroup", Duration::from_secs(10))?;
+    let before = report_count(&director.agent("10.0.0.11")?.context("web1")?);
+    wait_until("web1 reporting on the running config", Duration::from_secs(10), POLL, || {
+        let web1 = director.agent("10.0.0.11")?.context("web1")?;
+        Ok(web1["connections"] == 2 && report_count(&web1) > before)
+    })?;
+    assert!(agent.is_running()?, "{}", agent.output_tails());
+
+    // A certificate renewed in place changes no path in the configuration; a SIGHUP still loads it.
+    std::fs::write(&agent_config, &running)?;
+    let cert = pki.dir.path().join("web1.pem");
+    let mut renewed = std::fs::read_to_string(&cert)?;
+    renewed.push('\n');
+    std::fs::write(&cert, renewed)?;
+    agent.signal("HUP")?;
+    agent.wait_for_output("the TLS files changed", Duration::from_secs(10))?;
+    wait_until("web1 reconnected with the renewed certificate", Duration::from_secs(15), POLL, || {
+        Ok(director.agent("10.0.0.11")?.is_some_and(|a| a["connections"] == 3 && a["connected"] == true))
+    })?;
     Ok(())
 }
