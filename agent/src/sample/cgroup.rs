@@ -35,12 +35,30 @@ impl CpuLimit {
     pub const UNLIMITED: CpuLimit = CpuLimit { quota_us: None, period_us: DEFAULT_PERIOD_US };
 }
 
+impl CpuLimit {
+    /// Whether `self` allows less CPU than `other` (`quota / period` smaller; no quota allows the most).
+    fn tighter_than(self, other: CpuLimit) -> bool {
+        match (self.quota_us, other.quota_us) {
+            (Some(q), Some(o)) => {
+                u128::from(q) * u128::from(other.period_us) < u128::from(o) * u128::from(self.period_us)
+            }
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+}
+
 /// One reading of a cgroup's cumulative CPU use and its current limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CgroupReading {
     /// CPU time used by the cgroup's tasks since it was created, in nanoseconds.
     pub usage_ns: u64,
+    /// The tightest CFS limit on the cgroup or any of its ancestors: a quota on a parent (a systemd slice's
+    /// `CPUQuota=`, a container's) binds the cgroups below it as much as one of their own.
     pub limit: CpuLimit,
+    /// The CPUs its cpuset lets it run on (v2 `cpuset.cpus.effective`); `None` when not known (v1, or no
+    /// cpuset controller), and then every online CPU counts.
+    pub cpuset_cpus: Option<u32>,
 }
 
 impl CgroupCpu {
@@ -143,31 +161,64 @@ impl CgroupCpu {
         match self {
             CgroupCpu::V1 { cpuacct_dir, cpu_dir } => {
                 let usage = cpuacct_dir.join("cpuacct.usage");
-                let quota = cpu_dir.join("cpu.cfs_quota_us");
-                let period = cpu_dir.join("cpu.cfs_period_us");
                 Ok(CgroupReading {
                     usage_ns: parse_cpuacct_usage(&super::read_text(&usage)?, &usage)?,
-                    limit: CpuLimit {
-                        quota_us: parse_cfs_quota_us(&super::read_text(&quota)?, &quota)?,
-                        period_us: parse_cfs_period_us(&super::read_text(&period)?, &period)?,
-                    },
+                    limit: tightest_limit(cpu_dir, |dir| {
+                        let (quota, period) = (dir.join("cpu.cfs_quota_us"), dir.join("cpu.cfs_period_us"));
+                        let Some(quota_text) = read_if_present(&quota)? else { return Ok(None) };
+                        Ok(Some(CpuLimit {
+                            quota_us: parse_cfs_quota_us(&quota_text, &quota)?,
+                            period_us: parse_cfs_period_us(&super::read_text(&period)?, &period)?,
+                        }))
+                    })?,
+                    cpuset_cpus: None,
                 })
             }
             CgroupCpu::V2 { dir } => {
                 let stat = dir.join("cpu.stat");
                 let usage_us = parse_cpu_stat_usage_usec(&super::read_text(&stat)?, &stat)?;
-                let max = dir.join("cpu.max");
                 // The root cgroup has no cpu.max, and neither has a cgroup whose parent does not enable the cpu
-                // controller for it; in both cases nothing limits it.
-                let limit = match std::fs::read_to_string(&max) {
-                    Ok(text) => parse_cpu_max(&text, &max)?,
-                    Err(e) if e.kind() == ErrorKind::NotFound => CpuLimit::UNLIMITED,
-                    Err(source) => return Err(SampleError::Io { path: max, source }),
+                // controller for it; nothing of its own limits it then.
+                let limit = tightest_limit(dir, |dir| {
+                    let max = dir.join("cpu.max");
+                    read_if_present(&max)?.map(|text| parse_cpu_max(&text, &max)).transpose()
+                })?;
+                let cpuset = dir.join("cpuset.cpus.effective");
+                let cpuset_cpus = match read_if_present(&cpuset)? {
+                    Some(text) if !text.trim().is_empty() => Some(parse_cpu_list(&text, &cpuset)?),
+                    _ => None,
                 };
-                Ok(CgroupReading { usage_ns: usage_us.saturating_mul(1_000), limit })
+                Ok(CgroupReading { usage_ns: usage_us.saturating_mul(1_000), limit, cpuset_cpus })
             }
         }
     }
+}
+
+/// A file's text, `None` when it does not exist.
+fn read_if_present(path: &Path) -> Result<Option<String>, SampleError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SampleError::Io { path: path.to_owned(), source }),
+    }
+}
+
+/// The tightest of the limits `limit_of` reads on `dir` and on each ancestor that is a cgroup of the same
+/// hierarchy (has a `cgroup.procs`, as every cgroup does, the root included; the directory holding the mount
+/// does not). `limit_of` gives `None` for a directory without a limit file.
+fn tightest_limit(
+    dir: &Path,
+    limit_of: impl Fn(&Path) -> Result<Option<CpuLimit>, SampleError>,
+) -> Result<CpuLimit, SampleError> {
+    let mut tightest = limit_of(dir)?.unwrap_or(CpuLimit::UNLIMITED);
+    let mut ancestor = dir.parent();
+    while let Some(up) = ancestor.filter(|up| up.join("cgroup.procs").exists()) {
+        if let Some(limit) = limit_of(up)?.filter(|limit| limit.tighter_than(tightest)) {
+            tightest = limit;
+        }
+        ancestor = up.parent();
+    }
+    Ok(tightest)
 }
 
 /// The cgroup's busy share of what it may use, in basis points (0 ..= 10 000), rounded to the nearest:
@@ -473,7 +524,11 @@ mod tests {
         assert_eq!(cgroup.source(), CpuSource::CgroupV1);
         assert_eq!(
             cgroup.read().unwrap(),
-            CgroupReading { usage_ns: 154_825_888_351, limit: CpuLimit { quota_us: Some(50_000), period_us: 100_000 } }
+            CgroupReading {
+                usage_ns: 154_825_888_351,
+                limit: CpuLimit { quota_us: Some(50_000), period_us: 100_000 },
+                cpuset_cpus: None
+            }
         );
     }
 
@@ -483,10 +538,67 @@ mod tests {
         let limited = CgroupCpu::V2 { dir: base.join("cgroup_v2_limited") };
         assert_eq!(
             limited.read().unwrap(),
-            CgroupReading { usage_ns: 8_391_522_000, limit: CpuLimit { quota_us: Some(150_000), period_us: 100_000 } }
+            CgroupReading {
+                usage_ns: 8_391_522_000,
+                limit: CpuLimit { quota_us: Some(150_000), period_us: 100_000 },
+                cpuset_cpus: None
+            }
         );
         let unlimited = CgroupCpu::V2 { dir: base.join("cgroup_v2_unlimited") };
-        assert_eq!(unlimited.read().unwrap(), CgroupReading { usage_ns: 421_337_000, limit: CpuLimit::UNLIMITED });
+        let want = CgroupReading { usage_ns: 421_337_000, limit: CpuLimit::UNLIMITED, cpuset_cpus: None };
+        assert_eq!(unlimited.read().unwrap(), want);
+    }
+
+    /// A tree of cgroup directories under a temporary root: `(relative dir, [(file, text)])`, each a cgroup
+    /// (with a `cgroup.procs`).
+    fn cgroup_tree(dirs: &[(&str, &[(&str, &str)])]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for (dir, files) in dirs {
+            let dir = root.path().join(dir);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("cgroup.procs"), "").unwrap();
+            for (name, text) in *files {
+                fs::write(dir.join(name), text).unwrap();
+            }
+        }
+        root
+    }
+
+    #[test]
+    fn a_parents_quota_binds_a_v2_cgroup_and_its_cpuset_counts() {
+        // A systemd slice with CPUQuota=50 % and a service inside it with no quota of its own, pinned to 2 CPUs.
+        let tree = cgroup_tree(&[
+            ("cg", &[("cpu.stat", "usage_usec 1\n")]),
+            ("cg/web.slice", &[("cpu.max", "50000 100000\n"), ("cpu.stat", "usage_usec 1\n")]),
+            (
+                "cg/web.slice/nginx.service",
+                &[("cpu.max", "max 100000\n"), ("cpu.stat", "usage_usec 7\n"), ("cpuset.cpus.effective", "2-3\n")],
+            ),
+        ]);
+        let service = CgroupCpu::V2 { dir: tree.path().join("cg/web.slice/nginx.service") };
+        let reading = service.read().unwrap();
+        assert_eq!(reading.limit, CpuLimit { quota_us: Some(50_000), period_us: 100_000 }, "the slice's quota");
+        assert_eq!((reading.usage_ns, reading.cpuset_cpus), (7_000, Some(2)));
+        // Its own quota, when tighter, is the one that binds (20 ms in 100 ms against 50 in 100).
+        fs::write(tree.path().join("cg/web.slice/nginx.service/cpu.max"), "4000 20000\n").unwrap();
+        assert_eq!(service.read().unwrap().limit, CpuLimit { quota_us: Some(4_000), period_us: 20_000 });
+    }
+
+    #[test]
+    fn a_parents_quota_binds_a_v1_cgroup() {
+        let tree = cgroup_tree(&[
+            ("cpu", &[("cpu.cfs_quota_us", "-1\n"), ("cpu.cfs_period_us", "100000\n")]),
+            ("cpu/docker", &[("cpu.cfs_quota_us", "150000\n"), ("cpu.cfs_period_us", "100000\n")]),
+            ("cpu/docker/web", &[("cpu.cfs_quota_us", "-1\n"), ("cpu.cfs_period_us", "100000\n")]),
+            ("cpuacct/docker/web", &[("cpuacct.usage", "42\n")]),
+        ]);
+        let web = CgroupCpu::V1 {
+            cpuacct_dir: tree.path().join("cpuacct/docker/web"),
+            cpu_dir: tree.path().join("cpu/docker/web"),
+        };
+        let reading = web.read().unwrap();
+        assert_eq!(reading.limit, CpuLimit { quota_us: Some(150_000), period_us: 100_000 });
+        assert_eq!(reading.usage_ns, 42);
     }
 
     #[test]
@@ -494,7 +606,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("cpu.stat"), "usage_usec 5\nuser_usec 3\nsystem_usec 2\n").unwrap();
         let cgroup = CgroupCpu::V2 { dir: dir.path().to_owned() };
-        assert_eq!(cgroup.read().unwrap(), CgroupReading { usage_ns: 5_000, limit: CpuLimit::UNLIMITED });
+        let want = CgroupReading { usage_ns: 5_000, limit: CpuLimit::UNLIMITED, cpuset_cpus: None };
+        assert_eq!(cgroup.read().unwrap(), want);
         let empty = tempfile::tempdir().unwrap();
         let err = CgroupCpu::V2 { dir: empty.path().to_owned() }.read().unwrap_err().to_string();
         assert!(err.contains("cpu.stat"), "{err}");

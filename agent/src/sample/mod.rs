@@ -135,7 +135,9 @@ impl CpuTracker {
                 CpuReading::Cgroup { source, reading: cur, host_cpus },
             ) if prev_source == source => {
                 let wall = now.saturating_duration_since(then);
-                utilisation_bp(prev.usage_ns, cur.usage_ns, wall, cur.limit, host_cpus)
+                // A cpuset narrower than the host is all the CPU the cgroup can use without a quota.
+                let cpus = cur.cpuset_cpus.map_or(host_cpus, |set| set.min(host_cpus));
+                utilisation_bp(prev.usage_ns, cur.usage_ns, wall, cur.limit, cpus)
                     .map(|busy_bp| CpuUsage { source, busy_bp })
             }
             _ => None,
@@ -355,7 +357,7 @@ mod tests {
         let limit = CpuLimit { quota_us: Some(50_000), period_us: 100_000 };
         let reading = |usage_ns| CpuReading::Cgroup {
             source: CpuSource::CgroupV1,
-            reading: CgroupReading { usage_ns, limit },
+            reading: CgroupReading { usage_ns, limit, cpuset_cpus: None },
             host_cpus: 2,
         };
         let mut tracker = CpuTracker::default();
@@ -369,11 +371,26 @@ mod tests {
         // A different source does not mix with the previous reading.
         let v2 = CpuReading::Cgroup {
             source: CpuSource::CgroupV2,
-            reading: CgroupReading { usage_ns: 2_000_000_000, limit },
+            reading: CgroupReading { usage_ns: 2_000_000_000, limit, cpuset_cpus: None },
             host_cpus: 2,
         };
         assert_eq!(tracker.update(t0 + Duration::from_secs(1), v2), None);
         assert_eq!(tracker.update(t0 + Duration::from_secs(2), CpuReading::Proc(CpuTimes { busy: 1, total: 2 })), None);
+    }
+
+    #[test]
+    fn a_cgroup_pinned_to_few_cpus_is_measured_against_them() {
+        // No quota, 32 CPUs online, the cpuset allows 2: one CPU-second a second is half of what it can use.
+        let reading = |usage_ns| CpuReading::Cgroup {
+            source: CpuSource::CgroupV2,
+            reading: CgroupReading { usage_ns, limit: CpuLimit::UNLIMITED, cpuset_cpus: Some(2) },
+            host_cpus: 32,
+        };
+        let mut tracker = CpuTracker::default();
+        let t0 = Instant::now();
+        tracker.update(t0, reading(0));
+        let usage = tracker.update(t0 + Duration::from_secs(1), reading(1_000_000_000));
+        assert_eq!(usage, Some(CpuUsage { source: CpuSource::CgroupV2, busy_bp: 5_000 }));
     }
 
     #[test]
