@@ -100,7 +100,8 @@ pub struct Instructions {
 /// A periodic load report.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct LoadReport {
-    /// Increases by one per report from this agent process; restarts at 1 with the process.
+    /// Increases by one per report; restarts at 1 with the agent process and at each reload (SIGHUP), which
+    /// reconnects. The director tells reports apart by this and their receipt time, so a restart is no repeat.
     pub seq: u64,
     /// The interval this report covers, in milliseconds.
     pub interval_ms: u32,
