@@ -16,11 +16,12 @@
 //! below quorum with a sorry server: every real server 0, the sorry server 1
 //! ```
 //!
-//! When no agent of a feedback service has been heard from for `down_after` (every server with a configured
-//! weight marked down for its report age), the silence says more about the agents, their certificates or the
-//! network to them than about the servers: rather than take the whole service down, `full` falls back to the
-//! configured weights (the health checks still decide `effective`) until an agent reports again. Both
-//! switches are logged and counted. A server the feedback marks down is not serving for the quorum.
+//! When no agent of a feedback service has been heard from lately (every server with a configured weight stale
+//! or down for its report's age, one at least down), the silence says more about the agents, their certificates
+//! or the network to them than about the servers: rather than take the whole service down, `full` falls back to
+//! the configured shares (the health checks still decide `effective`) until an agent reports again, and for
+//! `down_after` after that for the servers whose agents are still reconnecting. Both switches are logged and
+//! counted. A server the feedback marks down is not serving for the quorum.
 //!
 //! `df`'s `T` and `L` terms come from the blender too (0 with feedback off), so `df` and `wlc` differ exactly by
 //! the feedback. Everything is recomputed every `period_ms` (the shortest of the services'), and at once after
@@ -40,7 +41,7 @@ use crate::agents::{AgentLatest, AgentRegistry};
 use crate::config::{DirectorConfig, FeedbackSettings, HealthCheckKind, HealthSettings, OnFailure, Protocol};
 use crate::control_plane::{ControlPlane, ServiceKey};
 use crate::dataplane::table::{Health, ServerEntry, ServerState, ServiceTable};
-use crate::feedback::{Blender, DownReason, FeedbackStatus, RejectReason, ReportInput, ServerInput};
+use crate::feedback::{Blender, DownReason, FeedbackStatus, RejectReason, ReportInput, ServerInput, StaleReason};
 use crate::flow::Proto;
 use crate::health::checker::{self, CheckOutcome, CheckSpec};
 use crate::health::quorum::{QuorumConfig, QuorumTransition, Routing, ServiceQuorum};
@@ -96,6 +97,11 @@ struct ServiceRuntime {
     quorum: Option<ServiceQuorum>,
     /// No agent of the service has reported for `down_after`: weights fall back to the configured ones.
     agents_silent: bool,
+    /// Until then, after the silence ended, a server still marked down for its report's age keeps its configured
+    /// share: its agent is reconnecting (with back-off) like the ones already back.
+    silence_grace_until: Option<Instant>,
+    /// The sorry server stood in at the last tick (what was published, not what a new quorum would say).
+    sorry_active: bool,
 }
 
 /// The pure part: per-service blenders, health states and quorums.
@@ -142,7 +148,11 @@ impl FeedbackCore {
             let keep_blender =
                 previous.as_ref().is_some_and(|p| p.feedback == service.feedback && p.feedback_on == feedback_on);
             let keep_health = previous.as_ref().is_some_and(|p| p.health == service.health);
-            let previous_silent = keep_blender && previous.as_ref().is_some_and(|p| p.agents_silent);
+            // Carried even when the blender restarts: its servers then start stale, not down, and the next tick
+            // reports the silence's end once, as any other.
+            let (previous_silent, silence_grace_until, sorry_active) = previous
+                .as_ref()
+                .map_or((false, None, false), |p| (p.agents_silent, p.silence_grace_until, p.sorry_active));
             let (mut old_servers, old_blender, old_quorum) = match previous {
                 Some(p) => (p.servers, p.blender, p.quorum),
                 None => (Vec::new(), None, None),
@@ -207,6 +217,8 @@ impl FeedbackCore {
                 servers,
                 quorum,
                 agents_silent: previous_silent,
+                silence_grace_until,
+                sorry_active,
             });
         }
     }
@@ -258,7 +270,7 @@ impl FeedbackCore {
                 statuses.push(Some(state.status()));
             }
             // The sorry server standing in since the last period takes every real server out of rotation.
-            let sorry_before = service.quorum.as_ref().is_some_and(|q| matches!(q.routing(), Routing::SorryServer(_)));
+            let sorry_before = service.sorry_active;
 
             // 2. Feedback: the full weight and df's terms.
             let mut full: Vec<Blended> =
@@ -303,11 +315,13 @@ impl FeedbackCore {
                     agents_silent(outputs.iter().map(|o| o.status).zip(real.iter().map(|s| s.configured_weight)));
                 if silent != service.agents_silent {
                     service.agents_silent = silent;
+                    service.silence_grace_until = (!silent).then(|| now + blender.config().down_after);
                     events.push(Event::AgentsSilent { service: service.key, silent });
                 }
-                if silent {
-                    for (f, s) in full.iter_mut().zip(&real) {
-                        *f = Blended { weight: s.configured_weight, ..Blended::default() };
+                let grace = service.silence_grace_until.is_some_and(|until| now < until);
+                for ((f, s), out) in full.iter_mut().zip(&real).zip(blender.outputs()) {
+                    if silent || (grace && down_for_age(out.status)) {
+                        *f = Blended { weight: blender.neutral_weight(s.configured_weight), ..Blended::default() };
                     }
                 }
             }
@@ -346,6 +360,7 @@ impl FeedbackCore {
                 routing = quorum.routing();
             }
             let sorry_active = matches!(routing, Routing::SorryServer(_));
+            service.sorry_active = sorry_active;
 
             // 5. Publish.
             for ((s, fed), &(weight, health, _)) in real.iter().zip(&full).zip(&decided) {
@@ -372,17 +387,25 @@ impl FeedbackCore {
     }
 }
 
-/// Whether no agent of a service is heard from: every server with a configured weight is marked down for the age
-/// of its newest report (never reported counts as stale, not down), and there is at least one.
+/// Whether no agent of a service is heard from: every server with a configured weight has a report too old to
+/// count (stale or down for its age), and at least one is down for it. Agents that fell silent together reach
+/// `down_after` a report interval apart; waiting for all of them would drop the first ones' servers meanwhile.
+/// A server that never reported is stale, not silent: it keeps its configured share anyway.
 fn agents_silent(servers: impl Iterator<Item = (FeedbackStatus, u32)>) -> bool {
-    let mut any = false;
+    let mut down = false;
     for (status, _) in servers.filter(|&(_, configured)| configured > 0) {
-        if !matches!(status, FeedbackStatus::Down { reason: DownReason::ReportTooOld { .. } }) {
-            return false;
+        match status {
+            FeedbackStatus::Stale { reason: StaleReason::ReportOld { .. } } => {}
+            status if down_for_age(status) => down = true,
+            _ => return false,
         }
-        any = true;
     }
-    any
+    down
+}
+
+/// Marked down because its newest report is older than `down_after`.
+fn down_for_age(status: FeedbackStatus) -> bool {
+    matches!(status, FeedbackStatus::Down { reason: DownReason::ReportTooOld { .. } })
 }
 
 /// What the blender made of one real server this tick, before health and quorum: its full weight (the configured

@@ -2,7 +2,8 @@
 //! weight per real server, plus the `T` and `L` terms of the `df` scheduler.
 //!
 //! Pure (sans-IO): every input, including time, is an argument. The control loop calls [`Blender::update`] once
-//! per period with one [`ServerInput`] per real server of a service (same order every time) and stores each
+//! per period with one [`ServerInput`] per real server of a service (each followed by its key, wherever it is in
+//! the list) and stores each
 //! [`ServerOutput::effective_weight`] into the data plane's `ServerState::effective_weight`
 //! ([`store_weights`]).
 //!
@@ -722,6 +723,8 @@ pub struct Blender {
     /// The response time that counts as full load, from the last update; response-time samples are clipped to
     /// `MAX_METRIC` times it before they are smoothed.
     rt_full_us: Option<f64>,
+    /// The service's neutral factor at the last update (see [`neutral_factor`]).
+    neutral: f64,
 }
 
 impl Blender {
@@ -735,6 +738,7 @@ impl Blender {
             scratch: Vec::new(),
             rejections: RejectionCounts::default(),
             rt_full_us: None,
+            neutral: 1.0,
         })
     }
 
@@ -747,6 +751,13 @@ impl Blender {
         &self.rejections
     }
 
+    /// A server's configured share in effective-weight units, `neutral × configured` as of the last
+    /// [`Blender::update`]: what a stale server gets, and what the runtime gives a server when feedback cannot
+    /// speak for it.
+    pub fn neutral_weight(&self, configured: u32) -> u32 {
+        to_units(self.neutral * f64::from(configured))
+    }
+
     /// The outputs of the last [`Blender::update`].
     pub fn outputs(&self) -> &[ServerOutput] {
         &self.outputs
@@ -757,6 +768,7 @@ impl Blender {
     pub fn update(&mut self, now: Instant, inputs: &[ServerInput]) -> &[ServerOutput] {
         let cfg = &self.config;
         let neutral = neutral_factor(cfg, inputs);
+        self.neutral = neutral;
         let same_servers = self.slots.len() == inputs.len()
             && self.slots.iter().zip(inputs).all(|(slot, input)| slot.key == input.key);
         if !same_servers {

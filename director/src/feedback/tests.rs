@@ -676,10 +676,16 @@ fn servers_are_followed_by_key_when_the_list_changes() {
 #[test]
 fn a_server_back_from_configured_weight_zero_starts_at_its_configured_share() {
     let mut b = blender(BlenderConfig::default());
-    let now = t0();
-    b.update(now, &[server(1, 0, None), server(2, 10, None)]);
-    let out = b.update(now + SEC, &[server(1, 10, None), server(2, 10, None)]);
-    assert_eq!(out[0].effective_weight, out[1].effective_weight, "the same share as its peer, not the floor");
+    let start = t0();
+    // Both report (normal state, where the weight is the blender's own), equally loaded.
+    let r = |k: u32| Some(report(u64::from(k), start + SEC * k, 5000));
+    for k in 0..5 {
+        b.update(start + SEC * k, &[server(1, 0, r(k)), server(2, 10, r(k))]);
+    }
+    let out = b.update(start + SEC * 5, &[server(1, 10, r(5)), server(2, 10, r(5))]);
+    let (back, peer) = (out[0].effective_weight, out[1].effective_weight);
+    assert_eq!(out[0].status, FeedbackStatus::Normal);
+    assert!(back.abs_diff(peer) <= 2, "the same share as its equally loaded peer, not the floor: {back} vs {peer}");
 }
 
 /// A server out of rotation (health checks failed, slow start, sorry server) gets little or no traffic, so it

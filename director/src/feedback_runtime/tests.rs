@@ -289,12 +289,57 @@ fn when_every_agent_falls_silent_the_configured_weights_stand() {
     assert_eq!(published(&table), vec![(10, Health::Unchecked), (10, Health::Unchecked)]);
     assert!(!core.tick(late + SEC, &table, &[]).iter().any(|e| matches!(e, Event::AgentsSilent { .. })), "once");
 
-    // One agent reports again: feedback again, and the server still silent is down.
+    // One agent reports again: feedback again. The other keeps its share while it too may be reconnecting, for
+    // down_after, and is down after that.
     let back = late + 2 * SEC;
     let events = core.tick(back, &table, &[agent(0, 2, 5000, back), agent(1, 1, 1000, t0)]);
     assert!(events.contains(&Event::AgentsSilent { service: web(), silent: false }), "{events:?}");
+    assert_eq!(published(&table)[1], (10, Health::Unchecked), "in the grace after the silence");
+    let after = back + 11 * SEC;
+    core.tick(after, &table, &[agent(0, 3, 5000, after), agent(1, 1, 1000, t0)]);
     let weights = published(&table);
     assert!(weights[0].0 > 0 && weights[1].0 == 0, "{weights:?}");
+}
+
+#[test]
+fn agents_falling_silent_a_report_apart_are_one_silence() {
+    let s = setup("scheduler = \"df\"", 2);
+    let table = TableBuilder::new(1).build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    let last = [agent(0, 1, 5000, t0), agent(1, 1, 5000, t0 + SEC / 2)];
+    core.tick(t0 + SEC / 2, &table, &last);
+    // Server 0's report is past down_after (10 s), server 1's half a second short of it: already one silence,
+    // rather than server 0 dropped while server 1 waits its turn.
+    let events = core.tick(t0 + 10 * SEC + SEC / 4, &table, &last);
+    assert!(events.contains(&Event::AgentsSilent { service: web(), silent: true }), "{events:?}");
+    assert_eq!(published(&table), vec![(10, Health::Unchecked), (10, Health::Unchecked)]);
+}
+
+#[test]
+fn adding_a_sorry_server_to_a_running_service_keeps_its_feedback() {
+    let s = setup("scheduler = \"df\"", 2);
+    let mut builder = TableBuilder::new(1);
+    let table = builder.build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    for k in 0..10u32 {
+        let now = t0 + SEC * k;
+        core.tick(now, &table, &[agent(0, u64::from(k) + 1, 9000, now), agent(1, u64::from(k) + 1, 1000, now)]);
+    }
+    let before: Vec<u32> = published(&table).iter().map(|p| p.0).collect();
+    assert!(before[0] < before[1], "{before:?}");
+    // The new quorum has never counted: it must not read as the sorry server standing in and wipe the weights.
+    let with_sorry = setup("scheduler = \"df\"\n[service.health]\nsorry_server = \"10.0.0.50:80\"", 2);
+    let table = builder.build(&with_sorry.config.services);
+    core.reconfigure(t0 + SEC * 10, &with_sorry.config);
+    let now = t0 + SEC * 10;
+    core.tick(now, &table, &[agent(0, 11, 9000, now), agent(1, 11, 1000, now)]);
+    let after: Vec<u32> = published(&table).iter().map(|p| p.0).collect();
+    assert!(after[0] < after[1] && after[0].abs_diff(before[0]) <= before[0] / 4 + 1, "{before:?} → {after:?}");
+    assert_eq!(published(&table)[2], (0, Health::SorryStandby));
 }
 
 #[test]
