@@ -183,12 +183,7 @@ impl CgroupCpu {
                     let max = dir.join("cpu.max");
                     read_if_present(&max)?.map(|text| parse_cpu_max(&text, &max)).transpose()
                 })?;
-                let cpuset = dir.join("cpuset.cpus.effective");
-                let cpuset_cpus = match read_if_present(&cpuset)? {
-                    Some(text) if !text.trim().is_empty() => Some(parse_cpu_list(&text, &cpuset)?),
-                    _ => None,
-                };
-                Ok(CgroupReading { usage_ns: usage_us.saturating_mul(1_000), limit, cpuset_cpus })
+                Ok(CgroupReading { usage_ns: usage_us.saturating_mul(1_000), limit, cpuset_cpus: cpuset_cpus(dir)? })
             }
         }
     }
@@ -201,6 +196,20 @@ fn read_if_present(path: &Path) -> Result<Option<String>, SampleError> {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SampleError::Io { path: path.to_owned(), source }),
     }
+}
+
+/// The CPUs of a v2 cgroup's cpuset: its own `cpuset.cpus.effective`, or, where its cpuset controller is off
+/// (no such file), its nearest ancestor's (a slice's `AllowedCPUs=`); `None` when no cgroup up the tree has one.
+fn cpuset_cpus(dir: &Path) -> Result<Option<u32>, SampleError> {
+    let mut at = Some(dir);
+    while let Some(cgroup) = at {
+        let file = cgroup.join("cpuset.cpus.effective");
+        if let Some(text) = read_if_present(&file)?.filter(|text| !text.trim().is_empty()) {
+            return parse_cpu_list(&text, &file).map(Some);
+        }
+        at = cgroup.parent().filter(|up| up.join("cgroup.procs").exists());
+    }
+    Ok(None)
 }
 
 /// The tightest of the limits `limit_of` reads on `dir` and on each ancestor that is a cgroup of the same
@@ -579,6 +588,10 @@ mod tests {
         let reading = service.read().unwrap();
         assert_eq!(reading.limit, CpuLimit { quota_us: Some(50_000), period_us: 100_000 }, "the slice's quota");
         assert_eq!((reading.usage_ns, reading.cpuset_cpus), (7_000, Some(2)));
+        // Without a cpuset controller of its own, the slice's cpuset binds it.
+        fs::remove_file(tree.path().join("cg/web.slice/nginx.service/cpuset.cpus.effective")).unwrap();
+        fs::write(tree.path().join("cg/web.slice/cpuset.cpus.effective"), "0,4-6\n").unwrap();
+        assert_eq!(service.read().unwrap().cpuset_cpus, Some(4));
         // Its own quota, when tighter, is the one that binds (20 ms in 100 ms against 50 in 100).
         fs::write(tree.path().join("cg/web.slice/nginx.service/cpu.max"), "4000 20000\n").unwrap();
         assert_eq!(service.read().unwrap().limit, CpuLimit { quota_us: Some(4_000), period_us: 20_000 });
