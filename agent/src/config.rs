@@ -13,7 +13,7 @@ use fulcrum_protocol::{is_dns_name, ProbeKind};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fulcrum/agent.toml";
-pub const DEFAULT_INTERVAL_MS: u32 = 500;
+pub const DEFAULT_INTERVAL_MS: u32 = fulcrum_protocol::DEFAULT_REPORT_INTERVAL_MS;
 /// Default probes per report interval. A single probe is a poor sample of a service whose response time is
 /// bimodal: a server held by its CPU quota answers in tens of microseconds or, when its cgroup is throttled,
 /// after up to a CFS period (measured in `bench/feedback`: 20 µs and 15 ms in consecutive reports of the same

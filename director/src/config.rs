@@ -828,6 +828,8 @@ impl HaSection {
 // Dynamic feedback and health checks: `[service.feedback]` and `[service.health]`.
 // ---------------------------------------------------------------------------------------------------------------
 
+use fulcrum_protocol::DEFAULT_REPORT_INTERVAL_MS;
+
 /// Shortest accepted `[service.feedback] stale_after_ms` when the agents' report interval is not known (or
 /// shorter).
 const MIN_STALE_AFTER_MS: u32 = 100;
@@ -931,24 +933,31 @@ impl FeedbackSettings {
                 return Err(invalid(&at(key), format!("{ms} ms is outside 0..=3600000")));
             }
         }
-        // A server whose newest report is older than `stale_after` falls back to its configured weight: shorter
-        // than the interval agents report at, every server does so between two reports (at 0, at once), and
-        // feedback is silently off. The interval counts only while feedback is on, so that a long interval does
-        // not refuse a service that never reads the reports.
-        let (floor, of) = match report_interval_ms {
-            n if n > MIN_STALE_AFTER_MS && self.is_enabled(scheduler) => {
-                (n, format!("the agents' report interval (agents.report_interval_ms = {n})"))
-            }
-            _ => (MIN_STALE_AFTER_MS, format!("{MIN_STALE_AFTER_MS} ms")),
+        // A server whose newest report is older than `stale_after` falls back to its configured share. Within two
+        // report intervals, one late report (a scheduling hiccup, a lost datagram) already makes it stale, and
+        // its weight and averages restart; shorter than one, every server is stale between two reports (at 0,
+        // at once) and feedback is silently off. The interval is the one the director asks for, or the agents'
+        // default; it counts only while feedback is on, so that it refuses no service that never reads reports.
+        let (floor, of) = if self.is_enabled(scheduler) {
+            let (interval, which) = match report_interval_ms {
+                0 => (DEFAULT_REPORT_INTERVAL_MS, "the agents' default report interval".to_string()),
+                n => (n, format!("agents.report_interval_ms = {n}")),
+            };
+            let floor = interval.saturating_mul(2).max(MIN_STALE_AFTER_MS);
+            (floor, format!("two report intervals ({which}, {interval} ms)"))
+        } else {
+            (MIN_STALE_AFTER_MS, format!("{MIN_STALE_AFTER_MS} ms"))
         };
         if self.stale_after_ms < floor {
-            let when =
-                if self.stale_after_ms == 0 { "the moment it is received" } else { "before the next one arrives" };
+            let when = if self.stale_after_ms == 0 {
+                "every report would be stale the moment it is received, which silently turns feedback off"
+            } else {
+                "one late report would make a server stale and restart its weight"
+            };
             return Err(invalid(
                 &at("stale_after_ms"),
                 format!(
-                    "{} ms is shorter than {of}: every report would be stale {when}, which silently turns \
-                     feedback off; use at least {floor} ms (the default is 3000)",
+                    "{} ms is shorter than {of}: {when}; use at least {floor} ms (the default is 3000)",
                     self.stale_after_ms
                 ),
             ));
@@ -1419,17 +1428,27 @@ mod tests {
         let err = refused(&slow("scheduler = \"df\""));
         assert_eq!(err.key, "service[0].feedback.stale_after_ms", "{err}");
         assert!(
-            err.message.contains("agents.report_interval_ms = 5000") && err.message.contains("at least 5000 ms"),
+            err.message.contains("agents.report_interval_ms = 5000") && err.message.contains("at least 10000 ms"),
             "{err}"
         );
-        let err = refused(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 4000"));
+        // One interval is not enough either: a single late report would make the server stale.
+        let err = refused(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 5000"));
         assert_eq!((err.line, err.key.as_str()), (13, "service[0].feedback.stale_after_ms"), "{err}");
-        assert!(load(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 5000")).is_ok());
+        assert!(err.message.contains("one late report"), "{err}");
+        assert!(
+            load(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 10000\ndown_after_ms = 20000")).is_ok()
+        );
         // Without feedback the reports' age is not read: the interval does not refuse the default.
         assert!(load(&slow("")).is_ok());
         // down_after must still exceed stale_after.
-        let err = refused(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 5000\ndown_after_ms = 5000"));
+        let err = refused(&slow("[service.feedback]\nenabled = true\nstale_after_ms = 10000\ndown_after_ms = 10000"));
         assert_eq!(err.key, "service[0].feedback.down_after_ms", "{err}");
+        // Without report_interval_ms the agents report at their default, 500 ms.
+        let err = refused(&web_with(&pki, "scheduler = \"df\"\n[service.feedback]\nstale_after_ms = 200"));
+        assert!(
+            err.message.contains("the agents' default report interval") && err.message.contains("at least 1000 ms"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -37,3 +37,6 @@ pub use version::{negotiate, NoCommonVersion, VersionRange, HELLO_VERSION, MIN_P
 pub const ALPN: &[u8] = b"fulcrum-agent";
 /// Default UDP port of the director's agent listener.
 pub const DEFAULT_AGENT_PORT: u16 = 7946;
+/// The report interval of an agent that is not told another (its `interval_ms`, and no director asking for a
+/// different one): the director judges report ages against it when it sets none itself.
+pub const DEFAULT_REPORT_INTERVAL_MS: u32 = 500;
