@@ -33,9 +33,7 @@ pub struct CpuLimit {
 
 impl CpuLimit {
     pub const UNLIMITED: CpuLimit = CpuLimit { quota_us: None, period_us: DEFAULT_PERIOD_US };
-}
 
-impl CpuLimit {
     /// Whether `self` allows less CPU than `other` (`quota / period` smaller; no quota allows the most).
     fn tighter_than(self, other: CpuLimit) -> bool {
         match (self.quota_us, other.quota_us) {
@@ -161,16 +159,23 @@ impl CgroupCpu {
         match self {
             CgroupCpu::V1 { cpuacct_dir, cpu_dir } => {
                 let usage = cpuacct_dir.join("cpuacct.usage");
+                let limit_in = |dir: &Path, quota_text: String| -> Result<CpuLimit, SampleError> {
+                    let (quota, period) = (dir.join("cpu.cfs_quota_us"), dir.join("cpu.cfs_period_us"));
+                    Ok(CpuLimit {
+                        quota_us: parse_cfs_quota_us(&quota_text, &quota)?,
+                        period_us: parse_cfs_period_us(&super::read_text(&period)?, &period)?,
+                    })
+                };
+                // The cgroup's own limit files must be there (they are in every cgroup of the cpu hierarchy);
+                // an ancestor without them limits nothing.
+                let own_quota = cpu_dir.join("cpu.cfs_quota_us");
+                let own = limit_in(cpu_dir, super::read_text(&own_quota)?)?;
+                let limit = tightest_limit(cpu_dir, own, |dir| {
+                    read_if_present(&dir.join("cpu.cfs_quota_us"))?.map(|text| limit_in(dir, text)).transpose()
+                })?;
                 Ok(CgroupReading {
                     usage_ns: parse_cpuacct_usage(&super::read_text(&usage)?, &usage)?,
-                    limit: tightest_limit(cpu_dir, |dir| {
-                        let (quota, period) = (dir.join("cpu.cfs_quota_us"), dir.join("cpu.cfs_period_us"));
-                        let Some(quota_text) = read_if_present(&quota)? else { return Ok(None) };
-                        Ok(Some(CpuLimit {
-                            quota_us: parse_cfs_quota_us(&quota_text, &quota)?,
-                            period_us: parse_cfs_period_us(&super::read_text(&period)?, &period)?,
-                        }))
-                    })?,
+                    limit,
                     cpuset_cpus: None,
                 })
             }
@@ -179,10 +184,11 @@ impl CgroupCpu {
                 let usage_us = parse_cpu_stat_usage_usec(&super::read_text(&stat)?, &stat)?;
                 // The root cgroup has no cpu.max, and neither has a cgroup whose parent does not enable the cpu
                 // controller for it; nothing of its own limits it then.
-                let limit = tightest_limit(dir, |dir| {
+                let limit_in = |dir: &Path| {
                     let max = dir.join("cpu.max");
                     read_if_present(&max)?.map(|text| parse_cpu_max(&text, &max)).transpose()
-                })?;
+                };
+                let limit = tightest_limit(dir, limit_in(dir)?.unwrap_or(CpuLimit::UNLIMITED), limit_in)?;
                 Ok(CgroupReading { usage_ns: usage_us.saturating_mul(1_000), limit, cpuset_cpus: cpuset_cpus(dir)? })
             }
         }
@@ -201,31 +207,33 @@ fn read_if_present(path: &Path) -> Result<Option<String>, SampleError> {
 /// The CPUs of a v2 cgroup's cpuset: its own `cpuset.cpus.effective`, or, where its cpuset controller is off
 /// (no such file), its nearest ancestor's (a slice's `AllowedCPUs=`); `None` when no cgroup up the tree has one.
 fn cpuset_cpus(dir: &Path) -> Result<Option<u32>, SampleError> {
-    let mut at = Some(dir);
-    while let Some(cgroup) = at {
+    for cgroup in std::iter::once(dir).chain(ancestors(dir)) {
         let file = cgroup.join("cpuset.cpus.effective");
         if let Some(text) = read_if_present(&file)?.filter(|text| !text.trim().is_empty()) {
             return parse_cpu_list(&text, &file).map(Some);
         }
-        at = cgroup.parent().filter(|up| up.join("cgroup.procs").exists());
     }
     Ok(None)
 }
 
-/// The tightest of the limits `limit_of` reads on `dir` and on each ancestor that is a cgroup of the same
-/// hierarchy (has a `cgroup.procs`, as every cgroup does, the root included; the directory holding the mount
-/// does not). `limit_of` gives `None` for a directory without a limit file.
+/// The ancestors of cgroup `dir` in its hierarchy, nearest first: each parent directory that is a cgroup (has
+/// a `cgroup.procs`, as every cgroup does, the root included; the directory holding the mount does not).
+fn ancestors(dir: &Path) -> impl Iterator<Item = &Path> {
+    std::iter::successors(dir.parent(), |up| up.parent()).take_while(|up| up.join("cgroup.procs").exists())
+}
+
+/// The tightest of `own` (the limit of cgroup `dir` itself) and the limits `limit_of` reads on its
+/// [`ancestors`]; `limit_of` gives `None` for a directory without a limit file.
 fn tightest_limit(
     dir: &Path,
+    own: CpuLimit,
     limit_of: impl Fn(&Path) -> Result<Option<CpuLimit>, SampleError>,
 ) -> Result<CpuLimit, SampleError> {
-    let mut tightest = limit_of(dir)?.unwrap_or(CpuLimit::UNLIMITED);
-    let mut ancestor = dir.parent();
-    while let Some(up) = ancestor.filter(|up| up.join("cgroup.procs").exists()) {
+    let mut tightest = own;
+    for up in ancestors(dir) {
         if let Some(limit) = limit_of(up)?.filter(|limit| limit.tighter_than(tightest)) {
             tightest = limit;
         }
-        ancestor = up.parent();
     }
     Ok(tightest)
 }
@@ -612,6 +620,10 @@ mod tests {
         let reading = web.read().unwrap();
         assert_eq!(reading.limit, CpuLimit { quota_us: Some(150_000), period_us: 100_000 });
         assert_eq!(reading.usage_ns, 42);
+        // The cgroup's own limit files are required (an ancestor's are not): without one, the file is named.
+        fs::remove_file(tree.path().join("cpu/docker/web/cpu.cfs_quota_us")).unwrap();
+        let err = web.read().unwrap_err().to_string();
+        assert!(err.contains("cpu.cfs_quota_us"), "{err}");
     }
 
     #[test]
