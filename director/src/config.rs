@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use fulcrum_protocol::config_file::{unreadable, ConfigError, ConfigText, KeyStep};
+use fulcrum_protocol::DEFAULT_REPORT_INTERVAL_MS;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fulcrum/director.toml";
@@ -827,8 +828,6 @@ impl HaSection {
 // ---------------------------------------------------------------------------------------------------------------
 // Dynamic feedback and health checks: `[service.feedback]` and `[service.health]`.
 // ---------------------------------------------------------------------------------------------------------------
-
-use fulcrum_protocol::DEFAULT_REPORT_INTERVAL_MS;
 
 /// Shortest accepted `[service.feedback] stale_after_ms` when the agents' report interval is not known (or
 /// shorter).

@@ -254,10 +254,14 @@ impl FeedbackCore {
 
             // 1. Health: agent liveness and due transitions. First, because the blender leaves out the servers
             // not in rotation.
+            // Each server's health state, found once: its index in `service.servers`, `None` when unchecked.
+            let checked: Vec<Option<usize>> = real
+                .iter()
+                .map(|s| service.servers.iter().position(|h| h.server == (s.address, s.port) && h.state.is_some()))
+                .collect();
             let mut statuses: Vec<Option<HealthStatus>> = Vec::with_capacity(real.len());
-            for s in &real {
-                let health = service.servers.iter_mut().find(|h| h.server == (s.address, s.port));
-                let Some(state) = health.and_then(|h| h.state.as_mut()) else {
+            for (s, &at) in real.iter().zip(&checked) {
+                let Some(state) = at.and_then(|at| service.servers[at].state.as_mut()) else {
                     statuses.push(None);
                     continue;
                 };
@@ -328,20 +332,19 @@ impl FeedbackCore {
 
             // 3. Health: the weight each server gets, with the slow-start ramp.
             let mut decided: Vec<(u32, Health, bool)> = Vec::with_capacity(real.len());
-            for (s, &Blended { weight, .. }) in real.iter().zip(&full) {
-                let health = service.servers.iter_mut().find(|h| h.server == (s.address, s.port));
-                let Some(state) = health.and_then(|h| h.state.as_ref()) else {
+            for ((&Blended { weight, .. }, &at), &status) in full.iter().zip(&checked).zip(&statuses) {
+                let (Some(state), Some(status)) = (at.and_then(|at| service.servers[at].state.as_ref()), status) else {
                     decided.push((weight, Health::Unchecked, true));
                     continue;
                 };
-                let shown = match state.status() {
+                let shown = match status {
                     HealthStatus::Up => Health::Up,
                     HealthStatus::SlowStart { .. } => Health::SlowStart,
                     HealthStatus::HeldDown { .. } => Health::HeldDown,
                     HealthStatus::Down if service.health.on_failure == OnFailure::Remove => Health::Removed,
                     HealthStatus::Down => Health::Down,
                 };
-                decided.push((state.effective_weight(now, weight), shown, state.status().is_serving()));
+                decided.push((state.effective_weight(now, weight), shown, status.is_serving()));
             }
 
             // 4. Quorum and sorry server.

@@ -654,10 +654,10 @@ struct Slot {
     /// The weight was raised to take the overflow of servers that fell behind ([`Overflow`]): it keeps what
     /// it took while every other server stays saturated.
     overflow: bool,
-    /// In normal state and in rotation at the previous period: its averages describe its weight.
-    normal_before: bool,
-    /// [`ServerInput::in_rotation`] this period.
-    in_rotation: bool,
+    /// In normal state and in rotation ([`ServerInput::in_rotation`]): its weight comes from feedback and its
+    /// averages describe it. Step 1 of each update sets it; until then (the new report's intake) it is the
+    /// previous update's.
+    normal: bool,
     aggregate: Option<f64>,
     /// Sequence number and PSI `some total` of the newest accepted report that had one.
     pressure_total: Option<(u64, u64)>,
@@ -700,8 +700,7 @@ impl Slot {
             rest_load: Ewma::default(),
             streak: Streak::default(),
             overflow: false,
-            normal_before: false,
-            in_rotation: true,
+            normal: false,
             aggregate: None,
             df_metrics: (0.0, 0.0),
             pressure_total: None,
@@ -811,7 +810,7 @@ impl Blender {
                             out.rejected = Some(reason);
                         }
                         Ok(()) => {
-                            if !slot.normal_before {
+                            if !slot.normal {
                                 slot.smoothed = Smoothed::default();
                                 slot.counted = None;
                                 slot.rt_before = [None, None];
@@ -856,7 +855,6 @@ impl Blender {
             }
             out.status_before = out.status;
             out.status = status(cfg, slot.accepted, now);
-            slot.in_rotation = input.in_rotation;
             let normal = out.status == FeedbackStatus::Normal && input.in_rotation;
             if !normal {
                 slot.weight = neutral * f64::from(slot.configured);
@@ -866,7 +864,7 @@ impl Blender {
                 slot.streak = Streak::default();
                 slot.overflow = false;
             }
-            slot.normal_before = normal;
+            slot.normal = normal;
         }
 
         // 2. Service-wide references: median response time, mean active connections.
@@ -892,8 +890,7 @@ impl Blender {
 
         // 3. Aggregates, and their mean for the relative mode.
         for (slot, out) in self.slots.iter_mut().zip(self.outputs.iter_mut()) {
-            let metrics = (out.status == FeedbackStatus::Normal && slot.configured > 0 && slot.in_rotation)
-                .then(|| Metrics::of(cfg, &slot.smoothed, rt_full_us));
+            let metrics = (slot.normal && slot.configured > 0).then(|| Metrics::of(cfg, &slot.smoothed, rt_full_us));
             slot.aggregate = metrics.and_then(|m| m.aggregate(&cfg.coefficients));
             out.aggregate_load = slot.aggregate;
             slot.latest_aggregate =
@@ -969,7 +966,7 @@ impl Blender {
             }
         }
         if let LoadMode::ClusterRelative { .. } = cfg.mode {
-            renormalise(cfg, &mut self.slots, &self.outputs, neutral);
+            renormalise(cfg, &mut self.slots, neutral);
         }
 
         // 5. Outputs.
@@ -977,9 +974,11 @@ impl Blender {
             let weight = match out.status {
                 FeedbackStatus::Down { .. } => 0,
                 _ if slot.configured == 0 => 0,
-                FeedbackStatus::Stale { .. } => to_units(neutral * f64::from(slot.configured)),
-                FeedbackStatus::Normal if !slot.in_rotation => to_units(neutral * f64::from(slot.configured)),
-                FeedbackStatus::Normal => slot.weight.round().clamp(1.0, ceiling(cfg, slot.configured)) as u32,
+                FeedbackStatus::Normal if slot.normal => {
+                    slot.weight.round().clamp(1.0, ceiling(cfg, slot.configured)) as u32
+                }
+                // Stale, or normal but out of rotation: the configured share.
+                FeedbackStatus::Stale { .. } | FeedbackStatus::Normal => to_units(neutral * f64::from(slot.configured)),
             };
             out.changed = weight != slot.published;
             out.effective_weight = weight;
@@ -1187,13 +1186,11 @@ fn reference_load(cfg: &BlenderConfig, slots: &[Slot]) -> Option<f64> {
 /// weight stepped the mean is already `neutral` and nothing changes. The rate cap still holds: no weight moves
 /// by more than `max_step` in one period, step and scaling together (the rest follows in the next periods),
 /// except a weight cut to its backlog ([`cut_to_backlog`]), which the scaling does not lift back to the cap.
-fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput], neutral: f64) {
-    let feedback = |(slot, out): &(&mut Slot, &ServerOutput)| {
-        out.status == FeedbackStatus::Normal && slot.configured > 0 && slot.in_rotation
-    };
+fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], neutral: f64) {
+    let feedback = |slot: &&mut Slot| slot.normal && slot.configured > 0;
     let (mut sum, mut count) = (0.0, 0usize);
-    for pair in slots.iter_mut().zip(outputs).filter(feedback) {
-        sum += pair.0.weight / f64::from(pair.0.configured);
+    for slot in slots.iter_mut().filter(feedback) {
+        sum += slot.weight / f64::from(slot.configured);
         count += 1;
     }
     if count == 0 {
@@ -1203,7 +1200,7 @@ fn renormalise(cfg: &BlenderConfig, slots: &mut [Slot], outputs: &[ServerOutput]
     if (scale - 1.0).abs() < 1e-9 {
         return;
     }
-    for (slot, _) in slots.iter_mut().zip(outputs).filter(feedback) {
+    for slot in slots.iter_mut().filter(feedback) {
         let configured = f64::from(slot.configured);
         let cap = rate_cap(cfg, slot.weight_before, configured);
         // A weight cut to its backlog this period (below the rate cap) is not lifted back by the scaling.
