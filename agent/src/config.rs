@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use fulcrum_protocol::config_file::{unreadable, ConfigError, ConfigText, KeyStep};
-use fulcrum_protocol::{is_dns_name, ProbeKind};
+use fulcrum_protocol::{is_dns_name, ProbeKind, MAX_REPORT_INTERVAL_MS, MIN_REPORT_INTERVAL_MS};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fulcrum/agent.toml";
@@ -22,9 +22,6 @@ pub const DEFAULT_INTERVAL_MS: u32 = fulcrum_protocol::DEFAULT_REPORT_INTERVAL_M
 pub const PROBES_PER_INTERVAL: u32 = 4;
 /// Most probes per report interval.
 pub const MAX_PROBES_PER_INTERVAL: u32 = 20;
-/// Bounds on the report interval, whether configured or asked for by a director.
-pub const MIN_INTERVAL_MS: u32 = 50;
-pub const MAX_INTERVAL_MS: u32 = 60_000;
 
 /// The file as written: every key optional, so that flags can supply or override any of them.
 #[derive(Debug, Default, Deserialize)]
@@ -329,10 +326,11 @@ impl AgentConfig {
         let (interval_ms, interval_at) =
             pick(flags.interval_ms, "--interval-ms", file.interval_ms, &source, &[Key("interval_ms")]);
         let interval_ms = interval_ms.unwrap_or(DEFAULT_INTERVAL_MS);
-        if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&interval_ms) {
-            return Err(
-                interval_at.error(path, format!("{interval_ms} ms is outside {MIN_INTERVAL_MS}..={MAX_INTERVAL_MS}"))
-            );
+        if !(MIN_REPORT_INTERVAL_MS..=MAX_REPORT_INTERVAL_MS).contains(&interval_ms) {
+            return Err(interval_at.error(
+                path,
+                format!("{interval_ms} ms is outside {MIN_REPORT_INTERVAL_MS}..={MAX_REPORT_INTERVAL_MS}"),
+            ));
         }
         let file_directors = file
             .directors

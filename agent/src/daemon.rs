@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fulcrum_protocol::{Hello, LoadReport, ProbeOutcome, ProbeReport, VersionRange, FULL_SCALE_BP};
+use fulcrum_protocol::{
+    Hello, LoadReport, ProbeOutcome, ProbeReport, VersionRange, FULL_SCALE_BP, MAX_REPORT_INTERVAL_MS,
+    MIN_REPORT_INTERVAL_MS,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{AgentConfig, CpuSetting, Overrides, MAX_INTERVAL_MS, MIN_INTERVAL_MS};
+use crate::config::{AgentConfig, CpuSetting, Overrides};
 use crate::sample::cgroup::CgroupCpu;
 use crate::sample::probe::{probe_once, ProbeConfig, ProbeTracker};
 use crate::sample::{CpuSourceConfig, Sampler};
@@ -246,7 +249,7 @@ fn effective_interval(configured: Duration, statuses: &[Arc<LinkStatus>]) -> Dur
         .map(|s| s.requested_interval_ms.load(Ordering::Relaxed))
         .filter(|ms| *ms > 0)
         .min()
-        .map_or(configured, |ms| Duration::from_millis(ms.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS).into()))
+        .map_or(configured, |ms| Duration::from_millis(ms.clamp(MIN_REPORT_INTERVAL_MS, MAX_REPORT_INTERVAL_MS).into()))
 }
 
 /// The shortest time between two probes of the service.

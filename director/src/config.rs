@@ -375,6 +375,16 @@ impl DirectorConfig {
                 ));
             }
         }
+        let interval = self.agents.report_interval_ms;
+        let (min, max) = (fulcrum_protocol::MIN_REPORT_INTERVAL_MS, fulcrum_protocol::MAX_REPORT_INTERVAL_MS);
+        // An agent would clamp an interval outside its bounds, and the director would judge report ages against
+        // an interval no agent runs at.
+        if interval != 0 && !(min..=max).contains(&interval) {
+            return Err(invalid(
+                &[KeyStep::Key("agents"), KeyStep::Key("report_interval_ms")],
+                format!("{interval} ms is outside {min}..={max} (0 leaves each agent's own interval)"),
+            ));
+        }
         if let Some(dataplane) = &self.dataplane {
             let at = |key: &'static str| [KeyStep::Key("dataplane"), KeyStep::Key(key)];
             if dataplane.interface.is_empty() || dataplane.interface.len() > 15 || dataplane.interface.contains('/') {
@@ -1448,6 +1458,20 @@ mod tests {
             err.message.contains("the agents' default report interval") && err.message.contains("at least 1000 ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_report_interval_no_agent_runs_at_is_refused() {
+        let pki = Pki::new();
+        let with = |ms: u32| pki.config(WEB).replace("[agents]\n", &format!("[agents]\nreport_interval_ms = {ms}\n"));
+        for ms in [49, 60_001] {
+            let err = refused(&with(ms));
+            assert_eq!((err.line, err.key.as_str()), (3, "agents.report_interval_ms"), "{err}");
+            assert!(err.message.contains(&format!("{ms} ms is outside 50..=60000")), "{err}");
+        }
+        for ms in [0, 50, 60_000] {
+            assert_eq!(load(&with(ms)).unwrap().agents.report_interval_ms, ms);
+        }
     }
 
     #[test]

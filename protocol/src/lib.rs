@@ -40,3 +40,8 @@ pub const DEFAULT_AGENT_PORT: u16 = 7946;
 /// The report interval of an agent that is not told another (its `interval_ms`, and no director asking for a
 /// different one): the director judges report ages against it when it sets none itself.
 pub const DEFAULT_REPORT_INTERVAL_MS: u32 = 500;
+/// The shortest report interval an agent runs at, whether configured or asked for by a director (an agent clamps a
+/// director's request into these bounds; a director's configuration outside them is refused).
+pub const MIN_REPORT_INTERVAL_MS: u32 = 50;
+/// The longest report interval an agent runs at.
+pub const MAX_REPORT_INTERVAL_MS: u32 = 60_000;
