@@ -45,7 +45,7 @@ use crate::feedback::{Blender, DownReason, FeedbackStatus, RejectReason, ReportI
 use crate::flow::Proto;
 use crate::health::checker::{self, CheckOutcome, CheckSpec};
 use crate::health::quorum::{QuorumConfig, QuorumTransition, Routing, ServiceQuorum};
-use crate::health::{CheckResult, HealthState, HealthStatus, Transition};
+use crate::health::{CheckResult, HealthState, HealthStatus, ReasonKind, Transition};
 use crate::sched::server_key;
 
 /// Something worth a log line and a counter.
@@ -435,11 +435,7 @@ fn report(event: &Event) {
             }
         }
         Event::Quorum { service, transition } => {
-            let to = match transition.to {
-                Routing::RealServers => "real_servers",
-                Routing::BelowQuorum => "below_quorum",
-                Routing::SorryServer(_) => "sorry_server",
-            };
+            let to = routing_label(transition.to);
             metrics::counter!("fulcrum_quorum_transitions_total", "to" => to).increment(1);
             warn!(%service, to, serving = transition.tally.servers, weight = transition.tally.weight, "service quorum");
         }
@@ -457,14 +453,55 @@ fn report(event: &Event) {
             }
         }
         Event::AgentsSilent { service, silent } => {
-            metrics::counter!("fulcrum_feedback_agents_silent_total", "silent" => if *silent { "true" } else { "false" })
-                .increment(1);
+            metrics::counter!("fulcrum_feedback_agents_silent_total", "silent" => silent_label(*silent)).increment(1);
             if *silent {
                 warn!(%service, "no agent of the service reports: going by the configured weights until one does");
             } else {
                 info!(%service, "an agent reports again: weights from feedback");
             }
         }
+    }
+}
+
+const fn routing_label(to: Routing) -> &'static str {
+    match to {
+        Routing::RealServers => "real_servers",
+        Routing::BelowQuorum => "below_quorum",
+        Routing::SorryServer(_) => "sorry_server",
+    }
+}
+
+const fn silent_label(silent: bool) -> &'static str {
+    if silent {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+/// Registers every series of the event counters [`report`] increments, at 0. A series born at 1 hides that
+/// first event from `increase()` and `rate()`, and a dashboard panel over a counter that has never moved would
+/// show "no data" rather than a reassuring 0 (Prometheus's "avoid missing metrics").
+fn register_event_counters() {
+    for kind in ReasonKind::ALL {
+        metrics::counter!("fulcrum_health_transitions_total", "reason" => kind.name()).increment(0);
+    }
+    let sorry = std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    for to in [Routing::RealServers, Routing::BelowQuorum, Routing::SorryServer(sorry)] {
+        metrics::counter!("fulcrum_quorum_transitions_total", "to" => routing_label(to)).increment(0);
+    }
+    for reason in RejectReason::ALL {
+        metrics::counter!("fulcrum_feedback_rejected_reports_total", "reason" => reason.name()).increment(0);
+    }
+    for to in [
+        FeedbackStatus::Normal,
+        FeedbackStatus::Stale { reason: StaleReason::NeverReported },
+        FeedbackStatus::Down { reason: DownReason::ProbeFailures { consecutive: 0 } },
+    ] {
+        metrics::counter!("fulcrum_feedback_transitions_total", "to" => to.name()).increment(0);
+    }
+    for silent in [true, false] {
+        metrics::counter!("fulcrum_feedback_agents_silent_total", "silent" => silent_label(silent)).increment(0);
     }
 }
 
@@ -519,6 +556,7 @@ pub fn spawn(
     mut config_rx: watch::Receiver<Arc<DirectorConfig>>,
     agents: AgentRegistry,
 ) -> JoinHandle<()> {
+    register_event_counters();
     tokio::spawn(async move {
         let table = control.table();
         let mut core = FeedbackCore::default();
