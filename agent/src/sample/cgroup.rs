@@ -18,8 +18,10 @@ const DEFAULT_PERIOD_US: u64 = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupCpu {
     /// Usage in `<cpuacct_dir>/cpuacct.usage`, limit in `<cpu_dir>/cpu.cfs_{quota,period}_us`. The two are the
-    /// same directory when the controllers are co-mounted (`cpu,cpuacct`).
-    V1 { cpuacct_dir: PathBuf, cpu_dir: PathBuf },
+    /// same directory when the controllers are co-mounted (`cpu,cpuacct`). `cpuset_dir` is the cgroup of the same
+    /// name in the v1 cpuset hierarchy, when one is mounted: v1 keeps each controller's tree apart, and the tools
+    /// that confine a service to some CPUs (Docker, LXC, libcgroup) name its cgroup alike in every hierarchy.
+    V1 { cpuacct_dir: PathBuf, cpu_dir: PathBuf, cpuset_dir: Option<PathBuf> },
     /// Usage in `<dir>/cpu.stat` (`usage_usec`), limit in `<dir>/cpu.max`.
     V2 { dir: PathBuf },
 }
@@ -54,8 +56,9 @@ pub struct CgroupReading {
     /// The tightest CFS limit on the cgroup or any of its ancestors: a quota on a parent (a systemd slice's
     /// `CPUQuota=`, a container's) binds the cgroups below it as much as one of their own.
     pub limit: CpuLimit,
-    /// The CPUs its cpuset lets it run on (v2 `cpuset.cpus.effective`); `None` when not known (v1, or no
-    /// cpuset controller), and then every online CPU counts.
+    /// The CPUs its cpuset lets it run on (v2 `cpuset.cpus.effective`, v1 `cpuset.effective_cpus`); `None` when
+    /// not known (no cpuset controller, or on v1 no cgroup of that name in the cpuset hierarchy), and then every
+    /// online CPU counts.
     pub cpuset_cpus: Option<u32>,
 }
 
@@ -90,6 +93,7 @@ impl CgroupCpu {
         let v1_cpu = mounts.iter().find(|m| m.is_v1_with("cpu"));
         let v1_acct = mounts.iter().find(|m| m.is_v1_with("cpuacct"));
         let v2 = mounts.iter().find(|m| m.fstype == "cgroup2");
+        let v1_cpuset = mounts.iter().find(|m| m.is_v1_with("cpuset"));
 
         let name_under = |mount: Option<&Mount>| mount.and_then(|m| m.name_of(&given));
         if let Some(name) = name_under(v2) {
@@ -107,7 +111,7 @@ impl CgroupCpu {
                 let cpu_dir = cpu.dir_of(&name).ok_or_else(|| {
                     not_found(format!("outside the part of the cpu hierarchy mounted at {}", cpu.point.display()))
                 })?;
-                Ok(CgroupCpu::V1 { cpuacct_dir, cpu_dir })
+                Ok(CgroupCpu::V1 { cpuacct_dir, cpu_dir, cpuset_dir: v1_cpuset.and_then(|m| m.dir_of(&name)) })
             }
             (_, _, Some(v2)) => v2.dir_of(&name).map(|dir| CgroupCpu::V2 { dir }).ok_or_else(|| {
                 not_found(format!("outside the part of the cgroup2 hierarchy mounted at {}", v2.point.display()))
@@ -157,7 +161,7 @@ impl CgroupCpu {
     /// Reads the cumulative usage and the current limit.
     pub fn read(&self) -> Result<CgroupReading, SampleError> {
         match self {
-            CgroupCpu::V1 { cpuacct_dir, cpu_dir } => {
+            CgroupCpu::V1 { cpuacct_dir, cpu_dir, cpuset_dir } => {
                 let usage = cpuacct_dir.join("cpuacct.usage");
                 let limit_in = |dir: &Path, quota_text: String| -> Result<CpuLimit, SampleError> {
                     let (quota, period) = (dir.join("cpu.cfs_quota_us"), dir.join("cpu.cfs_period_us"));
@@ -173,10 +177,14 @@ impl CgroupCpu {
                 let limit = tightest_limit(cpu_dir, own, |dir| {
                     read_if_present(&dir.join("cpu.cfs_quota_us"))?.map(|text| limit_in(dir, text)).transpose()
                 })?;
+                let cpuset_cpus = match cpuset_dir {
+                    Some(dir) => cpuset_cpus(dir, "cpuset.effective_cpus")?,
+                    None => None,
+                };
                 Ok(CgroupReading {
                     usage_ns: parse_cpuacct_usage(&super::read_text(&usage)?, &usage)?,
                     limit,
-                    cpuset_cpus: None,
+                    cpuset_cpus,
                 })
             }
             CgroupCpu::V2 { dir } => {
@@ -189,7 +197,11 @@ impl CgroupCpu {
                     read_if_present(&max)?.map(|text| parse_cpu_max(&text, &max)).transpose()
                 };
                 let limit = tightest_limit(dir, limit_in(dir)?.unwrap_or(CpuLimit::UNLIMITED), limit_in)?;
-                Ok(CgroupReading { usage_ns: usage_us.saturating_mul(1_000), limit, cpuset_cpus: cpuset_cpus(dir)? })
+                Ok(CgroupReading {
+                    usage_ns: usage_us.saturating_mul(1_000),
+                    limit,
+                    cpuset_cpus: cpuset_cpus(dir, "cpuset.cpus.effective")?,
+                })
             }
         }
     }
@@ -204,11 +216,13 @@ fn read_if_present(path: &Path) -> Result<Option<String>, SampleError> {
     }
 }
 
-/// The CPUs of a v2 cgroup's cpuset: its own `cpuset.cpus.effective`, or, where its cpuset controller is off
-/// (no such file), its nearest ancestor's (a slice's `AllowedCPUs=`); `None` when no cgroup up the tree has one.
-fn cpuset_cpus(dir: &Path) -> Result<Option<u32>, SampleError> {
+/// The CPUs of a cgroup's cpuset, from its effective-CPUs `file` (v2 `cpuset.cpus.effective`, v1
+/// `cpuset.effective_cpus`): its own, or, where it has none (v2 with the cpuset controller off: a slice's
+/// `AllowedCPUs=` binds it; v1 with no cgroup of that name in the cpuset hierarchy), its nearest ancestor's;
+/// `None` when no cgroup up the tree has one.
+fn cpuset_cpus(dir: &Path, file: &str) -> Result<Option<u32>, SampleError> {
     for cgroup in std::iter::once(dir).chain(ancestors(dir)) {
-        let file = cgroup.join("cpuset.cpus.effective");
+        let file = cgroup.join(file);
         if let Some(text) = read_if_present(&file)?.filter(|text| !text.trim().is_empty()) {
             return parse_cpu_list(&text, &file).map(Some);
         }
@@ -459,20 +473,22 @@ mod tests {
     use std::fs;
     use std::time::Instant;
 
-    fn v1(acct: &str, cpu: &str) -> CgroupCpu {
-        CgroupCpu::V1 { cpuacct_dir: acct.into(), cpu_dir: cpu.into() }
+    fn v1(acct: &str, cpu: &str, cpuset: Option<&str>) -> CgroupCpu {
+        CgroupCpu::V1 { cpuacct_dir: acct.into(), cpu_dir: cpu.into(), cpuset_dir: cpuset.map(PathBuf::from) }
     }
 
     #[test]
     fn locate_v1_co_mounted() {
         let (_, text) = testdata("mountinfo_v1.txt");
         let both = "/sys/fs/cgroup/cpu,cpuacct/fulcrum/web1";
-        // Hybrid host: the cgroup2 mount at /sys/fs/cgroup/unified is ignored for a name, and cpuset is not cpu.
-        assert_eq!(CgroupCpu::locate_in(&text, "/fulcrum/web1").unwrap(), v1(both, both));
-        assert_eq!(CgroupCpu::locate_in(&text, "fulcrum/web1/").unwrap(), v1(both, both));
-        assert_eq!(CgroupCpu::locate_in(&text, both).unwrap(), v1(both, both));
+        let web1 = v1(both, both, Some("/sys/fs/cgroup/cpuset/fulcrum/web1"));
+        // Hybrid host: the cgroup2 mount at /sys/fs/cgroup/unified is ignored for a name, and cpuset is not cpu
+        // (but it is where the cgroup's CPUs are found).
+        assert_eq!(CgroupCpu::locate_in(&text, "/fulcrum/web1").unwrap(), web1);
+        assert_eq!(CgroupCpu::locate_in(&text, "fulcrum/web1/").unwrap(), web1);
+        assert_eq!(CgroupCpu::locate_in(&text, both).unwrap(), web1);
         let root = "/sys/fs/cgroup/cpu,cpuacct";
-        assert_eq!(CgroupCpu::locate_in(&text, "/").unwrap(), v1(root, root));
+        assert_eq!(CgroupCpu::locate_in(&text, "/").unwrap(), v1(root, root, Some("/sys/fs/cgroup/cpuset")));
         assert!(CgroupCpu::locate_in(&text, "/fulcrum/../etc").is_err());
         // A directory inside the cgroup2 mount is a v2 cgroup even on a hybrid host.
         assert_eq!(
@@ -484,7 +500,11 @@ mod tests {
     #[test]
     fn locate_v1_separate_mounts_like_this_machine() {
         let (_, text) = testdata("mountinfo_split_v1.txt");
-        let expected = v1("/sys/fs/cgroup/cpuacct/fulcrum/web1", "/sys/fs/cgroup/cpu/fulcrum/web1");
+        let expected = v1(
+            "/sys/fs/cgroup/cpuacct/fulcrum/web1",
+            "/sys/fs/cgroup/cpu/fulcrum/web1",
+            Some("/sys/fs/cgroup/cpuset/fulcrum/web1"),
+        );
         assert_eq!(CgroupCpu::locate_in(&text, "/fulcrum/web1").unwrap(), expected);
         // Either directory finds both.
         assert_eq!(CgroupCpu::locate_in(&text, "/sys/fs/cgroup/cpu/fulcrum/web1").unwrap(), expected);
@@ -508,10 +528,12 @@ mod tests {
         // The mount shows only /docker/4f1c2b9e of the host's hierarchy.
         let (_, text) = testdata("mountinfo_container_v1.txt");
         let own = "/sys/fs/cgroup/cpu,cpuacct";
-        assert_eq!(CgroupCpu::locate_in(&text, "/docker/4f1c2b9e").unwrap(), v1(own, own));
+        let container = v1(own, own, Some("/sys/fs/cgroup/cpuset"));
+        assert_eq!(CgroupCpu::locate_in(&text, "/docker/4f1c2b9e").unwrap(), container);
         let child = "/sys/fs/cgroup/cpu,cpuacct/web";
-        assert_eq!(CgroupCpu::locate_in(&text, "/docker/4f1c2b9e/web").unwrap(), v1(child, child));
-        assert_eq!(CgroupCpu::locate_in(&text, child).unwrap(), v1(child, child));
+        let web = v1(child, child, Some("/sys/fs/cgroup/cpuset/web"));
+        assert_eq!(CgroupCpu::locate_in(&text, "/docker/4f1c2b9e/web").unwrap(), web);
+        assert_eq!(CgroupCpu::locate_in(&text, child).unwrap(), web);
         let err = CgroupCpu::locate_in(&text, "/other").unwrap_err().to_string();
         assert!(err.contains("/other") && err.contains("outside"), "{err}");
     }
@@ -537,16 +559,28 @@ mod tests {
     #[test]
     fn v1_files_from_testdata() {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/cgroup_v1");
-        let cgroup = CgroupCpu::V1 { cpuacct_dir: base.join("cpuacct"), cpu_dir: base.join("cpu") };
+        let cgroup = CgroupCpu::V1 {
+            cpuacct_dir: base.join("cpuacct"),
+            cpu_dir: base.join("cpu"),
+            cpuset_dir: Some(base.join("cpuset")),
+        };
         assert_eq!(cgroup.source(), CpuSource::CgroupV1);
-        assert_eq!(
-            cgroup.read().unwrap(),
-            CgroupReading {
-                usage_ns: 154_825_888_351,
-                limit: CpuLimit { quota_us: Some(50_000), period_us: 100_000 },
-                cpuset_cpus: None
-            }
-        );
+        let want = CgroupReading {
+            usage_ns: 154_825_888_351,
+            limit: CpuLimit { quota_us: Some(50_000), period_us: 100_000 },
+            cpuset_cpus: Some(5),
+        };
+        assert_eq!(cgroup.read().unwrap(), want);
+        // No cgroup of that name in the cpuset hierarchy, or no cpuset hierarchy: every online CPU counts.
+        let elsewhere = CgroupCpu::V1 {
+            cpuacct_dir: base.join("cpuacct"),
+            cpu_dir: base.join("cpu"),
+            cpuset_dir: Some(base.join("no-such-cpuset")),
+        };
+        assert_eq!(elsewhere.read().unwrap(), CgroupReading { cpuset_cpus: None, ..want });
+        let unmounted =
+            CgroupCpu::V1 { cpuacct_dir: base.join("cpuacct"), cpu_dir: base.join("cpu"), cpuset_dir: None };
+        assert_eq!(unmounted.read().unwrap(), CgroupReading { cpuset_cpus: None, ..want });
     }
 
     #[test]
@@ -616,6 +650,7 @@ mod tests {
         let web = CgroupCpu::V1 {
             cpuacct_dir: tree.path().join("cpuacct/docker/web"),
             cpu_dir: tree.path().join("cpu/docker/web"),
+            cpuset_dir: None,
         };
         let reading = web.read().unwrap();
         assert_eq!(reading.limit, CpuLimit { quota_us: Some(150_000), period_us: 100_000 });
@@ -758,10 +793,28 @@ mod tests {
         let period =
             parse_cfs_period_us(&fs::read_to_string(cpu_dir.join("cpu.cfs_period_us")).unwrap(), &cpu_dir).unwrap();
 
+        let cpuset_root =
+            mounts.iter().find(|m| m.is_v1_with("cpuset")).expect("no cgroup v1 cpuset hierarchy is mounted");
+        let cpuset_dir = cpuset_root.point.join(&name);
+
         let cgroup = CgroupCpu::locate(&format!("/{name}")).unwrap();
-        assert_eq!(cgroup, CgroupCpu::V1 { cpuacct_dir: acct_dir.clone(), cpu_dir: cpu_dir.clone() });
+        let expected = CgroupCpu::V1 {
+            cpuacct_dir: acct_dir.clone(),
+            cpu_dir: cpu_dir.clone(),
+            cpuset_dir: Some(cpuset_dir.clone()),
+        };
+        assert_eq!(cgroup, expected);
         assert_eq!(CgroupCpu::locate(&cpu_dir.to_string_lossy()).unwrap(), cgroup);
+        // No cgroup of that name in the cpuset hierarchy yet: the hierarchy's root, every online CPU.
+        let host = read_online_cpus(Path::new(SYS_CPU_ONLINE)).unwrap();
+        assert_eq!(cgroup.read().unwrap().cpuset_cpus, Some(host));
+        // Confined to CPU 0 (a cpuset needs its memory nodes set before its CPUs are effective).
+        fs::create_dir(&cpuset_dir).unwrap();
+        guard.dirs.push(cpuset_dir.clone());
+        fs::write(cpuset_dir.join("cpuset.mems"), "0").unwrap();
+        fs::write(cpuset_dir.join("cpuset.cpus"), "0").unwrap();
         let first = cgroup.read().unwrap();
+        assert_eq!(first.cpuset_cpus, Some(1));
         let started = Instant::now();
         assert_eq!(first.limit, CpuLimit { quota_us: Some(50_000), period_us: period });
         assert_eq!(first.usage_ns, 0, "a fresh cgroup has used no CPU");
@@ -786,10 +839,9 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(60), "the cgroup was charged no CPU: {reading:?}");
         };
         let wall = started.elapsed();
-        let host = read_online_cpus(Path::new(SYS_CPU_ONLINE)).unwrap();
         let bp = utilisation_bp(first.usage_ns, second.usage_ns, wall, second.limit, host).unwrap();
         assert!(bp > 0 && bp <= 10_000, "{bp}");
         drop(guard);
-        assert!(!cpu_dir.exists() && !acct_dir.exists(), "test cgroups left behind");
+        assert!(!cpu_dir.exists() && !acct_dir.exists() && !cpuset_dir.exists(), "test cgroups left behind");
     }
 }

@@ -450,7 +450,7 @@ mod tests {
         assert_eq!(sampler.sample(Instant::now()).unwrap().cpu_pressure, Some(own));
 
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join("cgroup_v1");
-        let v1 = CgroupCpu::V1 { cpuacct_dir: base.join("cpuacct"), cpu_dir: base.join("cpu") };
+        let v1 = CgroupCpu::V1 { cpuacct_dir: base.join("cpuacct"), cpu_dir: base.join("cpu"), cpuset_dir: None };
         let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(v1), vec![80], recorded_paths());
         assert_eq!(sampler.sample(Instant::now()).unwrap().cpu_pressure, None, "v1 without cpu.stat: none");
     }
@@ -474,7 +474,7 @@ mod tests {
             .unwrap()
         };
         stat(3_000_000_000);
-        let v1 = CgroupCpu::V1 { cpuacct_dir: acct.clone(), cpu_dir: cpu.clone() };
+        let v1 = CgroupCpu::V1 { cpuacct_dir: acct.clone(), cpu_dir: cpu.clone(), cpuset_dir: None };
         let mut sampler = Sampler::with_paths(CpuSourceConfig::Cgroup(v1), vec![80], recorded_paths());
         let t0 = Instant::now();
         let first = sampler.sample(t0).unwrap().cpu_pressure.unwrap();
