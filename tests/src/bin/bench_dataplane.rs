@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use fulcrum_tests::loadgen::{self, ConnectionMode, LoadSpec};
-use fulcrum_tests::{in_netns, median, netns_pids, require_root, try_workspace_bin, ChildGuard, Host, Nginx, Testbed};
+use fulcrum_tests::{
+    in_netns, median, metric_sum, netns_pids, require_root, try_workspace_bin, ChildGuard, Host, Nginx, Testbed,
+};
 use serde_json::Value;
 
 const CLIENT_IP: &str = "10.0.0.1";
@@ -702,11 +704,9 @@ impl Bed {
             let why = if why.is_empty() { "no data-plane counters in the answer".to_string() } else { why };
             return Some(format!("not read ({url}: {why})"));
         }
+        // A counter with labels is the sum of its series.
         let total = |name: &str| -> u64 {
-            text.lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>() as u64
+            metric_sum(&text, name).or_else(|| metric_sum(&text, &format!("{name}{{"))).unwrap_or(0.0) as u64
         };
         Some(format!(
             "received {}, transmitted {}, ring drops {}, transmit errors {}, dropped {}",
