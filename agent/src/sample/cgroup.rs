@@ -178,7 +178,7 @@ impl CgroupCpu {
                     read_if_present(&dir.join("cpu.cfs_quota_us"))?.map(|text| limit_in(dir, text)).transpose()
                 })?;
                 let cpuset_cpus = match cpuset_dir {
-                    Some(dir) => cpuset_cpus(dir, "cpuset.effective_cpus")?,
+                    Some(dir) => cpuset_cpus(dir, V1_CPUSET_FILES)?,
                     None => None,
                 };
                 Ok(CgroupReading {
@@ -200,7 +200,7 @@ impl CgroupCpu {
                 Ok(CgroupReading {
                     usage_ns: usage_us.saturating_mul(1_000),
                     limit,
-                    cpuset_cpus: cpuset_cpus(dir, "cpuset.cpus.effective")?,
+                    cpuset_cpus: cpuset_cpus(dir, V2_CPUSET_FILES)?,
                 })
             }
         }
@@ -216,15 +216,27 @@ fn read_if_present(path: &Path) -> Result<Option<String>, SampleError> {
     }
 }
 
-/// The CPUs of a cgroup's cpuset, from its effective-CPUs `file` (v2 `cpuset.cpus.effective`, v1
-/// `cpuset.effective_cpus`): its own, or, where it has none (v2 with the cpuset controller off: a slice's
-/// `AllowedCPUs=` binds it; v1 with no cgroup of that name in the cpuset hierarchy), its nearest ancestor's;
-/// `None` when no cgroup up the tree has one.
-fn cpuset_cpus(dir: &Path, file: &str) -> Result<Option<u32>, SampleError> {
-    for cgroup in std::iter::once(dir).chain(ancestors(dir)) {
-        let file = cgroup.join(file);
-        if let Some(text) = read_if_present(&file)?.filter(|text| !text.trim().is_empty()) {
-            return parse_cpu_list(&text, &file).map(Some);
+/// The cpuset files of cgroup v2: the CPUs in effect.
+const V2_CPUSET_FILES: &[&str] = &["cpuset.cpus.effective"];
+/// The cpuset files of cgroup v1: the CPUs in effect, or on kernels before 3.17, which lack that file, the
+/// configured ones.
+const V1_CPUSET_FILES: &[&str] = &["cpuset.effective_cpus", "cpuset.cpus"];
+
+/// The CPUs of a cgroup's cpuset, from the first of `files` it has that lists any: its own, or, where it has
+/// none (v2 with the cpuset controller off: a slice's `AllowedCPUs=` binds it; v1 with no cgroup of that name
+/// in the cpuset hierarchy), its nearest ancestor's; `None` when no cgroup up the tree has one.
+fn cpuset_cpus(dir: &Path, files: &[&str]) -> Result<Option<u32>, SampleError> {
+    // On v1 the cgroup, and its parents, may not exist in the cpuset hierarchy at all: start from the nearest
+    // directory that does.
+    let Some(nearest) = dir.ancestors().find(|up| up.is_dir()) else {
+        return Ok(None);
+    };
+    for cgroup in std::iter::once(nearest).chain(ancestors(nearest)) {
+        for file in files {
+            let file = cgroup.join(file);
+            if let Some(text) = read_if_present(&file)?.filter(|text| !text.trim().is_empty()) {
+                return parse_cpu_list(&text, &file).map(Some);
+            }
         }
     }
     Ok(None)
@@ -659,6 +671,31 @@ mod tests {
         fs::remove_file(tree.path().join("cpu/docker/web/cpu.cfs_quota_us")).unwrap();
         let err = web.read().unwrap_err().to_string();
         assert!(err.contains("cpu.cfs_quota_us"), "{err}");
+    }
+
+    #[test]
+    fn a_v1_cpuset_is_found_up_the_tree_and_on_old_kernels() {
+        let tree = cgroup_tree(&[
+            ("cpu/docker/web", &[("cpu.cfs_quota_us", "-1\n"), ("cpu.cfs_period_us", "100000\n")]),
+            ("cpuacct/docker/web", &[("cpuacct.usage", "42\n")]),
+            ("cpuset", &[("cpuset.effective_cpus", "0-31\n")]),
+            ("cpuset/docker", &[("cpuset.effective_cpus", "2-3\n")]),
+        ]);
+        let web = |cpuset: &str| CgroupCpu::V1 {
+            cpuacct_dir: tree.path().join("cpuacct/docker/web"),
+            cpu_dir: tree.path().join("cpu/docker/web"),
+            cpuset_dir: Some(tree.path().join(cpuset)),
+        };
+        // Neither the cgroup nor its parent exists in the cpuset hierarchy: the nearest cgroup that does binds.
+        assert_eq!(web("cpuset/docker/web/nginx").read().unwrap().cpuset_cpus, Some(2));
+        // A kernel before 3.17 has no cpuset.effective_cpus: the configured CPUs count.
+        fs::remove_file(tree.path().join("cpuset/docker/cpuset.effective_cpus")).unwrap();
+        fs::write(tree.path().join("cpuset/docker/cpuset.cpus"), "5\n").unwrap();
+        assert_eq!(web("cpuset/docker/web").read().unwrap().cpuset_cpus, Some(1));
+        // A garbled list is an error naming the file.
+        fs::write(tree.path().join("cpuset/docker/cpuset.cpus"), "five\n").unwrap();
+        let err = web("cpuset/docker").read().unwrap_err().to_string();
+        assert!(err.contains("cpuset.cpus"), "{err}");
     }
 
     #[test]
