@@ -19,7 +19,7 @@ use crate::sample::cgroup::CgroupCpu;
 use crate::sample::probe::{probe_once, ProbeConfig, ProbeTracker};
 use crate::sample::{CpuSourceConfig, Sampler};
 use crate::sd_notify::{self, Watchdog};
-use crate::transport::{client_config, Link, LinkStatus};
+use crate::transport::{client_config, Link, LinkStatus, TlsFiles};
 
 /// Why [`run`] returned.
 #[derive(Debug)]
@@ -38,8 +38,7 @@ pub enum Stopped {
 pub struct Prepared {
     cpu_source: CpuSourceConfig,
     client: quinn::ClientConfig,
-    /// A digest of the TLS files' contents: a certificate renewed in place changes no path, and a SIGHUP must
-    /// still load it.
+    /// [`TlsFiles::digest`] of the files `client` was made from.
     tls_digest: u64,
 }
 
@@ -51,18 +50,8 @@ pub fn prepare(config: &AgentConfig) -> Result<Prepared> {
             CgroupCpu::locate(name).with_context(|| format!("locating the cgroup {name:?} (cpu.cgroup)"))?,
         ),
     };
-    let client = client_config(&config.ca, &config.cert, &config.key)?;
-    Ok(Prepared { cpu_source, client, tls_digest: tls_digest(config)? })
-}
-
-/// A digest of the CA, certificate and key files' contents.
-fn tls_digest(config: &AgentConfig) -> Result<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for path in [&config.ca, &config.cert, &config.key] {
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?.hash(&mut hasher);
-    }
-    Ok(hasher.finish())
+    let tls = TlsFiles::read(&config.ca, &config.cert, &config.key)?;
+    Ok(Prepared { cpu_source, client: client_config(&tls)?, tls_digest: tls.digest() })
 }
 
 /// Runs the agent with the configuration from `overrides` until SIGTERM or SIGINT, re-reading it on SIGHUP (a

@@ -6,7 +6,7 @@
 //! with jittered exponential backoff.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,23 +68,57 @@ pub struct LinkStatus {
     pub drain: AtomicBool,
 }
 
+/// The agent's TLS files as read: the cluster CA, its certificate chain and its private key (PEM). Read once, so
+/// that the client configuration and the digest a reload compares come from the same bytes.
+#[derive(Debug)]
+pub struct TlsFiles {
+    ca: (PathBuf, Vec<u8>),
+    cert: (PathBuf, Vec<u8>),
+    key: (PathBuf, Vec<u8>),
+}
+
+impl TlsFiles {
+    pub fn read(ca: &Path, cert: &Path, key: &Path) -> Result<TlsFiles> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .map(|bytes| (path.to_owned(), bytes))
+                .with_context(|| format!("reading the {what} {}", path.display()))
+        };
+        Ok(TlsFiles {
+            ca: read(ca, "CA certificate")?,
+            cert: read(cert, "certificate")?,
+            key: read(key, "private key")?,
+        })
+    }
+
+    /// A digest of the three files' contents: a certificate renewed in place changes no path, and a SIGHUP must
+    /// still load it.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (_, bytes) in [&self.ca, &self.cert, &self.key] {
+            bytes.hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+}
+
 /// The agent's QUIC client configuration: trusts the cluster CA only, presents the agent's certificate.
-pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::ClientConfig> {
+pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig> {
+    let ((ca, ca_pem), (cert, cert_pem), (key, key_pem)) = (&files.ca, &files.cert, &files.key);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    let ca_certs = CertificateDer::pem_file_iter(ca)
-        .with_context(|| format!("reading the CA certificate {}", ca.display()))?
+    let ca_certs = CertificateDer::pem_slice_iter(ca_pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", ca.display()))?;
     for ca_cert in ca_certs {
         roots.add(ca_cert).with_context(|| format!("adding the CA certificate {}", ca.display()))?;
     }
-    let chain = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading the certificate {}", cert.display()))?
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", cert.display()))?;
     let key_der =
-        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
+        PrivateKeyDer::from_pem_slice(key_pem).with_context(|| format!("reading the private key {}", key.display()))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("selecting TLS 1.3")?

@@ -291,7 +291,8 @@ fn a_foreign_ca_a_false_name_an_unknown_server_and_garbage_are_refused_without_d
     let outcomes = in_netns(raw.netns(), move || -> Result<Vec<String>> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(async move {
-            let client = fulcrum_agent::transport::client_config(&ca, &cert, &key)?;
+            let tls = fulcrum_agent::transport::TlsFiles::read(&ca, &cert, &key)?;
+            let client = fulcrum_agent::transport::client_config(&tls)?;
             let mut outcomes = Vec::new();
             // The name in the Hello is not the certificate's.
             outcomes.push(hello_outcome(&client, director_addr, hello("web1", "10.0.0.14"), None).await?);
