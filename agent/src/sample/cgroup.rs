@@ -1,12 +1,11 @@
 //! A cgroup's CPU use relative to what it may use, for cgroup v1 (cpuacct + cpu controllers) and v2.
 
-use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use fulcrum_protocol::CpuSource;
 
-use super::SampleError;
+use super::{read_if_present, SampleError};
 
 pub const PROC_SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
 pub const SYS_CPU_ONLINE: &str = "/sys/devices/system/cpu/online";
@@ -149,10 +148,9 @@ impl CgroupCpu {
             CgroupCpu::V2 { .. } => Ok(None),
             CgroupCpu::V1 { cpu_dir, .. } => {
                 let stat = cpu_dir.join("cpu.stat");
-                match std::fs::read_to_string(&stat) {
-                    Ok(text) => cpu_stat_value(&text, &stat, "throttled_time"),
-                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-                    Err(source) => Err(SampleError::Io { path: stat, source }),
+                match read_if_present(&stat)? {
+                    Some(text) => cpu_stat_value(&text, &stat, "throttled_time"),
+                    None => Ok(None),
                 }
             }
         }
@@ -204,15 +202,6 @@ impl CgroupCpu {
                 })
             }
         }
-    }
-}
-
-/// A file's text, `None` when it does not exist.
-fn read_if_present(path: &Path) -> Result<Option<String>, SampleError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(SampleError::Io { path: path.to_owned(), source }),
     }
 }
 

@@ -56,6 +56,15 @@ fn read_text(path: &Path) -> Result<String, SampleError> {
     std::fs::read_to_string(path).map_err(|source| SampleError::Io { path: path.to_owned(), source })
 }
 
+/// A file's text, `None` when it does not exist (an optional kernel or cgroup file).
+fn read_if_present(path: &Path) -> Result<Option<String>, SampleError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SampleError::Io { path: path.to_owned(), source }),
+    }
+}
+
 /// `num / den` in basis points, rounded to the nearest and clamped to 100 %; `None` if `den` is 0.
 fn ratio_bp(num: u128, den: u128) -> Option<u16> {
     if den == 0 {

@@ -171,10 +171,9 @@ fn parse_socket_address(field: &str) -> Option<u16> {
 /// Reads one /proc/net/tcp-format file; a missing file counts zero, because /proc/net/tcp6 does not exist when
 /// IPv6 is disabled.
 pub fn read_established(path: &Path, ports: &[u16]) -> Result<u32, SampleError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => count_established(&text, ports, path),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
-        Err(source) => Err(SampleError::Io { path: path.to_owned(), source }),
+    match super::read_if_present(path)? {
+        Some(text) => count_established(&text, ports, path),
+        None => Ok(0),
     }
 }
 
