@@ -435,7 +435,7 @@ fn report(event: &Event) {
             }
         }
         Event::Quorum { service, transition } => {
-            let to = routing_label(transition.to);
+            let to = transition.to.name();
             metrics::counter!("fulcrum_quorum_transitions_total", "to" => to).increment(1);
             warn!(%service, to, serving = transition.tally.servers, weight = transition.tally.weight, "service quorum");
         }
@@ -463,14 +463,6 @@ fn report(event: &Event) {
     }
 }
 
-const fn routing_label(to: Routing) -> &'static str {
-    match to {
-        Routing::RealServers => "real_servers",
-        Routing::BelowQuorum => "below_quorum",
-        Routing::SorryServer(_) => "sorry_server",
-    }
-}
-
 const fn silent_label(silent: bool) -> &'static str {
     if silent {
         "true"
@@ -488,7 +480,7 @@ fn register_event_counters() {
     }
     let sorry = std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
     for to in [Routing::RealServers, Routing::BelowQuorum, Routing::SorryServer(sorry)] {
-        metrics::counter!("fulcrum_quorum_transitions_total", "to" => routing_label(to)).increment(0);
+        metrics::counter!("fulcrum_quorum_transitions_total", "to" => to.name()).increment(0);
     }
     for reason in RejectReason::ALL {
         metrics::counter!("fulcrum_feedback_rejected_reports_total", "reason" => reason.name()).increment(0);

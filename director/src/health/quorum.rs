@@ -39,6 +39,17 @@ pub enum Routing {
     SorryServer(SocketAddr),
 }
 
+impl Routing {
+    /// Without the sorry server's address, as logs and metrics name it (`fulcrum_quorum_transitions_total{to}`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Routing::RealServers => "real_servers",
+            Routing::BelowQuorum => "below_quorum",
+            Routing::SorryServer(_) => "sorry_server",
+        }
+    }
+}
+
 /// The serving servers counted at one evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tally {
