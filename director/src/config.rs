@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use fulcrum_protocol::config_file::{unreadable, ConfigError, ConfigText, KeyStep};
-use fulcrum_protocol::DEFAULT_REPORT_INTERVAL_MS;
+use fulcrum_protocol::{DEFAULT_REPORT_INTERVAL_MS, MAX_REPORT_INTERVAL_MS, MIN_REPORT_INTERVAL_MS};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fulcrum/director.toml";
@@ -376,13 +376,15 @@ impl DirectorConfig {
             }
         }
         let interval = self.agents.report_interval_ms;
-        let (min, max) = (fulcrum_protocol::MIN_REPORT_INTERVAL_MS, fulcrum_protocol::MAX_REPORT_INTERVAL_MS);
         // An agent would clamp an interval outside its bounds, and the director would judge report ages against
         // an interval no agent runs at.
-        if interval != 0 && !(min..=max).contains(&interval) {
+        if interval != 0 && !(MIN_REPORT_INTERVAL_MS..=MAX_REPORT_INTERVAL_MS).contains(&interval) {
             return Err(invalid(
                 &[KeyStep::Key("agents"), KeyStep::Key("report_interval_ms")],
-                format!("{interval} ms is outside {min}..={max} (0 leaves each agent's own interval)"),
+                format!(
+                    "{interval} ms is outside {MIN_REPORT_INTERVAL_MS}..={MAX_REPORT_INTERVAL_MS} \
+                     (0 leaves each agent's own interval)"
+                ),
             ));
         }
         if let Some(dataplane) = &self.dataplane {
