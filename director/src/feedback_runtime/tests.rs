@@ -32,6 +32,25 @@ fn setup(service: &str, servers: usize) -> Setup {
     Setup { _dir: dir, config }
 }
 
+/// A feedback core configured at `t0` with `setup(service, servers)`, and the data-plane table it writes to
+/// (built by `builder`, which later tables of the same test must come from).
+struct Lab {
+    builder: TableBuilder,
+    table: ServiceTable,
+    core: FeedbackCore,
+    t0: Instant,
+}
+
+fn start(service: &str, servers: usize) -> Lab {
+    let s = setup(service, servers);
+    let mut builder = TableBuilder::new(1);
+    let table = builder.build(&s.config.services);
+    let mut core = FeedbackCore::default();
+    let t0 = Instant::now();
+    core.reconfigure(t0, &s.config);
+    Lab { builder, table, core, t0 }
+}
+
 fn web() -> ServiceKey {
     ServiceKey { vip: "10.0.0.100".parse().unwrap(), port: 80, protocol: Protocol::Tcp }
 }
@@ -86,11 +105,7 @@ fn the_blender_takes_the_agents_smoothed_response_time_while_its_probe_succeeds(
 
 #[test]
 fn without_health_or_feedback_the_configured_weights_stand() {
-    let s = setup("scheduler = \"wlc\"", 2);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } = start("scheduler = \"wlc\"", 2);
     // A loaded agent changes nothing: feedback is off for wlc unless enabled.
     let events = core.tick(t0, &table, &[agent(0, 1, 9000, t0)]);
     assert!(events.is_empty(), "{events:?}");
@@ -100,11 +115,8 @@ fn without_health_or_feedback_the_configured_weights_stand() {
 
 #[test]
 fn checks_bring_a_server_up_through_slow_start_and_down_on_failures() {
-    let s = setup("[service.health]\nkind = \"tcp\"\nrise = 2\nfall = 3\nslow_start_s = 10", 2);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } =
+        start("[service.health]\nkind = \"tcp\"\nrise = 2\nfall = 3\nslow_start_s = 10", 2);
     core.tick(t0, &table, &[]);
     assert_eq!(published(&table), vec![(0, Health::Down), (0, Health::Down)], "not proven healthy yet");
 
@@ -137,14 +149,10 @@ fn checks_bring_a_server_up_through_slow_start_and_down_on_failures() {
 
 #[test]
 fn below_quorum_the_sorry_server_takes_the_new_connections() {
-    let s = setup(
+    let Lab { table, mut core, t0, .. } = start(
         "[service.health]\nkind = \"tcp\"\nrise = 1\nfall = 1\nslow_start_s = 0\non_failure = \"remove\"\nsorry_server = \"10.0.0.50:80\"",
         2,
     );
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
     let events = core.tick(t0, &table, &[]);
     assert!(events.is_empty(), "the quorum starts lost: {events:?}");
     assert_eq!(published(&table), vec![(0, Health::Removed), (0, Health::Removed), (1, Health::SorryActive)]);
@@ -166,11 +174,8 @@ fn below_quorum_the_sorry_server_takes_the_new_connections() {
 
 #[test]
 fn a_required_agent_is_a_second_signal() {
-    let s = setup("[service.health]\nagent = \"required\"\nagent_max_age_ms = 2000\nrise = 1\nslow_start_s = 0", 1);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } =
+        start("[service.health]\nagent = \"required\"\nagent_max_age_ms = 2000\nrise = 1\nslow_start_s = 0", 1);
     core.tick(t0, &table, &[]);
     assert_eq!(published(&table), vec![(0, Health::Down)], "no agent yet");
     let events = core.tick(t0, &table, &[agent(0, 1, 1000, t0)]);
@@ -183,11 +188,7 @@ fn a_required_agent_is_a_second_signal() {
 
 #[test]
 fn df_feedback_lowers_a_loaded_servers_weight_and_sets_its_terms() {
-    let s = setup("scheduler = \"df\"", 2);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } = start("scheduler = \"df\"", 2);
     for k in 0..10u32 {
         let now = t0 + SEC * k;
         let events =
@@ -233,12 +234,8 @@ fn df_feedback_lowers_a_loaded_servers_weight_and_sets_its_terms() {
 
 #[test]
 fn reconfiguring_keeps_the_health_of_unchanged_servers() {
-    let s = setup("[service.health]\nkind = \"tcp\"\nrise = 1\nslow_start_s = 0", 1);
-    let mut builder = TableBuilder::new(1);
-    let table = builder.build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { mut builder, table, mut core, t0, .. } =
+        start("[service.health]\nkind = \"tcp\"\nrise = 1\nslow_start_s = 0", 1);
     core.record(t0, web(), server(0), CheckResult::Success);
     core.tick(t0, &table, &[]);
     assert_eq!(published(&table), vec![(10, Health::Up)]);
@@ -267,11 +264,7 @@ fn failing_agent(i: u8, seq: u64, at: Instant, failures: u32) -> AgentLatest {
 
 #[test]
 fn when_every_agent_falls_silent_the_configured_weights_stand() {
-    let s = setup("scheduler = \"df\"", 2);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } = start("scheduler = \"df\"", 2);
     core.tick(t0, &table, &[agent(0, 1, 9000, t0), agent(1, 1, 1000, t0)]);
     // Nothing heard for longer than down_after (10 s): the silence is the agents', not proof that the servers
     // died, so the configured weights stand rather than none.
@@ -303,11 +296,7 @@ fn when_every_agent_falls_silent_the_configured_weights_stand() {
 
 #[test]
 fn agents_falling_silent_a_report_apart_are_one_silence() {
-    let s = setup("scheduler = \"df\"", 2);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } = start("scheduler = \"df\"", 2);
     let last = [agent(0, 1, 5000, t0), agent(1, 1, 5000, t0 + SEC / 2)];
     core.tick(t0 + SEC / 2, &table, &last);
     // Server 0's report is past down_after (10 s), server 1's half a second short of it: already one silence,
@@ -319,12 +308,7 @@ fn agents_falling_silent_a_report_apart_are_one_silence() {
 
 #[test]
 fn adding_a_sorry_server_to_a_running_service_keeps_its_feedback() {
-    let s = setup("scheduler = \"df\"", 2);
-    let mut builder = TableBuilder::new(1);
-    let table = builder.build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { mut builder, table, mut core, t0, .. } = start("scheduler = \"df\"", 2);
     for k in 0..10u32 {
         let now = t0 + SEC * k;
         core.tick(now, &table, &[agent(0, u64::from(k) + 1, 9000, now), agent(1, u64::from(k) + 1, 1000, now)]);
@@ -344,11 +328,8 @@ fn adding_a_sorry_server_to_a_running_service_keeps_its_feedback() {
 
 #[test]
 fn a_server_the_feedback_marks_down_is_not_serving_for_the_quorum() {
-    let s = setup("scheduler = \"df\"\n[service.health]\nsorry_server = \"10.0.0.50:80\"", 2);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } =
+        start("scheduler = \"df\"\n[service.health]\nsorry_server = \"10.0.0.50:80\"", 2);
     core.tick(t0, &table, &[agent(0, 1, 5000, t0), agent(1, 1, 5000, t0)]);
     assert_eq!(published(&table), vec![(10, Health::Unchecked), (10, Health::Unchecked), (0, Health::SorryStandby)]);
     // Both agents' probes of their service fail: the feedback marks both servers down, and with none serving
@@ -369,12 +350,7 @@ fn changing_the_health_settings_keeps_a_met_quorum() {
              quorum = 2\nhysteresis = 1\nsorry_server = \"10.0.0.50:80\""
         )
     };
-    let s = setup(&health(1000), 3);
-    let mut builder = TableBuilder::new(1);
-    let table = builder.build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { mut builder, table, mut core, t0, .. } = start(&health(1000), 3);
     for i in 0..3 {
         core.record(t0, web(), server(i), CheckResult::Success);
     }
@@ -398,11 +374,8 @@ fn changing_the_health_settings_keeps_a_met_quorum() {
 
 #[test]
 fn a_server_out_of_rotation_comes_back_at_its_configured_share() {
-    let s = setup("scheduler = \"df\"\n[service.health]\nkind = \"tcp\"\nrise = 1\nfall = 1\nslow_start_s = 0", 2);
-    let table = TableBuilder::new(1).build(&s.config.services);
-    let mut core = FeedbackCore::default();
-    let t0 = Instant::now();
-    core.reconfigure(t0, &s.config);
+    let Lab { table, mut core, t0, .. } =
+        start("scheduler = \"df\"\n[service.health]\nkind = \"tcp\"\nrise = 1\nfall = 1\nslow_start_s = 0", 2);
     core.record(t0, web(), server(0), CheckResult::Failure(CheckFailure::Refused));
     core.record(t0, web(), server(1), CheckResult::Success);
     // Server 0 is down for 30 s; its agent, with no traffic to serve, reads idle all along.
